@@ -1,0 +1,190 @@
+"""KV cache pytrees. Each class is a *view* a model call runs against.
+
+All arrays are preallocated to a capacity T (max_len rounded up to a multiple of
+CACHE_ALIGN), stacked over layers, and indexed by absolute trajectory position: slot
+t holds token t. Which slots are valid is bookkeeping the session owns (it passes
+kv_lengths per call), so one cache can be shared by agents that have processed
+different prefixes. Writes go through a scatter with mode="drop": padding tokens
+get an out-of-range slot and are never written.
+
+Views (per layer, `update_and_attend(layer, q, k, values, step)`):
+  DenseKV      K and full V = X W_v + s (X A_v) B       non_shared, full_shared
+  LoRAKV       K, V_base = X W_v, LR = X A_v            base_shared, base_lr_shared
+  DroidSpeakKV shared K, V for all layers + own K, V at critical layers, + hidden cache
+Static flags (write / write_base / write_shared) select what a call may write, so the
+catch-up of one agent never overwrites what another agent produced.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from . import attention
+from .config import ModelConfig
+from .model import StepInputs, ValueParts
+
+CACHE_ALIGN = 128  # kernels read KV in blocks; capacity is a multiple of this
+
+
+def capacity(max_len: int) -> int:
+    return -(-int(max_len) // CACHE_ALIGN) * CACHE_ALIGN
+
+
+def _write(buf: jax.Array, layer, write_positions: jax.Array, new: jax.Array) -> jax.Array:
+    """buf[layer, b, write_positions[b, s]] = new[b, s]; out-of-range slots are dropped."""
+    rows = jnp.arange(new.shape[0])[:, None]
+    return buf.at[layer, rows, write_positions].set(new.astype(buf.dtype), mode="drop")
+
+
+def _nbytes(*arrays) -> int:
+    return int(sum(a.size * a.dtype.itemsize for a in arrays if a is not None))
+
+
+@struct.dataclass
+class AttnOptions:
+    """Static attention choices carried by every view."""
+
+    impl: str = "xla"
+    naive_expansion: bool = False
+    sliding_window: int | None = None
+
+
+@struct.dataclass
+class DenseKV:
+    """K and full V per layer: [L, B, T, Hkv, D] each."""
+
+    k: jax.Array
+    v: jax.Array
+    write: bool = struct.field(pytree_node=False, default=True)
+    opts: AttnOptions = struct.field(pytree_node=False, default=AttnOptions())
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype, *, num_layers=None,
+               opts: AttnOptions = AttnOptions()):
+        shape = (num_layers or config.num_layers, batch, capacity(max_len), config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), opts=opts)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.k, self.v)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def store(self, layer, k, values: ValueParts, step: StepInputs) -> "DenseKV":
+        """Write the new tokens' K and full V (if this view may write)."""
+        if not self.write:
+            return self
+        return self.replace(
+            k=_write(self.k, layer, step.write_positions, k),
+            v=_write(self.v, layer, step.write_positions, values.full()),
+        )
+
+    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
+        new = self.store(layer, k, values, step)
+        out = attention.attend(
+            q, new.k, new.v, layer=layer, kv_lengths=step.kv_lengths, q_offsets=step.q_offsets,
+            impl=self.opts.impl, sliding_window=self.opts.sliding_window,
+        )
+        return out, new
+
+
+@struct.dataclass
+class LoRAKV:
+    """K [L,B,T,Hkv,D], V_base [L,B,T,Hkv,D] and the low-rank value cache LR [L,B,T,r].
+
+    Attention applies each row's B after attention: O = P V_base + s (P LR) B.
+    write_base=False writes only LR (base_shared catch-up over tokens whose K and
+    V_base another agent already cached).
+    """
+
+    k: jax.Array
+    v_base: jax.Array
+    lr: jax.Array
+    write_base: bool = struct.field(pytree_node=False, default=True)
+    opts: AttnOptions = struct.field(pytree_node=False, default=AttnOptions())
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, rank: int, dtype, *,
+               opts: AttnOptions = AttnOptions()):
+        T = capacity(max_len)
+        shape = (config.num_layers, batch, T, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v_base=jnp.zeros(shape, dtype),
+                   lr=jnp.zeros((config.num_layers, batch, T, rank), dtype), opts=opts)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.k, self.v_base, self.lr)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
+        if values.lr is None:
+            raise ValueError("a base+LR value cache needs adapters with LoRA on v_proj")
+        new = self.replace(lr=_write(self.lr, layer, step.write_positions, values.lr))
+        if self.write_base:
+            new = new.replace(
+                k=_write(self.k, layer, step.write_positions, k),
+                v_base=_write(self.v_base, layer, step.write_positions, values.base),
+            )
+        out = attention.attend(
+            q, new.k, new.v_base, layer=layer, kv_lengths=step.kv_lengths, q_offsets=step.q_offsets,
+            lr_cache=new.lr, lora_b=values.lora_b, lora_scale=values.scale, impl=self.opts.impl,
+            naive_expansion=self.opts.naive_expansion, sliding_window=self.opts.sliding_window,
+        )
+        return out, new
+
+
+@struct.dataclass
+class DroidSpeakKV:
+    """DroidSpeak: shared K, V at every layer, the agent's own K, V at critical layers.
+
+    own_k / own_v: [|C|, B, T, Hkv, D]; critical[i] is the layer of slot i. hidden
+    [B, T, d] caches the input of the first critical layer, so a catch-up can start
+    there. write_shared=False during catch-up: the agent then writes only its own
+    critical layers and reads the producer's K, V everywhere else.
+    """
+
+    shared: DenseKV
+    own_k: jax.Array
+    own_v: jax.Array
+    hidden: jax.Array
+    critical: tuple = struct.field(pytree_node=False, default=())
+    write_shared: bool = struct.field(pytree_node=False, default=True)
+
+    @property
+    def hidden_layer(self) -> int:
+        return min(self.critical)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shared.nbytes + _nbytes(self.own_k, self.own_v, self.hidden)
+
+    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
+        slot_of_layer = np.full((self.shared.k.shape[0],), -1, np.int32)
+        slot_of_layer[list(self.critical)] = np.arange(len(self.critical), dtype=np.int32)
+        slot = jnp.asarray(slot_of_layer)[layer]
+        shared = self.shared.replace(write=self.write_shared)
+
+        def critical_layer(operands):
+            shared, own_k, own_v = operands
+            shared = shared.store(layer, k, values, step)
+            own = DenseKV(k=own_k, v=own_v, opts=shared.opts)
+            out, own = own.update_and_attend(slot, q, k, values, step)
+            return out, (shared, own.k, own.v)
+
+        def shared_layer(operands):
+            shared, own_k, own_v = operands
+            out, shared = shared.update_and_attend(layer, q, k, values, step)
+            return out, (shared, own_k, own_v)
+
+        out, (shared, own_k, own_v) = jax.lax.cond(
+            slot >= 0, critical_layer, shared_layer, (shared, self.own_k, self.own_v)
+        )
+        return out, self.replace(shared=shared.replace(write=True), own_k=own_k, own_v=own_v)

@@ -1,0 +1,310 @@
+"""Model and LoRA configurations, read from HF config.json / PEFT adapter_config.json.
+
+Frozen dataclasses so they can be static arguments of jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+# Projection names as the model calls them, and the PEFT/HF module names they map to.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+HF_MODULE_NAMES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
+HF_TO_PROJECTION = {v: k for k, v in HF_MODULE_NAMES.items()}
+
+
+class ConfigError(ValueError):
+    """A model or adapter configuration that this library cannot run."""
+
+
+def _freeze(value: Any) -> Any:
+    """dict -> sorted tuple of pairs, recursively, so configs stay hashable."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Frozen form of HF's rope_scaling dict, e.g. (("factor", 8.0), ("rope_type", "llama3"), ...).
+    rope_scaling: tuple | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    model_type: str = "llama"
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type={self.model_type!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        rope_type = self.rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope_scaling type {rope_type!r} is not supported; allowed: {SUPPORTED_ROPE_TYPES}"
+            )
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling or ())
+
+    @property
+    def rope_type(self) -> str:
+        d = self.rope_scaling_dict
+        return d.get("rope_type", d.get("type", "default")) if d else "default"
+
+    def projection_dims(self, proj: str) -> tuple[int, int]:
+        """(d_in, d_out) of a projection by its short name."""
+        d, f = self.hidden_size, self.intermediate_size
+        dims = {
+            "q": (d, self.q_dim),
+            "k": (d, self.kv_dim),
+            "v": (d, self.kv_dim),
+            "o": (self.q_dim, d),
+            "gate": (d, f),
+            "up": (d, f),
+            "down": (f, d),
+        }
+        if proj not in dims:
+            raise ConfigError(f"unknown projection {proj!r}; allowed: {PROJECTIONS}")
+        return dims[proj]
+
+    def num_params(self) -> int:
+        d, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+        per_layer = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + L * per_layer + d + head
+
+    # ---- HF interop ----------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        archs = d.get("architectures") or []
+        model_type = d.get("model_type")
+        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ConfigError(
+                f"architectures={archs} are not supported; allowed: {SUPPORTED_ARCHITECTURES}"
+            )
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type={model_type!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}"
+            )
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise ConfigError("attention_bias / mlp_bias = true is not supported")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act={act!r} is not supported; allowed: ('silu',)")
+        num_heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        head_dim = d.get("head_dim") or hidden // num_heads
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        rope_scaling = d.get("rope_scaling")
+        # transformers >= 5 may fold rope settings into "rope_parameters".
+        rope_params = d.get("rope_parameters")
+        rope_theta = d.get("rope_theta")
+        if rope_params:
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default" and not rope_scaling:
+                rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=_freeze(rope_scaling) if rope_scaling else None,
+            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "ModelConfig":
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no config.json in {folder!r}")
+        with open(path) as f:
+            return cls.from_hf_dict(json.load(f))
+
+    def to_hf_dict(self) -> dict:
+        """A transformers-compatible config dict (used to build parity models and to save)."""
+        arch = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
+        d = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling_dict or None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if self.eos_token_ids else None,
+        }
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        return d
+
+
+# Random-weight shapes users can run without downloading anything (bench_trace --shape).
+_LLAMA31_ROPE = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        vocab_size=259, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=4096,
+        bos_token_id=256, eos_token_ids=(257,),
+    ),
+    "llama-3.2-1b": ModelConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+        num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+        rope_scaling=_freeze({**_LLAMA31_ROPE, "factor": 32.0}), max_position_embeddings=131072,
+        tie_word_embeddings=True, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+    ),
+    "llama-3.1-8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=_freeze(_LLAMA31_ROPE), max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+    ),
+    "ministral-8b": ModelConfig(
+        vocab_size=131072, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=100000000.0,
+        max_position_embeddings=32768, model_type="mistral", bos_token_id=1, eos_token_ids=(2,),
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown shape {name!r}; allowed: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """One PEFT LoRA adapter's hyper-parameters."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...] = ("q", "v")  # short projection names
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ConfigError(f"LoRA rank must be positive, got {self.rank}")
+        bad = [t for t in self.target_modules if t not in PROJECTIONS]
+        if bad:
+            raise ConfigError(f"unknown LoRA target modules {bad}; allowed: {PROJECTIONS}")
+
+    @property
+    def scale(self) -> float:
+        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    @classmethod
+    def from_peft_dict(cls, d: Mapping[str, Any], *, name: str = "adapter") -> "LoraConfig":
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(f"adapter {name!r}: peft_type={d.get('peft_type')!r}; only LORA is supported")
+        for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
+            if bool(d.get(key, False)) != ok:
+                raise ConfigError(f"adapter {name!r}: {key}={d.get(key)!r} is not supported")
+        if d.get("bias", "none") != "none":
+            raise ConfigError(f"adapter {name!r}: bias={d.get('bias')!r} is not supported; allowed: 'none'")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if d.get(key):
+                raise ConfigError(f"adapter {name!r}: {key} is not supported (got {d.get(key)})")
+        for key in ("layers_to_transform", "modules_to_save"):
+            if d.get(key):
+                raise ConfigError(f"adapter {name!r}: {key}={d.get(key)!r} is not supported")
+        targets = d.get("target_modules") or []
+        if isinstance(targets, str):
+            raise ConfigError(
+                f"adapter {name!r}: target_modules given as a regex ({targets!r}) is not supported; "
+                f"use a list of module names from {sorted(HF_TO_PROJECTION)}"
+            )
+        short = []
+        for t in targets:
+            t = t.split(".")[-1]
+            if t not in HF_TO_PROJECTION:
+                raise ConfigError(
+                    f"adapter {name!r}: target module {t!r} is not supported; allowed: {sorted(HF_TO_PROJECTION)}"
+                )
+            short.append(HF_TO_PROJECTION[t])
+        order = {p: i for i, p in enumerate(PROJECTIONS)}
+        return cls(
+            rank=int(d["r"]),
+            alpha=float(d.get("lora_alpha", d["r"])),
+            target_modules=tuple(sorted(set(short), key=order.get)),
+            use_rslora=bool(d.get("use_rslora", False)),
+        )

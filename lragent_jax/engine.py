@@ -1,0 +1,232 @@
+"""Jitted prefill (length buckets) and decode loop (lax.while_loop) over any cache view.
+
+The engine owns the model parameters and the stacked adapters; caches are passed in
+and returned (donated), so one engine serves every scheme and every agent. Prefill
+chunks are padded to a few bucket lengths and decode buffers to powers of two, so a
+whole multi-agent trajectory compiles a handful of programs (see `trace_counts`).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from .cache import DroidSpeakKV
+from .lora import LoraWeights
+from .model import Llama, StepInputs
+from .sampling import SamplingParams, sample
+
+DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
+
+
+def _bucket(n: int, buckets) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return buckets[-1]
+
+
+def _pow2(n: int, minimum: int = 8) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@struct.dataclass
+class DecodeState:
+    """Loop state of the jitted sampler."""
+
+    step: jax.Array  # number of tokens produced so far (the first comes from prefill)
+    tokens: jax.Array  # [B, buffer] produced tokens (pad -1 after a row stops)
+    num_tokens: jax.Array  # [B] tokens produced per row (a stop token included)
+    done: jax.Array  # [B]
+    cache: object
+    key: jax.Array
+
+
+class Engine:
+    """Runs a Llama with stacked LoRA adapters over caches.
+
+    Args:
+      model: a `Llama` (its parameters are split out once).
+      lora: stacked adapters or None (base model only).
+      prefill_buckets: padded chunk lengths; longer inputs are processed in chunks of the
+        largest bucket.
+    """
+
+    def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
+                 prefill_buckets=DEFAULT_PREFILL_BUCKETS):
+        self.config = model.config
+        self.dtype = model.dtype
+        self.graphdef, self.params = nnx.split(model)
+        self.lora = lora
+        self.prefill_buckets = tuple(sorted(prefill_buckets))
+        self.trace_counts: collections.Counter = collections.Counter()
+        self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "want_logits"),
+                                donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("buffer",), donate_argnames=("cache",))
+        self._sample = jax.jit(self._sample_impl)
+
+    @property
+    def max_chunk(self) -> int:
+        return self.prefill_buckets[-1]
+
+    def adapter_ids(self, agents) -> np.ndarray:
+        """Agent names (None = base model) -> adapter ids [B]."""
+        out = []
+        for a in agents:
+            if a is None:
+                out.append(-1)
+            elif self.lora is None:
+                raise KeyError(f"unknown agent {a!r}: no adapters are loaded")
+            else:
+                out.append(self.lora.adapter_id(a))
+        return np.asarray(out, np.int32)
+
+    # ---- traced bodies ---------------------------------------------------------------------
+    def _run(self, params, lora, cache, tokens, start, n_valid, adapter_ids, layers, want_logits):
+        model = nnx.merge(self.graphdef, params)
+        B, S = tokens.shape
+        offs = jnp.arange(S, dtype=jnp.int32)[None, :]
+        positions = start[:, None] + offs
+        valid = offs < n_valid[:, None]
+        capacity = _capacity(cache)
+        step = StepInputs(
+            positions=positions,
+            write_positions=jnp.where(valid, positions, capacity),
+            kv_lengths=start + n_valid,
+            q_offsets=start,
+            adapter_ids=adapter_ids,
+        )
+        lo, hi = layers
+        ds = isinstance(cache, DroidSpeakKV)
+        if lo == 0:
+            x = model.embed_tokens(tokens)
+        elif ds and lo == cache.hidden_layer:
+            rows = jnp.arange(B)[:, None]
+            x = cache.hidden[rows, jnp.minimum(positions, capacity - 1)]
+        else:
+            raise ValueError(f"a forward may start at layer 0 or at a cached hidden state, not {lo}")
+        if ds and lo < cache.hidden_layer < hi:
+            x, cache = model.run_layers(x, cache, step, lora, layers=(lo, cache.hidden_layer))
+            if cache.write_shared:
+                rows = jnp.arange(B)[:, None]
+                cache = cache.replace(hidden=cache.hidden.at[rows, step.write_positions].set(
+                    x.astype(cache.hidden.dtype), mode="drop"))
+            lo = cache.hidden_layer
+        x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi))
+        if not want_logits:
+            return None, cache
+        last = x[jnp.arange(B), jnp.maximum(n_valid - 1, 0)]
+        return model.logits(last), cache
+
+    def _forward_impl(self, params, lora, cache, tokens, start, n_valid, adapter_ids, *, layers, want_logits):
+        self.trace_counts["forward"] += 1
+        return self._run(params, lora, cache, tokens, start, n_valid, adapter_ids, layers, want_logits)
+
+    def _sample_impl(self, logits, sampling, key):
+        self.trace_counts["sample"] += 1
+        return sample(logits, sampling, key)
+
+    def _decode_impl(self, params, lora, cache, first_token, start, adapter_ids, sampling, key,
+                     max_new_tokens, stop_ids, *, buffer):
+        """Generate tokens 2..max_new_tokens; the first came from prefill (not yet cached)."""
+        self.trace_counts["decode"] += 1
+        B = first_token.shape[0]
+        is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
+        state = DecodeState(
+            step=jnp.int32(1),
+            tokens=jnp.full((B, buffer), -1, jnp.int32).at[:, 0].set(first_token),
+            num_tokens=jnp.ones((B,), jnp.int32),
+            done=is_stop(first_token) | (max_new_tokens <= 1),
+            cache=cache,
+            key=key,
+        )
+
+        def cond(s: DecodeState):
+            return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+        def body(s: DecodeState):
+            prev = s.tokens[:, s.step - 1]
+            active = ~s.done
+            logits, cache = self._run(
+                params, lora, s.cache, jnp.maximum(prev, 0)[:, None], start + s.step - 1,
+                active.astype(jnp.int32), adapter_ids, (0, self.config.num_layers), True,
+            )
+            key, sub = jax.random.split(s.key)
+            tok = sample(logits, sampling, sub)
+            tok = jnp.where(active, tok, -1)
+            return DecodeState(
+                step=s.step + 1,
+                tokens=s.tokens.at[:, s.step].set(tok),
+                num_tokens=s.num_tokens + active.astype(jnp.int32),
+                done=s.done | (active & is_stop(tok)) | (s.step + 1 >= max_new_tokens),
+                cache=cache,
+                key=key,
+            )
+
+        s = jax.lax.while_loop(cond, body, state)
+        return s.tokens, s.num_tokens, s.cache
+
+    # ---- host-side API -----------------------------------------------------------------------
+    def forward(self, cache, tokens: np.ndarray, start: np.ndarray, n_valid: np.ndarray,
+                adapter_ids: np.ndarray, *, layers=None, want_logits=True):
+        """One padded chunk: tokens [B, S] (S a bucket length), rows start at `start`."""
+        layers = tuple(layers) if layers is not None else (0, self.config.num_layers)
+        return self._forward(self.params, self.lora, cache, jnp.asarray(tokens, jnp.int32),
+                             jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
+                             jnp.asarray(adapter_ids, jnp.int32), layers=layers, want_logits=want_logits)
+
+    def prefill(self, cache, rows: list, start: np.ndarray, adapter_ids: np.ndarray, *,
+                layers=None, want_logits=True):
+        """Process each row's token list `rows[b]` from position start[b], in bucketed chunks.
+
+        Returns (logits [B, V] at each row's last token or None, cache). Rows with no tokens
+        are padding (nothing written); their logits are meaningless.
+        """
+        start = np.asarray(start, np.int64).copy()
+        remaining = [list(r) for r in rows]
+        B = len(rows)
+        logits = None
+        while any(remaining):
+            S = _bucket(max(len(r) for r in remaining), self.prefill_buckets)
+            tokens = np.zeros((B, S), np.int32)
+            n_valid = np.array([min(len(r), S) for r in remaining], np.int32)
+            for b, r in enumerate(remaining):
+                tokens[b, : n_valid[b]] = r[: n_valid[b]]
+            finishing = np.array([0 < len(r) <= S for r in remaining])
+            out, cache = self.forward(cache, tokens, start, n_valid, adapter_ids, layers=layers,
+                                      want_logits=want_logits and bool(finishing.any()))
+            if out is not None:  # keep each row's logits from the chunk holding its last token
+                logits = out if logits is None else jnp.where(finishing[:, None], out, logits)
+            start = start + n_valid
+            remaining = [r[n:] for r, n in zip(remaining, n_valid)]
+        return logits, cache
+
+    def sample(self, logits, sampling: SamplingParams, key):
+        return self._sample(logits, sampling, key)
+
+    def decode(self, cache, first_token, start, adapter_ids, sampling: SamplingParams, key, *,
+               max_new_tokens: int, stop_ids=()):
+        """Continue from `first_token` (at position `start`, not yet cached) to at most
+        max_new_tokens tokens in all. Returns (tokens [B, n] with -1 padding, counts [B], cache).
+        """
+        buffer = _pow2(max_new_tokens)
+        stops = np.full((_pow2(len(stop_ids), 1),), -2, np.int32)
+        stops[: len(stop_ids)] = list(stop_ids)
+        tokens, counts, cache = self._decode(
+            self.params, self.lora, cache, jnp.asarray(first_token, jnp.int32),
+            jnp.asarray(start, jnp.int32), jnp.asarray(adapter_ids, jnp.int32), sampling, key,
+            jnp.int32(max_new_tokens), jnp.asarray(stops), buffer=buffer,
+        )
+        return tokens[:, :max_new_tokens], counts, cache
+
+
+def _capacity(cache) -> int:
+    for name in ("k", "shared"):
+        if hasattr(cache, name):
+            obj = getattr(cache, name)
+            return obj.shape[2] if hasattr(obj, "shape") else _capacity(obj)
+    raise TypeError(f"not a cache view: {type(cache).__name__}")
