@@ -1,0 +1,45 @@
+"""Shared pytest fixtures: tiny HF models and PEFT adapters on disk (built once per session)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import hf_fixtures`
+
+from hf_fixtures import AGENTS, MODEL_KINDS, make_adapters, make_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_case_factory(tmp_path_factory):
+    """kind -> {"model": folder, "adapters": {agent: folder}, "shared_adapters": {...}}, cached.
+
+    Each kind gets three q/v rank-8 adapters with independent A and three with a shared A.
+    """
+    cache: dict = {}
+
+    def get(kind: str) -> dict:
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(f"hf_{kind}")
+            model = make_model(str(root / "model"), kind, seed=MODEL_KINDS.index(kind))
+            cache[kind] = {
+                "model": model,
+                "adapters": make_adapters(model, str(root / "adapters"), AGENTS, seed=100),
+                "shared_adapters": make_adapters(model, str(root / "shared"), AGENTS, seed=200, shared_a=True),
+            }
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=MODEL_KINDS)
+def hf_case(request, hf_case_factory):
+    """Each tiny model kind in turn (llama GQA, llama3-rope tied, mistral) with its adapters."""
+    return {"kind": request.param, **hf_case_factory(request.param)}
+
+
+@pytest.fixture(scope="session")
+def llama_case(hf_case_factory):
+    return {"kind": "llama", **hf_case_factory("llama")}
