@@ -1,0 +1,142 @@
+"""Public entry point of Flash-LoRA-Attention: argument checks and dispatch.
+
+    out = softmax(q k^T * sm_scale + mask) @ V_base
+          + lora_scale * (softmax(...) @ LR) @ lora_b[head]
+
+computed without expanding LR to [kv_len, heads, head_dim] (DESIGN.md section 1).
+
+Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU), "mosaic_tpu"
+(Pallas TPU), "xla" (jnp reference in float32), "auto" (by
+jax.default_backend(): gpu -> triton, tpu -> mosaic_tpu, otherwise xla).
+``interpret=True`` runs the Pallas backend in interpret mode (CPU tests).
+
+Kernels: q_len <= ``decode_max_q_len`` (default 16) uses the split-K decode
+kernel (on Triton also only while q_len * heads_q / heads_kv <= 128 rows),
+longer q_len the prefill kernel; ``kernel="prefill" | "decode"`` forces one.
+"""
+from __future__ import annotations
+
+import numbers
+
+import jax
+
+from pallas_kernels import reference
+from pallas_kernels._args import Canon, canonicalize
+
+BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
+KERNELS = ("prefill", "decode")
+DECODE_MAX_Q_LEN = 16
+TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
+
+# Keyword "block sizes" accepted per backend (they apply to the kernel that runs;
+# num_splits only to decode).
+_TUNABLES = {
+    "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits"),
+    "mosaic_tpu": ("block_q", "block_k", "num_splits"),
+    "xla": ("q_chunk",),
+}
+_DISPATCH_KEYS = ("kernel", "decode_max_q_len")
+
+
+def resolve_backend(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    return "triton"
+  if platform == "tpu":
+    return "mosaic_tpu"
+  return "xla"
+
+
+def _check_tunables(backend, kw):
+  allowed = _TUNABLES[backend] + _DISPATCH_KEYS
+  for key, val in kw.items():
+    if key not in allowed:
+      raise ValueError(f"unknown keyword {key!r} for backend {backend!r}; allowed: {allowed}.")
+    if key == "kernel":
+      if val not in KERNELS + (None,):
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {val!r}.")
+      continue
+    if val is None:
+      continue
+    if not isinstance(val, numbers.Integral) or val < 1:
+      raise ValueError(f"{key} must be a positive int, got {val!r}.")
+    if key in ("block_q", "block_k") and backend == "triton" and (val < 16 or val & (val - 1)):
+      raise ValueError(f"{key} must be a power of two >= 16 for the triton backend, got {val}.")
+    if key in ("block_q", "block_k") and backend == "mosaic_tpu" and val % 16:
+      raise ValueError(f"{key} must be a multiple of 16 for the mosaic_tpu backend, got {val}.")
+    if key == "num_warps" and val not in (1, 2, 4, 8, 16):
+      raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16), got {val}.")
+
+
+def choose_kernel(c: Canon, backend: str, kernel=None, decode_max_q_len=None) -> str:
+  if kernel is not None:
+    return kernel
+  dims = c.dims
+  limit = DECODE_MAX_Q_LEN if decode_max_q_len is None else decode_max_q_len
+  if dims["Tq"] > limit:
+    return "prefill"
+  if backend == "triton" and dims["Tq"] * dims["G"] > TRITON_DECODE_MAX_ROWS:
+    return "prefill"
+  return "decode"
+
+
+def run_canonical(c: Canon, backend: str, interpret=False, **block_sizes):
+  """Runs a resolved backend on canonical arguments (see _args.Canon)."""
+  _check_tunables(backend, block_sizes)
+  if backend == "xla":
+    return reference.reference_from_canon(c, q_chunk=block_sizes.get("q_chunk"))
+  kernel = choose_kernel(c, backend, block_sizes.pop("kernel", None),
+                         block_sizes.pop("decode_max_q_len", None))
+  kw = {k: v for k, v in block_sizes.items() if v is not None}
+  if kernel == "prefill":
+    kw.pop("num_splits", None)
+  else:
+    kw.pop("block_q", None)
+  args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
+  common = dict(causal=c.causal, sm_scale=c.sm_scale, interpret=interpret)
+  if backend == "triton":
+    from pallas_kernels import triton_kernels as tk
+    fn = tk.prefill if kernel == "prefill" else tk.decode
+  else:
+    from pallas_kernels import tpu_kernels as tpk
+    fn = tpk.prefill if kernel == "prefill" else tpk.decode
+  return fn(*args, **common, **kw)
+
+
+def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
+                         kv_lengths=None, q_offsets=None, causal=True, sm_scale=None,
+                         layer=None, backend="auto", interpret=False, **block_sizes):
+  """Flash attention with the LRAgent LoRA value term, fused.
+
+  Args:
+    q: [batch, q_len, heads_q, head_dim] (float32 / bfloat16 / float16).
+    k, v_base: [batch, kv_len, heads_kv, head_dim], or stacked over layers
+      [num_layers, batch, kv_len, heads_kv, head_dim] together with ``layer``.
+    lr: [batch, kv_len, rank] (or [num_layers, batch, kv_len, rank]) or None.
+    lora_b: [batch, heads_kv, rank, head_dim] or [batch, heads_q, rank, head_dim].
+    lora_scale: python float, or array [batch] or [batch, heads_q].
+    kv_lengths: [batch] int32 valid keys per row (default kv_len).
+    q_offsets: [batch] int32 absolute position of query row 0 (default
+      kv_lengths - q_len). Query t of row b sees keys j <= q_offsets[b] + t
+      and j < kv_lengths[b] (causal=True); only the latter when causal=False.
+    sm_scale: python float, default 1/sqrt(head_dim).
+    layer: python int or traced int32 scalar; read inside the kernel.
+    backend: "auto" | "triton" | "mosaic_tpu" | "xla".
+    interpret: run the Pallas kernel in interpret mode.
+    **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits;
+      mosaic_tpu: block_q, block_k, num_splits; xla: q_chunk; any backend:
+      kernel ("prefill" | "decode"), decode_max_q_len.
+
+  Returns:
+    [batch, q_len, heads_q, head_dim] in q's dtype. Rows that see no key are 0.
+  """
+  backend = resolve_backend(backend)
+  _check_tunables(backend, block_sizes)
+  c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
+                   kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
+                   sm_scale=sm_scale, layer=layer)
+  return run_canonical(c, backend, interpret=interpret, **block_sizes)

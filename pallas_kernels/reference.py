@@ -1,0 +1,153 @@
+"""Pure-jnp references for Flash-LoRA-Attention.
+
+* ``reference_attention``: float32 math, LoRA term in the reordered form
+  ``s * (P @ LR) @ B`` (no expansion); what ``backend="xla"`` runs. Memory-sane
+  for long q_len: queries are processed in chunks (``lax.map``) sized so one
+  chunk's [batch, heads, chunk, kv_len] scores stay around 2**25 floats.
+* ``naive_lora_attention``: the naive baseline (and ablation) that first
+  materialises ``V = V_base + s * LR @ B`` per head and then runs plain
+  attention (by default with the same backend's kernel).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._args import Canon, canonicalize
+
+# Scores of one query chunk hold at most about this many float32 elements.
+_CHUNK_SCORE_ELEMS = 1 << 25
+
+
+def _layer_slice(x, layer):
+  return lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False)
+
+
+def _attend_chunk(q, k, v, lr, lora_b, scale, kv_len, q_off, row0, *, causal,
+                  sm_scale, per_q_head_b):
+  """q [B,C,Hq,D] (rows row0..row0+C); k,v [B,S,Hkv,D]; lr [B,S,R] | None."""
+  b, c, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  qg = q.astype(jnp.float32).reshape(b, c, hkv, g, d)
+  scores = jnp.einsum("bchgd,bshd->bhgcs", qg, k.astype(jnp.float32),
+                      precision=lax.Precision.HIGHEST) * sm_scale
+  cols = jnp.arange(s_len, dtype=jnp.int32)
+  valid = cols[None, None, :] < kv_len[:, None, None]                     # [B,1,S]
+  if causal:
+    pos = q_off[:, None] + row0 + jnp.arange(c, dtype=jnp.int32)[None, :]  # [B,C]
+    valid = valid & (cols[None, None, :] <= pos[:, :, None])             # [B,C,S]
+  valid = valid[:, None, None]                                           # [B,1,1,C|1,S]
+  scores = jnp.where(valid, scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(valid, jnp.exp(scores - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(l > 0, l, 1.0)       # rows that see no key -> zeros, never NaN
+  o = jnp.einsum("bhgcs,bshd->bchgd", p, v.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST)
+  if lr is not None:
+    plr = jnp.einsum("bhgcs,bsr->bchgr", p, lr.astype(jnp.float32),
+                     precision=lax.Precision.HIGHEST)
+    bm = lora_b.astype(jnp.float32)
+    if per_q_head_b:
+      bm = bm.reshape(b, hkv, g, *bm.shape[2:])
+      lo = jnp.einsum("bchgr,bhgrd->bchgd", plr, bm, precision=lax.Precision.HIGHEST)
+    else:
+      lo = jnp.einsum("bchgr,bhrd->bchgd", plr, bm, precision=lax.Precision.HIGHEST)
+    o = o + scale.reshape(b, 1, hkv, g, 1) * lo
+  return o.reshape(b, c, hq, d)
+
+
+def reference_from_canon(c: Canon, q_chunk: int | None = None):
+  """Float32 reference on canonical arguments; returns [B, Tq, Hq, D] in q's dtype."""
+  dims = c.dims
+  b, tq, hq, s_len = dims["B"], dims["Tq"], dims["Hq"], dims["S"]
+  k = _layer_slice(c.k, c.layer)
+  v = _layer_slice(c.v, c.layer)
+  lr = None if c.lr is None else _layer_slice(c.lr, c.layer)
+  per_q_head_b = c.lora_b is not None and c.lora_b.shape[1] != dims["Hkv"]
+  attend = functools.partial(
+      _attend_chunk, k=k, v=v, lr=lr, lora_b=c.lora_b, scale=c.scale,
+      kv_len=c.kv_len, q_off=c.q_off, causal=c.causal, sm_scale=c.sm_scale,
+      per_q_head_b=per_q_head_b)
+  if q_chunk is None:
+    q_chunk = max(1, _CHUNK_SCORE_ELEMS // max(1, b * hq * s_len))
+    q_chunk = 1 << (q_chunk.bit_length() - 1)   # power of two, for fewer recompiles
+  if tq <= q_chunk:
+    out = attend(c.q, row0=0)
+  else:
+    n = -(-tq // q_chunk)
+    qp = jnp.pad(c.q, ((0, 0), (0, n * q_chunk - tq), (0, 0), (0, 0)))
+    qc = jnp.moveaxis(qp.reshape(b, n, q_chunk, *qp.shape[2:]), 1, 0)
+    outs = lax.map(lambda a: attend(a[0], row0=a[1]),
+                   (qc, jnp.arange(n, dtype=jnp.int32) * q_chunk))
+    out = jnp.moveaxis(outs, 0, 1).reshape(b, n * q_chunk, hq, -1)[:, :tq]
+  return out.astype(c.q.dtype)
+
+
+def reference_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
+                        kv_lengths=None, q_offsets=None, causal=True,
+                        sm_scale=None, layer=None, q_chunk=None):
+  """Plain jnp Flash-LoRA-Attention reference (float32 math, chunked over queries).
+
+  Same arguments and semantics as ``flash_lora_attention``; ``q_chunk``
+  overrides the query chunk size of the memory-sane loop.
+  """
+  c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
+                   kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
+                   sm_scale=sm_scale, layer=layer)
+  return reference_from_canon(c, q_chunk=q_chunk)
+
+
+def expand_values(c: Canon):
+  """Naive expansion of the layer's values: returns (k, v) for plain attention.
+
+  V[b, s, h] = V_base[b, s, h] + scale[b, h] * LR[b, s] @ B[b, h], computed in
+  float32 and stored in the cache dtype (as a naive implementation would).
+  When B or the scale differ between the query heads of a KV group, V (and K,
+  repeated) are expanded per query head.
+  """
+  dims = c.dims
+  b, hq, hkv, g = dims["B"], dims["Hq"], dims["Hkv"], dims["G"]
+  k = _layer_slice(c.k, c.layer)
+  v = _layer_slice(c.v, c.layer)
+  if c.lr is None:
+    return k, v
+  lr = _layer_slice(c.lr, c.layer).astype(jnp.float32)
+  bm = c.lora_b.astype(jnp.float32)
+  if c.lora_per_q_head:
+    if bm.shape[1] == hkv:
+      bm = jnp.repeat(bm, g, axis=1)
+    k = jnp.repeat(k, g, axis=2)
+    v = jnp.repeat(v, g, axis=2)
+    scale = c.scale                                   # [B, Hq]
+  else:
+    scale = c.scale[:, ::g]                           # [B, Hkv], equal inside a group
+  delta = jnp.einsum("bsr,bhrd->bshd", lr, bm, precision=lax.Precision.HIGHEST)
+  v = (v.astype(jnp.float32) + scale[:, None, :, None] * delta).astype(c.v.dtype)
+  return k, v
+
+
+def naive_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
+                         kv_lengths=None, q_offsets=None, causal=True,
+                         sm_scale=None, layer=None, backend="auto",
+                         interpret=False, **block_sizes):
+  """Naive baseline: expand V = V_base + s * LR @ B per head, then plain attention.
+
+  The attention itself runs through ``flash_lora_attention(..., lr=None)`` with
+  the given backend, so the comparison with the fused kernel isolates the cost
+  of expanding the LoRA term.
+  """
+  from pallas_kernels.flash_lora_attention import flash_lora_attention  # cycle-free at call time
+
+  c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
+                   kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
+                   sm_scale=sm_scale, layer=layer)
+  k_x, v_x = expand_values(c)
+  return flash_lora_attention(
+      q, k_x, v_x, kv_lengths=c.kv_len, q_offsets=c.q_off, causal=c.causal,
+      sm_scale=c.sm_scale, backend=backend, interpret=interpret, **block_sizes)

@@ -1,0 +1,501 @@
+"""Pallas Triton (GPU) kernels for Flash-LoRA-Attention.
+
+Two kernels (see docs/kernels.md for the design and the block-size reasoning):
+
+* ``prefill``: grid (q blocks, batch, query heads). Each program keeps a
+  [block_q, D] q tile and runs the online softmax over KV blocks with TWO
+  running accumulators: acc [block_q, D] (P @ V_base) and racc [block_q, Rp]
+  (P @ LR), both rescaled by the same factor. The epilogue normalises both and
+  adds ``scale * racc @ B_h`` once. Fully masked KV blocks (causal, kv_lengths)
+  are skipped through the loop bounds; blocks that need no mask run a loop
+  without mask arithmetic.
+* ``decode`` (split-K): grid (kv splits, batch, KV heads). All query heads of
+  the KV group and all q rows are stacked as the rows of one q tile (row = t*G
+  + g, padded to >= 16 for tl.dot), so K, V_base and LR are read once per KV
+  head. Each split writes a normalised partial (o, racc) and its log-sum-exp; a
+  small merge kernel combines the splits with log-sum-exp weights (the
+  rank-wide partials the same way) and only then multiplies by B, once.
+  With one split the decode kernel applies the epilogue itself.
+
+Caches come stacked over layers ([L, B, S, Hkv, D]); the layer index is an
+int32 input read inside the kernel and used as a pointer offset, so the layer
+is never copied. head_dim and rank are padded to powers of two (rank >= 16)
+by masked loads, never by copying K/V/LR; kv_len needs no padding either
+(keys past kv_lengths[b] are masked loads), so the Triton path makes no
+wrapper-side copy of the cache for any kv_len.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # The Triton backend is deprecated in JAX >= 0.11 but still shipped.
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+  plgpu = None
+
+from pallas_kernels._args import next_pow2
+
+LOG2E = math.log2(math.e)
+# Finite mask value: exp2(NEG - m) == 0 and NEG - NEG == 0, so masked rows
+# never produce inf - inf = NaN.
+NEG = -0.7 * float(np.finfo(np.float32).max)
+
+DEFAULTS_PREFILL = dict(block_q=128, block_k=64, num_warps=None, num_stages=None)
+DEFAULTS_DECODE = dict(block_k=128, num_splits=None, num_warps=4, num_stages=2)
+
+
+def _compiler_params(num_warps, num_stages):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a, b, trans_b=False):
+  dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _cdiv(x, n: int):
+  return lax.div(x + (n - 1), n)  # x >= 0 everywhere it is used
+
+
+def _load(ref, mask):
+  if mask is None:
+    return plgpu.load(ref)
+  return plgpu.load(ref, mask=mask, other=0)
+
+
+def _and(a, b):
+  if a is None:
+    return b
+  if b is None:
+    return a
+  return a & b
+
+
+def _attend_block(j, carry, *, q, k_ref, v_ref, lr_ref, layer, block_k, kv_len,
+                  dmask, rmask, qk_scale, valid_fn, masked):
+  """One KV block of the online softmax with the extra rank-wide accumulator."""
+  acc, racc, m_i, l_i = carry
+  start = pl.multiple_of(j * block_k, block_k)
+  cols = start + jnp.arange(block_k, dtype=jnp.int32)
+  in_len = (cols < kv_len)[:, None] if masked else None
+  kmask = _and(in_len, dmask)
+  k = _load(k_ref.at[layer, pl.ds(start, block_k), :], kmask)
+  s = _dot(q, k, trans_b=True) * qk_scale          # log2-domain scores
+  if masked:
+    valid = valid_fn(cols)
+    s = jnp.where(valid, s, NEG)
+  m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m_i - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  if masked:
+    p = jnp.where(valid, p, 0.0)
+  l_i = l_i * alpha + jnp.sum(p, axis=1)
+  v = _load(v_ref.at[layer, pl.ds(start, block_k), :], kmask)
+  acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+  if lr_ref is not None:
+    lrt = _load(lr_ref.at[layer, pl.ds(start, block_k), :], _and(in_len, rmask))
+    racc = racc * alpha[:, None] + _dot(p.astype(lrt.dtype), lrt)
+  return acc, racc, m_new, l_i
+
+
+def _run_blocks(q, *, lo_full, hi_full, lo_mask, hi_mask, m_rows, dp, rp, **kw):
+  acc = jnp.zeros((m_rows, dp), jnp.float32)
+  racc = jnp.zeros((m_rows, rp), jnp.float32) if kw["lr_ref"] is not None else None
+  m_i = jnp.full((m_rows,), -jnp.inf, jnp.float32)
+  l_i = jnp.zeros((m_rows,), jnp.float32)
+  carry = (acc, racc, m_i, l_i)
+  carry = lax.fori_loop(lo_full, hi_full,
+                        functools.partial(_attend_block, q=q, masked=False, **kw), carry)
+  carry = lax.fori_loop(lo_mask, hi_mask,
+                        functools.partial(_attend_block, q=q, masked=True, **kw), carry)
+  return carry
+
+
+def _masks(d, dp, r, rp):
+  dmask = None if d == dp else (jnp.arange(dp, dtype=jnp.int32) < d)[None, :]
+  rmask = None if r == rp else (jnp.arange(rp, dtype=jnp.int32) < r)[None, :]
+  return dmask, rmask
+
+
+# ----------------------------------------------------------------------------
+# Prefill
+# ----------------------------------------------------------------------------
+def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
+                    has_lora, causal, qk_scale, block_q, block_k, nq, tq, d, r):
+  if has_lora:
+    lr_ref, b_ref, scale_ref, o_ref = refs
+  else:
+    lr_ref = b_ref = scale_ref = None
+    (o_ref,) = refs
+  i = nq - 1 - pl.program_id(0)          # heaviest (last) causal q blocks first
+  bi = pl.program_id(1)
+  h = pl.program_id(2)
+  layer = layer_ref[0]
+  kv_len = kvlen_ref[bi]
+  q_off = qoff_ref[bi]
+  dp = q_ref.shape[-1]
+  rp = lr_ref.shape[-1] if has_lora else 16
+  dmask, rmask = _masks(d, dp, r if has_lora else rp, rp)
+
+  q_start = i * block_q
+  rows = q_start + jnp.arange(block_q, dtype=jnp.int32)
+  row_ok = None if tq % block_q == 0 else (rows < tq)[:, None]
+  io_mask = _and(row_ok, dmask)
+  q = _load(q_ref, io_mask)
+
+  t_last = jnp.minimum(q_start + block_q, tq) - 1
+  if causal:
+    hi = jnp.minimum(kv_len, q_off + t_last + 1)   # keys any row of the block sees
+    full = jnp.minimum(kv_len, q_off + q_start + 1)  # keys every row sees
+  else:
+    hi = full = kv_len
+  hi = jnp.maximum(hi, 0)
+  full = jnp.maximum(full, 0)
+  n_blocks = _cdiv(hi, block_k)
+  n_full = lax.div(full, block_k)
+
+  def valid_fn(cols):
+    ok = cols[None, :] < kv_len
+    if causal:
+      ok = ok & (cols[None, :] <= (q_off + rows)[:, None])
+    return ok
+
+  acc, racc, _, l_i = _run_blocks(
+      q, lo_full=0, hi_full=n_full, lo_mask=n_full, hi_mask=n_blocks,
+      m_rows=block_q, dp=dp, rp=rp, k_ref=k_ref, v_ref=v_ref, lr_ref=lr_ref,
+      layer=layer, block_k=block_k, kv_len=kv_len, dmask=dmask, rmask=rmask,
+      qk_scale=qk_scale, valid_fn=valid_fn)
+  inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)  # no key -> 0
+  o = acc * inv[:, None]
+  if has_lora:
+    bmat = _load(b_ref, _and(None if r == rp else (jnp.arange(rp) < r)[:, None], dmask))
+    o = o + scale_ref[bi, h] * _dot(racc * inv[:, None], bmat.astype(jnp.float32))
+  plgpu.store(o_ref, o.astype(o_ref.dtype), mask=io_mask)
+
+
+def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
+            block_q=128, block_k=64, num_warps=None, num_stages=None,
+            interpret=False):
+  """Flash-LoRA prefill. Canonical shapes (see _args.Canon); returns [B,Tq,Hq,D]."""
+  b, tq, hq, d = q.shape
+  num_layers, _, s_len, hkv, _ = k.shape
+  group = hq // hkv
+  has_lora = lr is not None
+  dp = next_pow2(d)
+  r = lr.shape[-1] if has_lora else 0
+  rp = max(16, next_pow2(r)) if has_lora else 16
+  block_q = min(block_q, max(16, next_pow2(tq)))
+  block_k = min(block_k, max(16, next_pow2(s_len)))
+  if num_warps is None:
+    num_warps = 8 if dp >= 128 and block_q >= 128 else 4
+  if num_stages is None:
+    num_stages = 3 if dp <= 128 and q.dtype != jnp.float32 else 2
+  nq = pl.cdiv(tq, block_q)
+  kernel = functools.partial(
+      _prefill_kernel, has_lora=has_lora, causal=causal,
+      qk_scale=float(sm_scale) * LOG2E, block_q=block_q, block_k=block_k, nq=nq,
+      tq=tq, d=d, r=r)
+  full1 = lambda n: pl.BlockSpec((n,), lambda *_: (0,))
+  in_specs = [
+      full1(1), full1(b), full1(b),
+      pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, nq - 1 - i, h, 0)),
+      # Whole (layer, kv) extent of this row and KV head: the kernel indexes
+      # the layer and the KV block itself (pointer arithmetic, no copy).
+      pl.BlockSpec((num_layers, None, s_len, None, dp),
+                   lambda i, bi, h: (0, bi, 0, h // group, 0)),
+      pl.BlockSpec((num_layers, None, s_len, None, dp),
+                   lambda i, bi, h: (0, bi, 0, h // group, 0)),
+  ]
+  args = [layer.reshape(1), kv_len, q_off, q, k, v]
+  if has_lora:
+    per_q = lora_b.shape[1] != hkv
+    in_specs += [
+        pl.BlockSpec((num_layers, None, s_len, rp), lambda i, bi, h: (0, bi, 0, 0)),
+        pl.BlockSpec((None, None, rp, dp),
+                     (lambda i, bi, h: (bi, h, 0, 0)) if per_q
+                     else (lambda i, bi, h: (bi, h // group, 0, 0))),
+        pl.BlockSpec((b, hq), lambda *_: (0, 0)),
+    ]
+    args += [lr, lora_b, scale]
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, b, hq),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, nq - 1 - i, h, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name="flash_lora_prefill",
+  )(*args)
+
+
+# ----------------------------------------------------------------------------
+# Split-K decode
+# ----------------------------------------------------------------------------
+def _row_ids(mp, group):
+  rows = jnp.arange(mp, dtype=jnp.int32)
+  return rows, lax.div(rows, group), lax.rem(rows, group)
+
+
+def _lora_rows(rr, *, bi, h, b_ref, scale_ref, g_row, group, per_q_head_b, r, rp, dmask):
+  """scale[row] * rr[row] @ B[head(row)] for the stacked (t, g) rows."""
+  mp = rr.shape[0]
+  bmask = _and(None if r == rp else (jnp.arange(rp) < r)[:, None], dmask)
+  hq_rows = h * group + g_row
+  sc = plgpu.load(scale_ref.at[jnp.full((mp,), bi, jnp.int32), hq_rows])
+  if not per_q_head_b:
+    bmat = _load(b_ref.at[h, :, :], bmask).astype(jnp.float32)
+    term = _dot(rr, bmat)
+  else:
+    def body(g, term):
+      bmat = _load(b_ref.at[h * group + g, :, :], bmask).astype(jnp.float32)
+      sel = jnp.where((g_row == g)[:, None], rr, 0.0)
+      return term + _dot(sel, bmat)
+    term = lax.fori_loop(0, group, body, jnp.zeros((mp, b_ref.shape[-1]), jnp.float32))
+  return sc[:, None] * term
+
+
+def _store_rows(o_ref, o, *, h, t_row, g_row, group, row_ok, dmask):
+  """Scatters the stacked (t, g) rows into o_ref [Tq, Hq, Dp] (this batch row)."""
+  mp, dp = o.shape
+  shape = (mp, dp)
+  t_idx = jnp.broadcast_to(t_row[:, None], shape)
+  h_idx = jnp.broadcast_to((h * group + g_row)[:, None], shape)
+  d_idx = jnp.broadcast_to(jnp.arange(dp, dtype=jnp.int32)[None, :], shape)
+  plgpu.store(o_ref.at[t_idx, h_idx, d_idx], o.astype(o_ref.dtype),
+              mask=_and(row_ok[:, None], dmask))
+
+
+def _finish_rows(num_o, num_r, denom, *, bi, h, o_ref, b_ref, scale_ref, t_row,
+                 g_row, row_ok, group, per_q_head_b, r, rp, dmask):
+  inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+  o = num_o * inv[:, None]
+  if num_r is not None:
+    o = o + _lora_rows(num_r * inv[:, None], bi=bi, h=h, b_ref=b_ref,
+                       scale_ref=scale_ref, g_row=g_row, group=group,
+                       per_q_head_b=per_q_head_b, r=r, rp=rp, dmask=dmask)
+  _store_rows(o_ref, o, h=h, t_row=t_row, g_row=g_row, group=group,
+              row_ok=row_ok, dmask=dmask)
+
+
+def _decode_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
+                   has_lora, per_q_head_b, causal, qk_scale, block_k, num_splits,
+                   tq, d, r, group, mp):
+  fused = num_splits == 1   # one split: finish the rows here, no merge kernel
+  lr_ref = b_ref = scale_ref = None
+  if has_lora and fused:
+    lr_ref, b_ref, scale_ref, *outs = refs
+  elif has_lora:
+    lr_ref, *outs = refs
+  else:
+    outs = refs
+  sid = pl.program_id(0)
+  bi = pl.program_id(1)
+  h = pl.program_id(2)
+  layer = layer_ref[0]
+  kv_len = kvlen_ref[bi]
+  q_off = qoff_ref[bi]
+  dp = q_ref.shape[-1]
+  rp = lr_ref.shape[-1] if has_lora else 16
+  dmask, rmask = _masks(d, dp, r if has_lora else rp, rp)
+
+  rows, t_row, g_row = _row_ids(mp, group)
+  row_ok = rows < tq * group
+  shape = (mp, dp)
+  q = plgpu.load(
+      q_ref.at[jnp.broadcast_to(t_row[:, None], shape),
+               jnp.broadcast_to((h * group + g_row)[:, None], shape),
+               jnp.broadcast_to(jnp.arange(dp, dtype=jnp.int32)[None, :], shape)],
+      mask=_and(row_ok[:, None], dmask), other=0)
+
+  if causal:
+    hi = jnp.minimum(kv_len, q_off + tq)
+    full = jnp.minimum(kv_len, q_off + 1)
+  else:
+    hi = full = kv_len
+  hi = jnp.maximum(hi, 0)
+  full = jnp.maximum(full, 0)
+  nb = _cdiv(hi, block_k)
+  n_full = lax.div(full, block_k)
+  # Balanced split of this row's live blocks (kv_lengths, not max_len).
+  per = _cdiv(nb, num_splits)
+  b_lo = sid * per
+  b_hi = jnp.minimum(b_lo + per, nb)
+
+  def valid_fn(cols):
+    ok = cols[None, :] < kv_len
+    if causal:
+      ok = ok & (cols[None, :] <= (q_off + t_row)[:, None])
+    return ok
+
+  acc, racc, m_i, l_i = _run_blocks(
+      q, lo_full=b_lo, hi_full=jnp.minimum(b_hi, n_full),
+      lo_mask=jnp.maximum(b_lo, n_full), hi_mask=b_hi, m_rows=mp, dp=dp, rp=rp,
+      k_ref=k_ref, v_ref=v_ref, lr_ref=lr_ref, layer=layer, block_k=block_k,
+      kv_len=kv_len, dmask=dmask, rmask=rmask, qk_scale=qk_scale,
+      valid_fn=valid_fn)
+
+  if fused:
+    (o_ref,) = outs
+    _finish_rows(acc, racc, l_i, bi=bi, h=h, o_ref=o_ref, b_ref=b_ref,
+                 scale_ref=scale_ref, t_row=t_row, g_row=g_row, row_ok=row_ok,
+                 group=group, per_q_head_b=per_q_head_b, r=r, rp=rp, dmask=dmask)
+    return
+  if has_lora:
+    opart_ref, rpart_ref, lse_ref = outs
+  else:
+    opart_ref, lse_ref = outs
+  inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)
+  rmask_rows = row_ok[:, None]
+  plgpu.store(opart_ref, acc * inv[:, None], mask=_and(rmask_rows, dmask))
+  if has_lora:
+    plgpu.store(rpart_ref, racc * inv[:, None], mask=_and(rmask_rows, rmask))
+  lse = jnp.where(l_i > 0, m_i + jnp.log2(jnp.where(l_i > 0, l_i, 1.0)), -jnp.inf)
+  lse_ref[...] = lse
+
+
+def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
+                  tq, d, r, group, mp):
+  if has_lora:
+    rpart_ref, b_ref, scale_ref, o_ref = refs
+  else:
+    rpart_ref = b_ref = scale_ref = None
+    (o_ref,) = refs
+  bi = pl.program_id(0)
+  h = pl.program_id(1)
+  dp = opart_ref.shape[-1]
+  rp = rpart_ref.shape[-1] if has_lora else 16
+  dmask, rmask = _masks(d, dp, r if has_lora else rp, rp)
+  rows, t_row, g_row = _row_ids(mp, group)
+  row_ok = rows < tq * group
+
+  def body(s, carry):
+    num_o, num_r, m, den = carry
+    lse = lse_ref[s, :]
+    m_new = jnp.maximum(m, lse)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    a = jnp.exp2(m - m_safe)
+    w = jnp.exp2(lse - m_safe)
+    o_s = _load(opart_ref.at[s, :, :], _and(row_ok[:, None], dmask))
+    num_o = num_o * a[:, None] + w[:, None] * o_s
+    if has_lora:
+      r_s = _load(rpart_ref.at[s, :, :], _and(row_ok[:, None], rmask))
+      num_r = num_r * a[:, None] + w[:, None] * r_s
+    return num_o, num_r, m_new, den * a + w
+
+  init = (jnp.zeros((mp, dp), jnp.float32),
+          jnp.zeros((mp, rp), jnp.float32) if has_lora else None,
+          jnp.full((mp,), -jnp.inf, jnp.float32), jnp.zeros((mp,), jnp.float32))
+  num_o, num_r, _, den = lax.fori_loop(0, num_splits, body, init)
+  _finish_rows(num_o, num_r, den, bi=bi, h=h, o_ref=o_ref, b_ref=b_ref,
+               scale_ref=scale_ref, t_row=t_row, g_row=g_row, row_ok=row_ok,
+               group=group, per_q_head_b=per_q_head_b, r=r, rp=rp, dmask=dmask)
+
+
+def num_sms() -> int:
+  try:
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+      return int(getattr(dev, "core_count", 132) or 132)
+  except Exception:  # pragma: no cover
+    pass
+  return 132  # H100 SXM
+
+
+def default_num_splits(batch, heads_kv, kv_len, block_k, sms=None):
+  """Enough (batch, KV head, split) programs to cover every SM about twice,
+  but at least two KV blocks per split on a full cache."""
+  sms = num_sms() if sms is None else sms
+  want = pl.cdiv(2 * sms, batch * heads_kv)
+  most = max(1, pl.cdiv(kv_len, block_k) // 2)
+  return int(max(1, min(want, most)))
+
+
+def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
+           block_k=128, num_splits=None, num_warps=4, num_stages=2,
+           interpret=False):
+  """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D]."""
+  b, tq, hq, d = q.shape
+  num_layers, _, s_len, hkv, _ = k.shape
+  group = hq // hkv
+  has_lora = lr is not None
+  per_q_head_b = has_lora and lora_b.shape[1] != hkv
+  dp = next_pow2(d)
+  r = lr.shape[-1] if has_lora else 0
+  rp = max(16, next_pow2(r)) if has_lora else 16
+  mp = max(16, next_pow2(tq * group))
+  block_k = min(block_k, max(16, next_pow2(s_len)))
+  ns = default_num_splits(b, hkv, s_len, block_k) if num_splits is None else int(num_splits)
+  if ns < 1:
+    raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+  statics = dict(has_lora=has_lora, per_q_head_b=per_q_head_b, num_splits=ns,
+                 tq=tq, d=d, r=r, group=group, mp=mp)
+  full1 = lambda n: pl.BlockSpec((n,), lambda *_: (0,))
+  in_specs = [
+      full1(1), full1(b), full1(b),
+      pl.BlockSpec((None, tq, hq, dp), lambda s, bi, h: (bi, 0, 0, 0)),
+      pl.BlockSpec((num_layers, None, s_len, None, dp), lambda s, bi, h: (0, bi, 0, h, 0)),
+      pl.BlockSpec((num_layers, None, s_len, None, dp), lambda s, bi, h: (0, bi, 0, h, 0)),
+  ]
+  args = [layer.reshape(1), kv_len, q_off, q, k, v]
+  lora_specs, lora_args = [], []
+  if has_lora:
+    in_specs.append(pl.BlockSpec((num_layers, None, s_len, rp), lambda s, bi, h: (0, bi, 0, 0)))
+    args.append(lr)
+    hb = lora_b.shape[1]
+    # Index maps take the grid indices: (split, batch, head) for the decode
+    # kernel, (batch, head) for the merge kernel; the batch index is 2nd-last.
+    lora_specs = [pl.BlockSpec((None, hb, rp, dp), lambda *g: (g[-2], 0, 0, 0)),
+                  pl.BlockSpec((b, hq), lambda *_: (0, 0))]
+    lora_args = [lora_b, scale]
+  out_final = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  params = _compiler_params(num_warps, num_stages)
+  kernel = functools.partial(_decode_kernel, causal=causal,
+                             qk_scale=float(sm_scale) * LOG2E, block_k=block_k, **statics)
+  if ns == 1:
+    return pl.pallas_call(
+        kernel, grid=(1, b, hkv),
+        in_specs=in_specs + lora_specs,
+        out_specs=pl.BlockSpec((None, tq, hq, dp), lambda s, bi, h: (bi, 0, 0, 0)),
+        out_shape=out_final, compiler_params=params, interpret=interpret,
+        name="flash_lora_decode",
+    )(*args, *lora_args)
+
+  m_rows = tq * group
+  out_shapes = [jax.ShapeDtypeStruct((b, hkv, ns, m_rows, d), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, None, None, mp, dp), lambda s, bi, h: (bi, h, s, 0, 0))]
+  if has_lora:
+    out_shapes.append(jax.ShapeDtypeStruct((b, hkv, ns, m_rows, r), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, None, mp, rp), lambda s, bi, h: (bi, h, s, 0, 0)))
+  out_shapes.append(jax.ShapeDtypeStruct((b, hkv, ns, mp), jnp.float32))
+  out_specs.append(pl.BlockSpec((None, None, None, mp), lambda s, bi, h: (bi, h, s, 0)))
+  # The decode kernel does not need B or the scale when it does not finish rows.
+  parts = pl.pallas_call(
+      kernel, grid=(ns, b, hkv), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shapes, compiler_params=params, interpret=interpret,
+      name="flash_lora_decode_split",
+  )(*args)
+  if has_lora:
+    opart, rpart, lse = parts
+  else:
+    (opart, lse), rpart = parts, None
+  merge = functools.partial(_merge_kernel, **statics)
+  m_specs = [pl.BlockSpec((None, None, ns, mp), lambda bi, h: (bi, h, 0, 0)),
+             pl.BlockSpec((None, None, ns, mp, dp), lambda bi, h: (bi, h, 0, 0, 0))]
+  m_args = [lse, opart]
+  if has_lora:
+    m_specs.append(pl.BlockSpec((None, None, ns, mp, rp), lambda bi, h: (bi, h, 0, 0, 0)))
+    m_args.append(rpart)
+  return pl.pallas_call(
+      merge, grid=(b, hkv), in_specs=m_specs + lora_specs,
+      out_specs=pl.BlockSpec((None, tq, hq, dp), lambda bi, h: (bi, 0, 0, 0)),
+      out_shape=out_final, compiler_params=_compiler_params(4, 1),
+      interpret=interpret, name="flash_lora_decode_merge",
+  )(*m_args, *lora_args)
