@@ -21,6 +21,7 @@ from .model import Llama, StepInputs
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
+BASE_AGENT = "base"  # agent name of the plain model (adapter id -1) unless an adapter is so named
 
 
 def _bucket(n: int, buckets) -> int:
@@ -74,10 +75,10 @@ class Engine:
         return self.prefill_buckets[-1]
 
     def adapter_ids(self, agents) -> np.ndarray:
-        """Agent names (None = base model) -> adapter ids [B]."""
+        """Agent names (None or "base" = plain model) -> adapter ids [B]."""
         out = []
         for a in agents:
-            if a is None:
+            if a is None or (a == BASE_AGENT and (self.lora is None or a not in self.lora.names)):
                 out.append(-1)
             elif self.lora is None:
                 raise KeyError(f"unknown agent {a!r}: no adapters are loaded")

@@ -1,0 +1,325 @@
+"""The five cache-sharing schemes: what each stores and what an agent must catch up on.
+
+A scheme owns its cache arrays and knows, per batch row, how many trajectory tokens
+each of them holds (slots [0, held)). When an agent takes a turn, `prepare` runs the
+catch-up its scheme requires and then the tokens nobody has processed yet, and returns
+the logits at the last token; `decode` generates with the right cache view. The
+semantics are DESIGN.md section 2:
+
+  non_shared      per agent K, V                    catch up on everything unseen
+  full_shared     one K, V (producer's LoRA in V)   nothing to catch up
+  droidspeak      shared K, V + own K, V at critical layers C (+ hidden state at min C)
+                                                    re-run layers min C .. max C on unseen tokens
+  base_shared     one K, V_base; LR per agent       "LR prefill": own hidden states, LR only
+  base_lr_shared  one K, V_base, LR (shared A)      nothing to catch up
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import AttnOptions, DenseKV, DroidSpeakKV, LoRAKV, capacity
+from .engine import Engine
+
+SCHEMES = ("non_shared", "full_shared", "droidspeak", "base_shared", "base_lr_shared")
+SCHEME_ALIASES = {"ns": "non_shared", "fs": "full_shared", "ds": "droidspeak", "bs": "base_shared",
+                  "blr": "base_lr_shared"}
+
+# DroidSpeak critical layers from the paper (DESIGN.md section 2), by preset shape name.
+DROIDSPEAK_LAYERS = {
+    "llama-3.1-8b": (0, 2, 16, 19, 20, 22, 23, 24, 26, 30, 31),
+    "ministral-8b": (1, 4, 5, 12, 14, 15, 17, 21, 22, 25, 29, 31),
+}
+
+
+def canonical_scheme(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    key = SCHEME_ALIASES.get(key, key)
+    if key not in SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)} (or 'all')")
+    return key
+
+
+def default_critical_layers(num_layers: int) -> tuple[int, ...]:
+    """About a third of the layers, spread out (used when no preset or user set applies)."""
+    for layers in DROIDSPEAK_LAYERS.values():
+        if max(layers) < num_layers and num_layers in (32, 36):
+            return layers
+    n = max(1, num_layers // 3)
+    return tuple(sorted(set(int(round(i)) for i in np.linspace(0, num_layers - 1, n))))
+
+
+def _rows(traj, lo, hi):
+    """Per-row token slices traj[b][lo[b]:hi[b]]."""
+    return [list(t[a:b]) for t, a, b in zip(traj, lo, hi)]
+
+
+class Scheme:
+    """Base class: bookkeeping of the slots each cache part holds."""
+
+    name = ""
+    needs_value_lora = False
+
+    def __init__(self, engine: Engine, agents, batch: int, max_len: int, dtype, opts: AttnOptions):
+        self.engine = engine
+        self.agents = tuple(agents)
+        self.batch = batch
+        self.max_len = max_len
+        self.dtype = dtype
+        self.opts = opts
+        self.config = engine.config
+
+    # How many tokens of each row some cache already holds (work nobody must redo).
+    def processed(self) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, agent: str, traj):
+        """Catch up and prefill for `agent`; returns (logits [B,V], catch-up tokens, new tokens)."""
+        raise NotImplementedError
+
+    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
+        raise NotImplementedError
+
+    def _ids(self, agent):
+        return np.full((self.batch,), self.engine.adapter_ids([agent])[0], np.int32)
+
+
+class _OneCacheScheme(Scheme):
+    """A scheme whose state is one view per 'owner' with a held count per row."""
+
+    def _view(self, agent, catch_up: bool):
+        raise NotImplementedError
+
+    def _store(self, agent, view):
+        raise NotImplementedError
+
+    def _held(self, agent) -> np.ndarray:
+        raise NotImplementedError
+
+    def _set_held(self, agent, held: np.ndarray):
+        raise NotImplementedError
+
+    def prepare(self, agent, traj):
+        T = np.array([len(t) for t in traj])
+        held = self._held(agent)
+        before = self.processed()
+        logits, view = self.engine.prefill(self._view(agent, False), _rows(traj, held, T), held, self._ids(agent))
+        self._store(agent, view)
+        self._set_held(agent, T)
+        new = int(np.sum(T - np.maximum(before, held)))
+        return logits, int(np.sum(T - held)) - new, new
+
+    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
+        tokens, counts, view = self.engine.decode(self._view(agent, False), first_token, start, self._ids(agent),
+                                                  sampling, key, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        self._store(agent, view)
+        counts = np.asarray(counts)
+        self._set_held(agent, np.asarray(start) + counts - 1)  # the last token is not fed back
+        return tokens, counts
+
+
+class NonShared(_OneCacheScheme):
+    name = "non_shared"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.caches = {a: DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
+                       for a in self.agents}
+        self.held = {a: np.zeros(self.batch, np.int64) for a in self.agents}
+
+    def processed(self):
+        return np.max(np.stack(list(self.held.values())), axis=0)
+
+    @property
+    def nbytes(self):
+        return sum(c.nbytes for c in self.caches.values())
+
+    def _view(self, agent, catch_up):
+        return self.caches[agent]
+
+    def _store(self, agent, view):
+        self.caches[agent] = view
+
+    def _held(self, agent):
+        return self.held[agent]
+
+    def _set_held(self, agent, held):
+        self.held[agent] = np.asarray(held, np.int64)
+
+
+class FullShared(_OneCacheScheme):
+    name = "full_shared"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.cache = self._create()
+        self.held = np.zeros(self.batch, np.int64)
+
+    def _create(self):
+        return DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
+
+    def processed(self):
+        return self.held
+
+    @property
+    def nbytes(self):
+        return self.cache.nbytes
+
+    def _view(self, agent, catch_up):
+        return self.cache
+
+    def _store(self, agent, view):
+        self.cache = view
+
+    def _held(self, agent):
+        return self.held
+
+    def _set_held(self, agent, held):
+        self.held = np.asarray(held, np.int64)
+
+
+class BaseLRShared(FullShared):
+    """One K, V_base and LR for everyone; requires adapters that share A_v."""
+
+    name = "base_lr_shared"
+    needs_value_lora = True
+
+    def _create(self):
+        lora = self.engine.lora
+        if lora is None:
+            raise ValueError("base_lr_shared needs adapters with LoRA on v_proj; none are loaded")
+        lora.require_shared_a("v")
+        return LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(), self.dtype, opts=self.opts)
+
+
+class BaseShared(Scheme):
+    """One K and V_base; each agent its own LR = X_a A_v,a, filled by an LR prefill."""
+
+    name = "base_shared"
+    needs_value_lora = True
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        lora = self.engine.lora
+        if lora is None or "v" not in lora:
+            raise ValueError("base_shared needs adapters with LoRA on v_proj")
+        base = LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(), self.dtype, opts=self.opts)
+        self.k, self.v_base = base.k, base.v_base
+        self.lr = {a: jnp.zeros_like(base.lr) for a in self.agents}
+        self.held_base = np.zeros(self.batch, np.int64)
+        self.held_lr = {a: np.zeros(self.batch, np.int64) for a in self.agents}
+
+    def processed(self):
+        return self.held_base
+
+    @property
+    def nbytes(self):
+        return int(self.k.nbytes + self.v_base.nbytes + sum(x.nbytes for x in self.lr.values()))
+
+    def _view(self, agent, write_base):
+        return LoRAKV(k=self.k, v_base=self.v_base, lr=self.lr[agent], write_base=write_base, opts=self.opts)
+
+    def _store(self, agent, view):
+        self.k, self.v_base, self.lr[agent] = view.k, view.v_base, view.lr
+
+    def prepare(self, agent, traj):
+        T = np.array([len(t) for t in traj])
+        ids = self._ids(agent)
+        held_lr, held_base = self.held_lr[agent], self.held_base
+        catch_up = int(np.sum(held_base - held_lr))
+        if catch_up:
+            _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_lr, held_base), held_lr, ids,
+                                          want_logits=False)
+            self._store(agent, view)
+        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_base, T), held_base, ids)
+        self._store(agent, view)
+        new = int(np.sum(T - held_base))
+        self.held_base = T.astype(np.int64)
+        self.held_lr[agent] = T.astype(np.int64)
+        return logits, catch_up, new
+
+    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
+        tokens, counts, view = self.engine.decode(self._view(agent, True), first_token, start, self._ids(agent),
+                                                  sampling, key, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        self._store(agent, view)
+        counts = np.asarray(counts)
+        self.held_base = self.held_lr[agent] = np.asarray(start) + counts - 1
+        return tokens, counts
+
+
+class DroidSpeak(Scheme):
+    """Shared K, V at all layers; own K, V at critical layers; hidden state at min(C)."""
+
+    name = "droidspeak"
+
+    def __init__(self, *args, critical_layers=None, **kw):
+        super().__init__(*args, **kw)
+        L = self.config.num_layers
+        crit = tuple(sorted(set(int(c) for c in (critical_layers or default_critical_layers(L)))))
+        if not crit or crit[0] < 0 or crit[-1] >= L:
+            raise ValueError(f"droidspeak critical layers must be a non-empty subset of 0..{L - 1}, got {crit}")
+        self.critical = crit
+        self.shared = DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
+        self.own = {a: DenseKV.create(self.config, self.batch, self.max_len, self.dtype, num_layers=len(crit),
+                                      opts=self.opts) for a in self.agents}
+        self.hidden = jnp.zeros((self.batch, capacity(self.max_len), self.config.hidden_size), self.dtype)
+        self.held_shared = np.zeros(self.batch, np.int64)
+        self.held_own = {a: np.zeros(self.batch, np.int64) for a in self.agents}
+
+    def processed(self):
+        return self.held_shared
+
+    @property
+    def nbytes(self):
+        return int(self.shared.nbytes + sum(o.nbytes for o in self.own.values()) + self.hidden.nbytes)
+
+    def _view(self, agent, write_shared):
+        own = self.own[agent]
+        return DroidSpeakKV(shared=self.shared, own_k=own.k, own_v=own.v, hidden=self.hidden,
+                            critical=self.critical, write_shared=write_shared)
+
+    def _store(self, agent, view):
+        self.shared, self.hidden = view.shared, view.hidden
+        self.own[agent] = self.own[agent].replace(k=view.own_k, v=view.own_v)
+
+    def prepare(self, agent, traj):
+        T = np.array([len(t) for t in traj])
+        ids = self._ids(agent)
+        held_own, held_shared = self.held_own[agent], self.held_shared
+        catch_up = int(np.sum(held_shared - held_own))
+        if catch_up:
+            layers = (self.critical[0], self.critical[-1] + 1)
+            _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_own, held_shared), held_own, ids,
+                                          layers=layers, want_logits=False)
+            self._store(agent, view)
+        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_shared, T), held_shared, ids)
+        self._store(agent, view)
+        new = int(np.sum(T - held_shared))
+        self.held_shared = T.astype(np.int64)
+        self.held_own[agent] = T.astype(np.int64)
+        return logits, catch_up, new
+
+    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
+        tokens, counts, view = self.engine.decode(self._view(agent, True), first_token, start, self._ids(agent),
+                                                  sampling, key, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        self._store(agent, view)
+        counts = np.asarray(counts)
+        self.held_shared = self.held_own[agent] = np.asarray(start) + counts - 1
+        return tokens, counts
+
+
+SCHEME_CLASSES = {c.name: c for c in (NonShared, FullShared, DroidSpeak, BaseShared, BaseLRShared)}
+
+
+def make_scheme(name: str, engine: Engine, agents, batch: int, max_len: int, dtype, opts: AttnOptions,
+                critical_layers=None) -> Scheme:
+    name = canonical_scheme(name)
+    cls = SCHEME_CLASSES[name]
+    if name == "droidspeak":
+        return cls(engine, agents, batch, max_len, dtype, opts, critical_layers=critical_layers)
+    return cls(engine, agents, batch, max_len, dtype, opts)

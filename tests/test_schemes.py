@@ -1,0 +1,162 @@
+"""Invariants of the five cache schemes (DESIGN.md section 2), on the tiny random model.
+
+Greedy decoding in float32: 'equal' means token-identical trajectories.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lragent_jax.config import preset
+from lragent_jax.engine import Engine
+from lragent_jax.lora import SharedAError, random_adapters
+from lragent_jax.model import Llama
+from lragent_jax.schemes import SCHEMES
+from lragent_jax.session import Session
+
+MAX_LEN = 256
+PROMPT = list(range(3, 40))
+TURNS = [("plan", 7), ("action", 5), ("reflect", 6), ("plan", 4)]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def engine(cfg, model):
+    # Large B so agents disagree and scheme differences are visible.
+    return Engine(model, random_adapters(cfg, seed=1, b_std=0.3))
+
+
+def run(engine, scheme, turns=TURNS, **kw):
+    s = Session(engine, scheme, max_len=MAX_LEN, stop_ids=(), **kw)
+    s.append(PROMPT)
+    for agent, n in turns:
+        s.generate(agent, n, greedy=True)
+        s.append([11, 12, 13])
+    return s
+
+
+@pytest.fixture(scope="module")
+def ns_reference(engine):
+    return run(engine, "non_shared").trajectory
+
+
+def test_multi_agent_schemes_differ_from_non_shared(engine, ns_reference):
+    # Guards the other tests: with these adapters, sharing without catch-up changes tokens.
+    assert run(engine, "full_shared").trajectory != ns_reference
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_single_agent_equals_non_shared(engine, scheme):
+    turns = [("plan", 6), ("plan", 5), ("plan", 4)]
+    assert run(engine, scheme, turns).trajectory == run(engine, "non_shared", turns).trajectory
+
+
+@pytest.fixture(scope="module")
+def zero_b_engine(cfg, model):
+    return Engine(model, random_adapters(cfg, seed=1, b_std=0.0))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_zero_b_equals_non_shared(zero_b_engine, scheme):
+    assert run(zero_b_engine, scheme).trajectory == run(zero_b_engine, "non_shared").trajectory
+
+
+def test_droidspeak_all_layers_critical_equals_non_shared(engine, cfg, ns_reference):
+    s = run(engine, "droidspeak", critical_layers=range(cfg.num_layers))
+    assert s.trajectory == ns_reference
+
+
+def test_droidspeak_partial_layers_catches_up(engine, ns_reference):
+    # Same catch-up token count as non_shared, but only layers 1..2 re-run; tokens differ.
+    s = run(engine, "droidspeak", critical_layers=(1, 2))
+    assert [t.catch_up_tokens for t in s.turns] == [t.catch_up_tokens for t in run(engine, "non_shared").turns]
+    assert s.trajectory[0][: len(PROMPT) + 7] == ns_reference[0][: len(PROMPT) + 7]  # first turn: nothing shared yet
+
+
+def test_catch_up_counts_by_hand(engine):
+    # prompt 37. plan: 37 new, generates 7 (the last is not fed back): caches hold 43; +3 appended.
+    # action: recomputes the 43 plan's cache holds, 1 + 3 new; generates 5: held 51; +3.
+    # reflect: recomputes 51, 4 new; generates 6: held 60; +3.
+    # plan: its own cache holds 43, so it recomputes 60 - 43 = 17, 4 new.
+    hand = [(0, 37), (43, 4), (51, 4), (17, 4)]
+    for scheme in ("non_shared", "base_shared", "droidspeak"):
+        assert [(t.catch_up_tokens, t.new_tokens) for t in run(engine, scheme).turns] == hand
+    for scheme in ("full_shared", "base_lr_shared"):
+        assert [(t.catch_up_tokens, t.new_tokens) for t in run(engine, scheme).turns] == [
+            (0, 37), (0, 4), (0, 4), (0, 4)]
+
+
+def test_cache_bytes_follow_formulas(engine, cfg):
+    L, Hkv, D, r, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8, 3
+    T = MAX_LEN  # already a multiple of the cache alignment
+    item = 4  # float32
+    kv = 2 * L * T * Hkv * D * item  # one K + one V
+    bytes_ = {s: Session(engine, s, max_len=MAX_LEN).cache_bytes for s in SCHEMES}
+    assert bytes_["non_shared"] == N * kv
+    assert bytes_["full_shared"] == kv
+    assert bytes_["base_lr_shared"] == kv + L * T * r * item
+    assert bytes_["base_shared"] == kv + N * L * T * r * item
+    # relative to non_shared: BS = 1/N + r / (2 Hkv D); BLR = 1/N + r / (2 N Hkv D)
+    assert bytes_["base_shared"] / bytes_["non_shared"] == pytest.approx(1 / N + r / (2 * Hkv * D))
+    assert bytes_["base_lr_shared"] / bytes_["non_shared"] == pytest.approx(1 / N + r / (2 * N * Hkv * D))
+    crit = (0, 2)
+    ds = Session(engine, "droidspeak", max_len=MAX_LEN, critical_layers=crit).cache_bytes
+    hidden = T * cfg.hidden_size * item
+    assert ds == kv + N * kv * len(crit) // L + hidden
+
+
+def test_base_lr_shared_refuses_unshared_a(cfg, model):
+    engine = Engine(model, random_adapters(cfg, shared_a=False, seed=2))
+    with pytest.raises(SharedAError) as e:
+        Session(engine, "base_lr_shared", max_len=MAX_LEN)
+    msg = str(e.value)
+    assert "'plan'" in msg and "layer" in msg and "max |A" in msg
+    Session(engine, "base_shared", max_len=MAX_LEN)  # independent A is fine for base_shared
+
+
+@pytest.mark.parametrize("scheme", ["base_shared", "base_lr_shared"])
+def test_naive_expansion_matches_reordered(engine, scheme):
+    a = run(engine, scheme)
+    b = run(engine, scheme, naive_expansion=True)
+    assert a.trajectory == b.trajectory
+
+
+def test_batch_of_trajectories_matches_single_rows(engine):
+    rows = [list(range(5, 25)), list(range(40, 47))]
+    s = Session(engine, "base_lr_shared", batch=2, max_len=MAX_LEN, stop_ids=())
+    s.append(rows)
+    s.generate("plan", 5, greedy=True)
+    s.generate("action", 4, greedy=True)
+    for b, row in enumerate(rows):
+        one = Session(engine, "base_lr_shared", max_len=MAX_LEN, stop_ids=())
+        one.append(row)
+        one.generate("plan", 5, greedy=True)
+        one.generate("action", 4, greedy=True)
+        assert one.trajectory[0] == s.trajectory[b]
+
+
+def test_session_errors(engine):
+    s = Session(engine, "non_shared", max_len=MAX_LEN)
+    with pytest.raises(ValueError, match="empty"):
+        s.generate("plan", 3)
+    s.append([1, 2, 3])
+    with pytest.raises(KeyError, match="unknown agent 'critic'"):
+        s.generate("critic", 3)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        s.generate("plan", MAX_LEN)
+    with pytest.raises(ValueError, match="out of range"):
+        s.append([10**6])
+    with pytest.raises(ValueError, match="unknown scheme"):
+        Session(engine, "half_shared")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        s.append("text")
