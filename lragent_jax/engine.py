@@ -120,6 +120,8 @@ class Engine:
         x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi))
         if not want_logits:
             return None, cache
+        if want_logits == "all":
+            return model.logits(x), cache
         last = x[jnp.arange(B), jnp.maximum(n_valid - 1, 0)]
         return model.logits(last), cache
 
@@ -184,13 +186,15 @@ class Engine:
                 layers=None, want_logits=True):
         """Process each row's token list `rows[b]` from position start[b], in bucketed chunks.
 
-        Returns (logits [B, V] at each row's last token or None, cache). Rows with no tokens
-        are padding (nothing written); their logits are meaningless.
+        want_logits: True -> logits [B, V] at each row's last token (meaningless for rows with
+        no tokens); "all" -> a list of per-row float32 arrays [len(rows[b]), V] (host memory);
+        False -> None. Returns (logits, cache).
         """
         start = np.asarray(start, np.int64).copy()
         remaining = [list(r) for r in rows]
         B = len(rows)
         logits = None
+        per_row = [[] for _ in range(B)]
         while any(remaining):
             S = _bucket(max(len(r) for r in remaining), self.prefill_buckets)
             tokens = np.zeros((B, S), np.int32)
@@ -198,12 +202,19 @@ class Engine:
             for b, r in enumerate(remaining):
                 tokens[b, : n_valid[b]] = r[: n_valid[b]]
             finishing = np.array([0 < len(r) <= S for r in remaining])
-            out, cache = self.forward(cache, tokens, start, n_valid, adapter_ids, layers=layers,
-                                      want_logits=want_logits and bool(finishing.any()))
-            if out is not None:  # keep each row's logits from the chunk holding its last token
+            mode = "all" if want_logits == "all" else (bool(want_logits) and bool(finishing.any()))
+            out, cache = self.forward(cache, tokens, start, n_valid, adapter_ids, layers=layers, want_logits=mode)
+            if mode == "all":
+                out = np.asarray(out)
+                for b in range(B):
+                    per_row[b].append(out[b, : n_valid[b]])
+            elif out is not None:  # keep each row's logits from the chunk holding its last token
                 logits = out if logits is None else jnp.where(finishing[:, None], out, logits)
             start = start + n_valid
             remaining = [r[n:] for r, n in zip(remaining, n_valid)]
+        if want_logits == "all":
+            V = self.config.vocab_size
+            return [np.concatenate(p) if p else np.zeros((0, V), np.float32) for p in per_row], cache
         return logits, cache
 
     def sample(self, logits, sampling: SamplingParams, key):

@@ -78,8 +78,12 @@ class Scheme:
     def nbytes(self) -> int:
         raise NotImplementedError
 
-    def prepare(self, agent: str, traj):
-        """Catch up and prefill for `agent`; returns (logits [B,V], catch-up tokens, new tokens)."""
+    def prepare(self, agent: str, traj, want_logits=True):
+        """Catch up and prefill for `agent`; returns (logits, catch-up tokens, new tokens).
+
+        logits: [B, V] at the last token, or with want_logits="all" one array per row over
+        the tokens of the final prefill (whose last `new` entries are the new tokens).
+        """
         raise NotImplementedError
 
     def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
@@ -104,11 +108,12 @@ class _OneCacheScheme(Scheme):
     def _set_held(self, agent, held: np.ndarray):
         raise NotImplementedError
 
-    def prepare(self, agent, traj):
+    def prepare(self, agent, traj, want_logits=True):
         T = np.array([len(t) for t in traj])
         held = self._held(agent)
         before = self.processed()
-        logits, view = self.engine.prefill(self._view(agent, False), _rows(traj, held, T), held, self._ids(agent))
+        logits, view = self.engine.prefill(self._view(agent, False), _rows(traj, held, T), held, self._ids(agent),
+                                           want_logits=want_logits)
         self._store(agent, view)
         self._set_held(agent, T)
         new = int(np.sum(T - np.maximum(before, held)))
@@ -227,7 +232,7 @@ class BaseShared(Scheme):
     def _store(self, agent, view):
         self.k, self.v_base, self.lr[agent] = view.k, view.v_base, view.lr
 
-    def prepare(self, agent, traj):
+    def prepare(self, agent, traj, want_logits=True):
         T = np.array([len(t) for t in traj])
         ids = self._ids(agent)
         held_lr, held_base = self.held_lr[agent], self.held_base
@@ -236,7 +241,8 @@ class BaseShared(Scheme):
             _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_lr, held_base), held_lr, ids,
                                           want_logits=False)
             self._store(agent, view)
-        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_base, T), held_base, ids)
+        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_base, T), held_base, ids,
+                                           want_logits=want_logits)
         self._store(agent, view)
         new = int(np.sum(T - held_base))
         self.held_base = T.astype(np.int64)
@@ -287,7 +293,7 @@ class DroidSpeak(Scheme):
         self.shared, self.hidden = view.shared, view.hidden
         self.own[agent] = self.own[agent].replace(k=view.own_k, v=view.own_v)
 
-    def prepare(self, agent, traj):
+    def prepare(self, agent, traj, want_logits=True):
         T = np.array([len(t) for t in traj])
         ids = self._ids(agent)
         held_own, held_shared = self.held_own[agent], self.held_shared
@@ -297,7 +303,8 @@ class DroidSpeak(Scheme):
             _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_own, held_shared), held_own, ids,
                                           layers=layers, want_logits=False)
             self._store(agent, view)
-        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_shared, T), held_shared, ids)
+        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_shared, T), held_shared, ids,
+                                           want_logits=want_logits)
         self._store(agent, view)
         new = int(np.sum(T - held_shared))
         self.held_shared = T.astype(np.int64)

@@ -159,6 +159,29 @@ class Session:
                                     ttft_s=t2 - t0, decode_s=t3 - t2, generated_tokens=int(np.sum(counts))))
         return out
 
+    def score(self, agent: str, tokens) -> list[np.ndarray]:
+        """Teacher forcing: the agent catches up, then processes `tokens` as if it had generated
+        them (they join the trajectory). Returns per row the float32 logits [n, V] the agent
+        assigned before each of the n tokens (row i predicts tokens[i]).
+        """
+        if agent not in self.agents:
+            raise KeyError(f"unknown agent {agent!r}; agents: {list(self.agents)}")
+        rows = self._to_rows(tokens)
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("score() needs at least one token per row")
+        if min(len(t) for t in self.trajectory) == 0:
+            raise ValueError("the trajectory is empty: append() a prompt before score()")
+        first, _, _ = self.scheme.prepare(agent, self.trajectory)
+        first = np.asarray(first)
+        self.append([r[:-1] for r in rows])
+        rest, _, _ = self.scheme.prepare(agent, self.trajectory, want_logits="all")
+        self.append([r[-1:] for r in rows])
+        out = []
+        for b, r in enumerate(rows):
+            tail = rest[b][len(rest[b]) - (len(r) - 1):] if len(r) > 1 else rest[b][:0]
+            out.append(np.concatenate([first[b : b + 1], tail]))
+        return out
+
     # ---- reporting -----------------------------------------------------------------------
     @property
     def cache_bytes(self) -> int:
