@@ -163,6 +163,14 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
+def _to_device(tree: dict) -> dict:
+    """Move host buffers to the device one at a time, dropping each host copy as it goes."""
+    for k, v in list(tree.items()):
+        tree[k] = _to_device(v) if isinstance(v, dict) else jnp.asarray(v)
+        del v
+    return tree
+
+
 def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
     """Load a Llama / Mistral HF checkpoint (config.json + safetensors) as a `Llama` in `dtype`.
 
@@ -216,9 +224,7 @@ def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
         shown = missing[:8] + ([f"... {len(missing) - 8} more"] if len(missing) > 8 else [])
         raise WeightsError(f"{folder}: missing tensors {shown}{hint}")
 
-    params = jax.tree.map(jnp.asarray, buffers)
-    del buffers
-    nnx.replace_by_pure_dict(state, params)
+    nnx.replace_by_pure_dict(state, _to_device(buffers))
     return nnx.merge(graphdef, state)
 
 
