@@ -55,11 +55,15 @@ def _compute_dtype(dtype):
 
 
 def _iter_heads(ref, hkv):
-  """Yields (h, [block_k, D] value) for every KV head of a [bk, Hkv, D] block."""
-  if ref.ndim == 2:                       # Hkv == 1: the wrapper dropped the axis
-    yield 0, ref[...]
+  """Yields (h, [block_k, D] value) for every KV head of a K/V block.
+
+  ``ref`` is the [1, 1, bk, Hkv, D] block (unit leading dims kept: Mosaic's
+  memref bitcast needs the unsqueezed rank) or [1, 1, bk, D] when Hkv == 1.
+  """
+  if ref.ndim == 4:                       # Hkv == 1: the wrapper dropped the axis
+    yield 0, ref[0, 0]
     return
-  bk, _, dp = ref.shape
+  bk, _, dp = ref.shape[2:]
   dtype = jnp.dtype(ref.dtype)
   if dtype.itemsize == 4:
     flat = ref.reshape(bk * hkv, dp)
@@ -236,10 +240,10 @@ def _prepare_cache(k, v, lr, layer, block_k):
 
 
 def _kv_spec(k, bk, index_fn):
+  # Leading unit dims are kept (not squeezed) on purpose, see _iter_heads.
   if k.ndim == 4:
-    return pl.BlockSpec((None, None, bk, k.shape[-1]),
-                        lambda *a: index_fn(*a)[:3] + (0,))
-  return pl.BlockSpec((None, None, bk, k.shape[-2], k.shape[-1]), index_fn)
+    return pl.BlockSpec((1, 1, bk, k.shape[-1]), lambda *a: index_fn(*a)[:3] + (0,))
+  return pl.BlockSpec((1, 1, bk, k.shape[-2], k.shape[-1]), index_fn)
 
 
 def _vmem_bytes(rows, hq_rows, dp, r, bk, hkv, itemsize, out_rows):
