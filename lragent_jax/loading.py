@@ -253,7 +253,10 @@ _BASE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", 
 
 
 def _adapter_folder(name: str, path) -> str:
-    folder = resolve_path(path, ADAPTER_PATTERNS)
+    try:
+        folder = resolve_path(path, ADAPTER_PATTERNS)
+    except FileNotFoundError as e:
+        raise AdapterError(f"adapter {name!r}: {e.args[0] if e.args else e}") from None
     if os.path.isfile(os.path.join(folder, "adapter_config.json")):
         return folder
     # PeftModel.save_pretrained puts non-"default" adapters in a subfolder named after them.

@@ -5,11 +5,20 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import hf_fixtures`
 
 from hf_fixtures import AGENTS, MODEL_KINDS, make_adapters, make_model  # noqa: E402
+
+# CPU compile time dominates the suite. Tests build several Engines over same-shaped models,
+# whose programs are identical: a persistent compilation cache compiles each program once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("LRAGENT_TEST_JAX_CACHE",
+                                 os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,92 @@
+"""Engine: decode loop == re-prefill, stop ids, batching, and a bounded number of compilations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lragent_jax.cache import DenseKV
+from lragent_jax.config import preset
+from lragent_jax.engine import Engine
+from lragent_jax.lora import random_adapters
+from lragent_jax.model import Llama
+from lragent_jax.sampling import SamplingParams
+from lragent_jax.session import Session
+
+
+@pytest.fixture(scope="module")
+def engine():
+    cfg = preset("tiny")
+    return Engine(Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), random_adapters(cfg, seed=4, b_std=0.2))
+
+
+def greedy_generate(engine, prompt, agent, n, stop_ids=()):
+    ids = engine.adapter_ids([agent])
+    cache = DenseKV.create(engine.config, 1, 128, jnp.float32)
+    logits, cache = engine.prefill(cache, [prompt], np.array([0]), ids)
+    p = SamplingParams.make(1, greedy=True)
+    first = engine.sample(logits, p, jax.random.key(0))
+    toks, counts, _ = engine.decode(cache, first, np.array([len(prompt)]), ids, p, jax.random.key(1),
+                                    max_new_tokens=n, stop_ids=stop_ids)
+    return np.asarray(toks[0, : int(counts[0])]).tolist()
+
+
+def test_decode_loop_matches_repeated_prefill(engine):
+    prompt = list(range(10, 31))
+    toks = greedy_generate(engine, prompt, "action", 9)
+    seq = list(prompt)
+    for _ in range(9):  # recompute everything from scratch for every token
+        cache = DenseKV.create(engine.config, 1, 128, jnp.float32)
+        logits, _ = engine.prefill(cache, [seq], np.array([0]), engine.adapter_ids(["action"]))
+        seq.append(int(jnp.argmax(logits[0])))
+    assert toks == seq[len(prompt):]
+
+
+def test_stop_id_ends_turn_and_is_included(engine):
+    prompt = list(range(10, 31))
+    free = greedy_generate(engine, prompt, "plan", 8)
+    stop = free[3]
+    stopped = greedy_generate(engine, prompt, "plan", 8, stop_ids=(stop,))
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_mixed_agents_in_one_batch(engine):
+    prompts = [list(range(5, 18)), list(range(40, 49))]
+    agents = ["plan", "reflect"]
+    ids = engine.adapter_ids(agents)
+    cache = DenseKV.create(engine.config, 2, 128, jnp.float32)
+    logits, cache = engine.prefill(cache, prompts, np.array([0, 0]), ids)
+    p = SamplingParams.make(2, greedy=True)
+    first = engine.sample(logits, p, jax.random.key(0))
+    toks, counts, _ = engine.decode(cache, first, np.array([len(x) for x in prompts]), ids, p, jax.random.key(1),
+                                    max_new_tokens=6)
+    for b in range(2):
+        assert np.asarray(toks[b]).tolist() == greedy_generate(engine, prompts[b], agents[b], 6)
+
+
+def test_base_agent_has_no_adapter(engine):
+    assert engine.adapter_ids(["base", None, "plan"]).tolist() == [-1, -1, 0]
+    with pytest.raises(KeyError, match="unknown agent"):
+        engine.adapter_ids(["critic"])
+
+
+def test_compilations_bounded_over_multi_turn_run():
+    """A 12-turn, 3-agent run with varied lengths compiles a fixed handful of programs."""
+    cfg = preset("tiny")
+    eng = Engine(Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5)), random_adapters(cfg, seed=6))
+    s = Session(eng, "base_lr_shared", max_len=512, stop_ids=())
+    rng = np.random.default_rng(0)
+    s.append(rng.integers(0, 256, 40).tolist())
+    agents = ["plan", "action", "reflect"]
+    for turn in range(12):
+        s.generate(agents[turn % 3], int(rng.integers(3, 12)), greedy=turn % 2 == 0, temperature=0.7,
+                   top_k=int(rng.integers(0, 5)))
+        s.append(rng.integers(0, 256, int(rng.integers(1, 30))).tolist())
+    # forward: prefill buckets 16 and 64 (<= 2); decode: buffers of 8 and 16 (<= 2); one sampler.
+    assert eng.trace_counts["forward"] <= 2
+    assert eng.trace_counts["decode"] <= 2
+    assert eng.trace_counts["sample"] == 1
+    before = dict(eng.trace_counts)
+    s.generate("plan", 5)  # the same shapes again: nothing new is compiled
+    assert dict(eng.trace_counts) == before
