@@ -55,15 +55,17 @@ class Engine:
       lora: stacked adapters or None (base model only).
       prefill_buckets: padded chunk lengths; longer inputs are processed in chunks of the
         largest bucket.
+      scan_layers: run layers under lax.fori_loop (default) or unrolled (see Llama.run_layers).
     """
 
     def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
-                 prefill_buckets=DEFAULT_PREFILL_BUCKETS):
+                 prefill_buckets=DEFAULT_PREFILL_BUCKETS, scan_layers: bool = True):
         self.config = model.config
         self.dtype = model.dtype
         self.graphdef, self.params = nnx.split(model)
         self.lora = lora
         self.prefill_buckets = tuple(sorted(prefill_buckets))
+        self.scan_layers = scan_layers
         self.trace_counts: collections.Counter = collections.Counter()
         self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "want_logits"),
                                 donate_argnames=("cache",))
@@ -111,13 +113,13 @@ class Engine:
         else:
             raise ValueError(f"a forward may start at layer 0 or at a cached hidden state, not {lo}")
         if ds and lo < cache.hidden_layer < hi:
-            x, cache = model.run_layers(x, cache, step, lora, layers=(lo, cache.hidden_layer))
+            x, cache = model.run_layers(x, cache, step, lora, layers=(lo, cache.hidden_layer), scan=self.scan_layers)
             if cache.write_shared:
                 rows = jnp.arange(B)[:, None]
                 cache = cache.replace(hidden=cache.hidden.at[rows, step.write_positions].set(
                     x.astype(cache.hidden.dtype), mode="drop"))
             lo = cache.hidden_layer
-        x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi))
+        x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi), scan=self.scan_layers)
         if not want_logits:
             return None, cache
         if want_logits == "all":

@@ -150,11 +150,14 @@ class Llama(nnx.Module):
         lora: LoraWeights | None,
         *,
         layers: tuple[int, int] | None = None,
+        scan: bool = True,
     ):
         """Run decoder layers [start, stop) on hidden states x [B, S, d]; returns (x, cache).
 
         `cache` is any cache view from cache.py: per layer it receives (layer, q, k, values)
-        and returns the attention output and its updated self.
+        and returns the attention output and its updated self. scan=True runs the layers in
+        a lax.fori_loop (compile time independent of depth); scan=False unrolls them with
+        static layer indices (longer compiles; lets XLA see each layer's weights statically).
         """
         cfg = self.config
         start, stop = layers if layers is not None else (0, cfg.num_layers)
@@ -198,4 +201,9 @@ class Llama(nnx.Module):
 
         if stop <= start:
             return x, cache
+        if not scan:
+            carry = (x, cache)
+            for layer in range(start, stop):
+                carry = body(layer, carry)
+            return carry
         return jax.lax.fori_loop(start, stop, body, (x, cache))
