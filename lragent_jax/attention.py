@@ -118,7 +118,7 @@ def attend(
         return _attend_layer(q, k_cache[layer], v.astype(v_cache.dtype), None, None, None,
                              kv_lengths, q_offsets, impl, sliding_window)
     if impl == "pallas":
-        from pallas_kernels import flash_lora_attention
+        from pallas_kernels.flash_lora_attention import flash_lora_attention
 
         return flash_lora_attention(
             q, k_cache, v_cache, lr_cache, lora_b,
@@ -133,7 +133,7 @@ def attend(
 def _attend_layer(q, k, v, lr, lora_b, lora_scale, kv_lengths, q_offsets, impl, sliding_window):
     """Attention over one layer's (already sliced) arrays."""
     if impl == "pallas":
-        from pallas_kernels import flash_lora_attention
+        from pallas_kernels.flash_lora_attention import flash_lora_attention
 
         return flash_lora_attention(
             q, k, v, lr, lora_b, lora_scale=lora_scale if lora_b is not None else 1.0,
