@@ -21,6 +21,7 @@ from .model import Llama, StepInputs
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
+LAYER_MODES = ("auto", "scan", "unrolled", "per_layer")
 BASE_AGENT = "base"  # agent name of the plain model (adapter id -1) unless an adapter is so named
 
 
@@ -55,17 +56,44 @@ class Engine:
       lora: stacked adapters or None (base model only).
       prefill_buckets: padded chunk lengths; longer inputs are processed in chunks of the
         largest bucket.
-      scan_layers: run layers under lax.fori_loop (default) or unrolled (see Llama.run_layers).
+      layer_mode: how layers run (LAYER_MODES):
+        "scan"      lax.fori_loop over the stacked weights: compile time independent of depth;
+                    XLA may copy each layer's weight slice per step (costly for decode on GPU).
+        "unrolled"  a Python loop with static slices of the stacked weights.
+        "per_layer" weights split into one array per layer once (no slicing at run time),
+                    layers unrolled: what decode on an accelerator wants.
+        "auto"      "scan" on CPU, "per_layer" on GPU/TPU.
     """
 
     def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
-                 prefill_buckets=DEFAULT_PREFILL_BUCKETS, scan_layers: bool = True):
+                 prefill_buckets=DEFAULT_PREFILL_BUCKETS, layer_mode: str = "auto"):
+        if layer_mode not in LAYER_MODES:
+            raise ValueError(f"layer_mode={layer_mode!r}; allowed: {LAYER_MODES}")
+        if layer_mode == "auto":
+            layer_mode = "scan" if jax.default_backend() == "cpu" else "per_layer"
+        self.layer_mode = layer_mode
         self.config = model.config
         self.dtype = model.dtype
-        self.graphdef, self.params = nnx.split(model)
         self.lora = lora
         self.prefill_buckets = tuple(sorted(prefill_buckets))
-        self.scan_layers = scan_layers
+        if layer_mode == "per_layer":
+            # Split the stacked layer weights into per-layer arrays (one tensor at a time, so
+            # peak memory is one extra tensor), and hand the model empty placeholders for them.
+            self.graphdef, stacked, rest = nnx.split(model, nnx.PathContains("layers"), ...)
+            pure = nnx.to_pure_dict(stacked)["layers"]
+            self.layer_weights = [dict() for _ in range(self.config.num_layers)]
+            for name in list(pure):
+                arr = pure.pop(name)
+                for i in range(self.config.num_layers):
+                    self.layer_weights[i][name] = arr[i]
+                del arr
+            placeholders = jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), stacked)
+            # params: (model states for nnx.merge, per-layer weights or None); a jit argument.
+            self.params = ((placeholders, rest), self.layer_weights)
+        else:
+            self.graphdef, state = nnx.split(model)
+            self.layer_weights = None
+            self.params = ((state,), None)
         self.trace_counts: collections.Counter = collections.Counter()
         self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "want_logits"),
                                 donate_argnames=("cache",))
@@ -90,7 +118,9 @@ class Engine:
 
     # ---- traced bodies ---------------------------------------------------------------------
     def _run(self, params, lora, cache, tokens, start, n_valid, adapter_ids, layers, want_logits):
-        model = nnx.merge(self.graphdef, params)
+        states, layer_weights = params
+        model = nnx.merge(self.graphdef, *states)
+        layer_kw = dict(scan=self.layer_mode == "scan", layer_weights=layer_weights)
         B, S = tokens.shape
         offs = jnp.arange(S, dtype=jnp.int32)[None, :]
         positions = start[:, None] + offs
@@ -113,13 +143,13 @@ class Engine:
         else:
             raise ValueError(f"a forward may start at layer 0 or at a cached hidden state, not {lo}")
         if ds and lo < cache.hidden_layer < hi:
-            x, cache = model.run_layers(x, cache, step, lora, layers=(lo, cache.hidden_layer), scan=self.scan_layers)
+            x, cache = model.run_layers(x, cache, step, lora, layers=(lo, cache.hidden_layer), **layer_kw)
             if cache.write_shared:
                 rows = jnp.arange(B)[:, None]
                 cache = cache.replace(hidden=cache.hidden.at[rows, step.write_positions].set(
                     x.astype(cache.hidden.dtype), mode="drop"))
             lo = cache.hidden_layer
-        x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi), scan=self.scan_layers)
+        x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi), **layer_kw)
         if not want_logits:
             return None, cache
         if want_logits == "all":

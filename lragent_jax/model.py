@@ -94,6 +94,9 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
 class DecoderLayers(nnx.Module):
     """All decoder layers' weights, stacked on axis 0 (HF weights transposed to [in, out])."""
 
@@ -151,6 +154,7 @@ class Llama(nnx.Module):
         *,
         layers: tuple[int, int] | None = None,
         scan: bool = True,
+        layer_weights: list | None = None,
     ):
         """Run decoder layers [start, stop) on hidden states x [B, S, d]; returns (x, cache).
 
@@ -158,6 +162,8 @@ class Llama(nnx.Module):
         and returns the attention output and its updated self. scan=True runs the layers in
         a lax.fori_loop (compile time independent of depth); scan=False unrolls them with
         static layer indices (longer compiles; lets XLA see each layer's weights statically).
+        layer_weights: optional per-layer dicts {name: array} (LAYER_PARAMS) used instead of the
+        stacked weights, so no layer slice is ever copied (requires scan=False).
         """
         cfg = self.config
         start, stop = layers if layers is not None else (0, cfg.num_layers)
@@ -167,18 +173,25 @@ class Llama(nnx.Module):
         ids = step.adapter_ids
         lp = {p: (lora.get(p) if lora is not None else None) for p in ("q", "k", "v", "o", "gate", "up", "down")}
 
+        if layer_weights is not None and scan:
+            raise ValueError("per-layer weights need scan=False (unrolled layers)")
+
         def proj(name, layer, h, weight):
-            y = _matmul(h, weight[layer])
+            y = _matmul(h, weight)
             if lp[name] is not None:
                 y = y + lp[name].delta(layer, h, ids)
             return y
 
         def body(layer, carry):
             x, cache = carry
-            h = rms_norm(x, w.attn_norm[...][layer], cfg.rms_norm_eps)
-            q = proj("q", layer, h, w.wq[...]).reshape(B, S, cfg.num_heads, cfg.head_dim)
-            k = proj("k", layer, h, w.wk[...]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
-            v_base = _matmul(h, w.wv[...][layer]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+            if layer_weights is not None:
+                lw = layer_weights[layer]
+            else:
+                lw = {name: getattr(w, name)[...][layer] for name in LAYER_PARAMS}
+            h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
+            q = proj("q", layer, h, lw["wq"]).reshape(B, S, cfg.num_heads, cfg.head_dim)
+            k = proj("k", layer, h, lw["wk"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+            v_base = _matmul(h, lw["wv"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
             if lp["v"] is not None:
                 pv = lp["v"]
                 values = ValueParts(
@@ -192,11 +205,11 @@ class Llama(nnx.Module):
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
             attn, cache = cache.update_and_attend(layer, q, k, values, step)
-            x = x + proj("o", layer, attn.reshape(B, S, cfg.q_dim), w.wo[...])
-            h = rms_norm(x, w.mlp_norm[...][layer], cfg.rms_norm_eps)
-            gate = proj("gate", layer, h, w.w_gate[...])
-            up = proj("up", layer, h, w.w_up[...])
-            x = x + proj("down", layer, jax.nn.silu(gate) * up, w.w_down[...])
+            x = x + proj("o", layer, attn.reshape(B, S, cfg.q_dim), lw["wo"])
+            h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
+            gate = proj("gate", layer, h, lw["w_gate"])
+            up = proj("up", layer, h, lw["w_up"])
+            x = x + proj("down", layer, jax.nn.silu(gate) * up, lw["w_down"])
             return x, cache
 
         if stop <= start:

@@ -54,6 +54,20 @@ def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
     return 2 * n**3 / float(np.median(ts))
 
 
+def gemv_bandwidth(d, f, dtype, reps=20):
+    """Weight bytes / time of a batch-1 projection, the decode step's building block."""
+    w = jax.random.normal(jax.random.key(2), (d, f), dtype)
+    x = jax.random.normal(jax.random.key(3), (1, 1, d), dtype)
+    g = jax.jit(lambda x, w: jnp.einsum("bsd,df->bsf", x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+    jax.block_until_ready(g(x, w))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(g(x, w))
+        ts.append(time.perf_counter() - t)
+    return w.size * w.dtype.itemsize / float(np.median(ts))
+
+
 def tree_bytes(tree):
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
@@ -71,7 +85,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=4096, help="tokens in the cache before decoding")
     p.add_argument("--batch", default="1", help="comma list of batch sizes")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--variants", default="scan", help="comma list of scan, unrolled")
+    p.add_argument("--variants", default="auto", help="comma list of engine layer modes: auto, scan, unrolled, per_layer")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--dtype", default=None)
     p.add_argument("--quick", action="store_true")
@@ -86,7 +100,10 @@ def main(argv=None):
     print(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     bw = copy_bandwidth(256 << 20 if args.quick else 2 << 30)
     mm = matmul_rate(1024 if args.quick else 8192)
-    print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
+    gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype)
+    print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s; "
+          f"one [1,{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] GEMV reads weights at "
+          f"{gv / 1e9:.0f} GB/s", flush=True)
 
     t = time.perf_counter()
     model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
@@ -96,7 +113,7 @@ def main(argv=None):
           flush=True)
     rows = []
     for variant in args.variants.split(","):
-        engine = Engine(model, lora, scan_layers=(variant == "scan"))
+        engine = Engine(model, lora, layer_mode=variant)
         for B in [int(b) for b in args.batch.split(",")]:
             ctx = args.context
             max_len = ctx + args.new_tokens + 1
@@ -132,7 +149,7 @@ def main(argv=None):
             tokens = B * ctx
             flops = 2 * (weight_bytes / dtype.itemsize) * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
             prefill_floor = flops / mm
-            row = dict(variant=variant, batch=B, context=ctx, step_ms=1e3 * step_s,
+            row = dict(variant=engine.layer_mode, batch=B, context=ctx, step_ms=1e3 * step_s,
                        decode_floor_ms=1e3 * decode_floor, decode_vs_floor=step_s / decode_floor,
                        prefill_s=prefill_s, prefill_floor_s=prefill_floor, prefill_vs_floor=prefill_s / prefill_floor,
                        prefill_tflops=flops / prefill_s / 1e12)
