@@ -47,8 +47,53 @@ LOG2E = math.log2(math.e)
 # never produce inf - inf = NaN.
 NEG = -0.7 * float(np.finfo(np.float32).max)
 
-DEFAULTS_PREFILL = dict(block_q=128, block_k=64, num_warps=None, num_stages=None)
-DEFAULTS_DECODE = dict(block_k=128, num_splits=None, num_warps=4, num_stages=2)
+# Max dynamic shared memory per block by compute capability (bytes); defaults
+# keep the pipelined tiles within ~70% of it. Unknown / no GPU: assume H100.
+_SMEM_BY_CC = {"7.5": 64 * 1024, "8.0": 163 * 1024, "8.6": 99 * 1024, "8.7": 163 * 1024,
+               "8.9": 99 * 1024, "9.0": 227 * 1024}
+
+
+def smem_budget() -> int:
+  cc = None
+  try:
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+      cc = str(getattr(dev, "compute_capability", None))
+  except Exception:  # pragma: no cover
+    pass
+  return int(0.7 * _SMEM_BY_CC.get(cc, 227 * 1024))
+
+
+def _tiles_smem(rows, block_k, stages, dp, rp, itemsize, lr_itemsize):
+  return rows * dp * itemsize + stages * block_k * (2 * dp * itemsize + rp * lr_itemsize)
+
+
+def prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len):
+  """block_q / block_k / num_warps / num_stages for the prefill kernel."""
+  bq = min(128 if dp <= 128 else 64, max(16, next_pow2(tq)))
+  bk = min(64, max(16, next_pow2(s_len)))
+  stages = 3 if dp <= 128 else 2
+  budget = smem_budget()
+  while _tiles_smem(bq, bk, stages, dp, rp, itemsize, lr_itemsize) > budget:
+    if stages > 2:
+      stages -= 1
+    elif bk > 16:
+      bk //= 2
+    elif bq > 16:
+      bq //= 2
+    else:
+      break
+  warps = 8 if dp >= 128 and bq >= 128 else 4
+  return dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+
+
+def decode_defaults(mp, dp, rp, itemsize, lr_itemsize, s_len):
+  bk = min(128, max(16, next_pow2(s_len)))
+  stages = 2
+  budget = smem_budget()
+  while bk > 16 and _tiles_smem(mp, bk, stages, dp, rp, itemsize, lr_itemsize) > budget:
+    bk //= 2
+  return dict(block_k=bk, num_warps=4, num_stages=stages)
 
 
 def _compiler_params(num_warps, num_stages):
@@ -185,9 +230,12 @@ def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
 
 
 def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
-            block_q=128, block_k=64, num_warps=None, num_stages=None,
+            block_q=None, block_k=None, num_warps=None, num_stages=None,
             interpret=False):
-  """Flash-LoRA prefill. Canonical shapes (see _args.Canon); returns [B,Tq,Hq,D]."""
+  """Flash-LoRA prefill. Canonical shapes (see _args.Canon); returns [B,Tq,Hq,D].
+
+  Block sizes left as None get shared-memory-aware defaults (prefill_defaults).
+  """
   b, tq, hq, d = q.shape
   num_layers, _, s_len, hkv, _ = k.shape
   group = hq // hkv
@@ -195,12 +243,12 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   dp = next_pow2(d)
   r = lr.shape[-1] if has_lora else 0
   rp = max(16, next_pow2(r)) if has_lora else 16
-  block_q = min(block_q, max(16, next_pow2(tq)))
-  block_k = min(block_k, max(16, next_pow2(s_len)))
-  if num_warps is None:
-    num_warps = 8 if dp >= 128 and block_q >= 128 else 4
-  if num_stages is None:
-    num_stages = 3 if dp <= 128 and q.dtype != jnp.float32 else 2
+  dflt = prefill_defaults(dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
+                          jnp.dtype(lr.dtype).itemsize if has_lora else 0, tq, s_len)
+  block_q = min(block_q or dflt["block_q"], max(16, next_pow2(tq)))
+  block_k = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
+  num_warps = num_warps or dflt["num_warps"]
+  num_stages = num_stages or dflt["num_stages"]
   nq = pl.cdiv(tq, block_q)
   kernel = functools.partial(
       _prefill_kernel, has_lora=has_lora, causal=causal,
@@ -365,42 +413,99 @@ def _decode_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
   lse_ref[...] = lse
 
 
+def _pow2_floor(x):
+  return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def merge_tiling(num_splits, m_rows, dp, rp):
+  """(m4, sc, dc): rows, splits per chunk and head-dim columns of one merge
+  program's [sc, m4, dc] tile, kept at <= 8192 elements (registers)."""
+  m4 = next_pow2(m_rows)
+  nsp = next_pow2(num_splits)
+  dc = min(dp, _pow2_floor(8192 // (m4 * max(rp, min(nsp, 64)))))
+  sc = min(nsp, _pow2_floor(8192 // (m4 * dc)))
+  return m4, sc, dc
+
+
 def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
-                  tq, d, r, group, mp):
+                  tq, d, r, group, m4, sc, dc):
+  """Merges the splits of one (batch row, KV head, head-dim chunk).
+
+  All splits are loaded at once as a [sc, m4, dc] tile (a sequential loop over
+  splits would pay one memory latency per split); log-sum-exp weights merge
+  the D-wide and the rank-wide partials alike, then B is applied once.
+  """
   if has_lora:
     rpart_ref, b_ref, scale_ref, o_ref = refs
   else:
     rpart_ref = b_ref = scale_ref = None
     (o_ref,) = refs
-  bi = pl.program_id(0)
-  h = pl.program_id(1)
-  dp = opart_ref.shape[-1]
-  rp = rpart_ref.shape[-1] if has_lora else 16
-  dmask, rmask = _masks(d, dp, r if has_lora else rp, rp)
-  rows, t_row, g_row = _row_ids(mp, group)
-  row_ok = rows < tq * group
+  bi, h, ci = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  m_rows = tq * group
+  rp = max(16, next_pow2(r)) if has_lora else 16
+  m_ar = jnp.arange(m4, dtype=jnp.int32)
+  d_ar = ci * dc + jnp.arange(dc, dtype=jnp.int32)
+  r_ar = jnp.arange(rp, dtype=jnp.int32)
+  row_ok = m_ar < m_rows
+  n_chunks = pl.cdiv(num_splits, sc)
 
-  def body(s, carry):
-    num_o, num_r, m, den = carry
-    lse = lse_ref[s, :]
-    m_new = jnp.maximum(m, lse)
+  def body(c, carry):
+    acc, racc, mx, den = carry
+    s_ar = c * sc + jnp.arange(sc, dtype=jnp.int32)
+    s_ok = s_ar < num_splits
+    s2 = jnp.broadcast_to(s_ar[:, None], (sc, m4))
+    m2 = jnp.broadcast_to(m_ar[None, :], (sc, m4))
+    ok2 = s_ok[:, None] & row_ok[None, :]
+    lse = plgpu.load(lse_ref.at[s2, m2], mask=ok2, other=-jnp.inf)     # [sc, m4]
+    m_new = jnp.maximum(mx, jnp.max(lse, axis=0))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    a = jnp.exp2(m - m_safe)
-    w = jnp.exp2(lse - m_safe)
-    o_s = _load(opart_ref.at[s, :, :], _and(row_ok[:, None], dmask))
-    num_o = num_o * a[:, None] + w[:, None] * o_s
+    a = jnp.exp2(mx - m_safe)
+    w = jnp.exp2(lse - m_safe[None, :])                                  # empty split -> 0
+    shp = (sc, m4, dc)
+    s3 = jnp.broadcast_to(s_ar[:, None, None], shp)
+    m3 = jnp.broadcast_to(m_ar[None, :, None], shp)
+    d3 = jnp.broadcast_to(d_ar[None, None, :], shp)
+    o = plgpu.load(opart_ref.at[s3, m3, d3], mask=ok2[:, :, None] & (d3 < d), other=0.0)
+    acc = acc * a[:, None] + jnp.sum(w[:, :, None] * o, axis=0)
     if has_lora:
-      r_s = _load(rpart_ref.at[s, :, :], _and(row_ok[:, None], rmask))
-      num_r = num_r * a[:, None] + w[:, None] * r_s
-    return num_o, num_r, m_new, den * a + w
+      shp = (sc, m4, rp)
+      rr = plgpu.load(
+          rpart_ref.at[jnp.broadcast_to(s_ar[:, None, None], shp),
+                       jnp.broadcast_to(m_ar[None, :, None], shp),
+                       jnp.broadcast_to(r_ar[None, None, :], shp)],
+          mask=ok2[:, :, None] & (r_ar < r)[None, None, :], other=0.0)
+      racc = racc * a[:, None] + jnp.sum(w[:, :, None] * rr, axis=0)
+    return acc, racc, m_new, den * a + jnp.sum(w, axis=0)
 
-  init = (jnp.zeros((mp, dp), jnp.float32),
-          jnp.zeros((mp, rp), jnp.float32) if has_lora else None,
-          jnp.full((mp,), -jnp.inf, jnp.float32), jnp.zeros((mp,), jnp.float32))
-  num_o, num_r, _, den = lax.fori_loop(0, num_splits, body, init)
-  _finish_rows(num_o, num_r, den, bi=bi, h=h, o_ref=o_ref, b_ref=b_ref,
-               scale_ref=scale_ref, t_row=t_row, g_row=g_row, row_ok=row_ok,
-               group=group, per_q_head_b=per_q_head_b, r=r, rp=rp, dmask=dmask)
+  init = (jnp.zeros((m4, dc), jnp.float32),
+          jnp.zeros((m4, rp), jnp.float32) if has_lora else None,
+          jnp.full((m4,), -jnp.inf, jnp.float32), jnp.zeros((m4,), jnp.float32))
+  if n_chunks == 1:
+    acc, racc, _, den = body(0, init)
+  else:
+    acc, racc, _, den = lax.fori_loop(0, n_chunks, body, init)
+  inv = jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)
+  o = acc * inv[:, None]
+  t_row = lax.div(m_ar, group)
+  g_row = lax.rem(m_ar, group)
+  hq_row = h * group + g_row
+  if has_lora:
+    rr = racc * inv[:, None]                                             # [m4, rp]
+    hb_row = hq_row if per_q_head_b else jnp.full((m4,), h, jnp.int32)
+    shp = (m4, rp, dc)
+    bt = plgpu.load(
+        b_ref.at[jnp.broadcast_to(hb_row[:, None, None], shp),
+                 jnp.broadcast_to(r_ar[None, :, None], shp),
+                 jnp.broadcast_to(d_ar[None, None, :], shp)],
+        mask=(r_ar < r)[None, :, None] & (d_ar < d)[None, None, :], other=0.0)
+    lo = jnp.sum(rr[:, :, None] * bt.astype(jnp.float32), axis=1)      # rr @ B[head(row)]
+    sc_row = plgpu.load(scale_ref.at[jnp.full((m4,), bi, jnp.int32), hq_row])
+    o = o + sc_row[:, None] * lo
+  shp = (m4, dc)
+  plgpu.store(o_ref.at[jnp.broadcast_to(t_row[:, None], shp),
+                       jnp.broadcast_to(hq_row[:, None], shp),
+                       jnp.broadcast_to(d_ar[None, :], shp)],
+              o.astype(o_ref.dtype), mask=row_ok[:, None] & (d_ar < d)[None, :])
 
 
 def num_sms() -> int:
@@ -423,9 +528,13 @@ def default_num_splits(batch, heads_kv, kv_len, block_k, sms=None):
 
 
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
-           block_k=128, num_splits=None, num_warps=4, num_stages=2,
+           block_k=None, num_splits=None, num_warps=None, num_stages=None,
            interpret=False):
-  """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D]."""
+  """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D].
+
+  Block sizes left as None get shared-memory-aware defaults (decode_defaults);
+  num_splits None -> default_num_splits (about two waves of programs).
+  """
   b, tq, hq, d = q.shape
   num_layers, _, s_len, hkv, _ = k.shape
   group = hq // hkv
@@ -435,7 +544,11 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   r = lr.shape[-1] if has_lora else 0
   rp = max(16, next_pow2(r)) if has_lora else 16
   mp = max(16, next_pow2(tq * group))
-  block_k = min(block_k, max(16, next_pow2(s_len)))
+  dflt = decode_defaults(mp, dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
+                         jnp.dtype(lr.dtype).itemsize if has_lora else 0, s_len)
+  block_k = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
+  num_warps = num_warps or dflt["num_warps"]
+  num_stages = num_stages or dflt["num_stages"]
   ns = default_num_splits(b, hkv, s_len, block_k) if num_splits is None else int(num_splits)
   if ns < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
@@ -454,9 +567,7 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     in_specs.append(pl.BlockSpec((num_layers, None, s_len, rp), lambda s, bi, h: (0, bi, 0, 0)))
     args.append(lr)
     hb = lora_b.shape[1]
-    # Index maps take the grid indices: (split, batch, head) for the decode
-    # kernel, (batch, head) for the merge kernel; the batch index is 2nd-last.
-    lora_specs = [pl.BlockSpec((None, hb, rp, dp), lambda *g: (g[-2], 0, 0, 0)),
+    lora_specs = [pl.BlockSpec((None, hb, rp, dp), lambda s, bi, h: (bi, 0, 0, 0)),
                   pl.BlockSpec((b, hq), lambda *_: (0, 0))]
     lora_args = [lora_b, scale]
   out_final = jax.ShapeDtypeStruct(q.shape, q.dtype)
@@ -490,16 +601,21 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     opart, rpart, lse = parts
   else:
     (opart, lse), rpart = parts, None
-  merge = functools.partial(_merge_kernel, **statics)
-  m_specs = [pl.BlockSpec((None, None, ns, mp), lambda bi, h: (bi, h, 0, 0)),
-             pl.BlockSpec((None, None, ns, mp, dp), lambda bi, h: (bi, h, 0, 0, 0))]
+  m4, sc, dc = merge_tiling(ns, m_rows, dp, rp)
+  merge = functools.partial(_merge_kernel, has_lora=has_lora, per_q_head_b=per_q_head_b,
+                            num_splits=ns, tq=tq, d=d, r=r, group=group, m4=m4, sc=sc, dc=dc)
+  # Full-array blocks per (batch row, KV head); the kernel gathers its tile.
+  m_specs = [pl.BlockSpec((None, None, ns, mp), lambda bi, h, c: (bi, h, 0, 0)),
+             pl.BlockSpec((None, None, ns, m_rows, d), lambda bi, h, c: (bi, h, 0, 0, 0))]
   m_args = [lse, opart]
   if has_lora:
-    m_specs.append(pl.BlockSpec((None, None, ns, mp, rp), lambda bi, h: (bi, h, 0, 0, 0)))
-    m_args.append(rpart)
+    m_specs += [pl.BlockSpec((None, None, ns, m_rows, r), lambda bi, h, c: (bi, h, 0, 0, 0)),
+                pl.BlockSpec((None,) + lora_b.shape[1:], lambda bi, h, c: (bi, 0, 0, 0)),
+                pl.BlockSpec((b, hq), lambda *_: (0, 0))]
+    m_args += [rpart, lora_b, scale]
   return pl.pallas_call(
-      merge, grid=(b, hkv), in_specs=m_specs + lora_specs,
-      out_specs=pl.BlockSpec((None, tq, hq, dp), lambda bi, h: (bi, 0, 0, 0)),
+      merge, grid=(b, hkv, dp // dc), in_specs=m_specs,
+      out_specs=pl.BlockSpec((None, tq, hq, d), lambda bi, h, c: (bi, 0, 0, 0)),
       out_shape=out_final, compiler_params=_compiler_params(4, 1),
       interpret=interpret, name="flash_lora_decode_merge",
-  )(*m_args, *lora_args)
+  )(*m_args)

@@ -54,11 +54,17 @@ def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
     return 2 * n**3 / float(np.median(ts))
 
 
-def gemv_bandwidth(d, f, dtype, reps=20):
-    """Weight bytes / time of a batch-1 projection, the decode step's building block."""
-    w = jax.random.normal(jax.random.key(2), (d, f), dtype)
+def gemv_bandwidth(d, f, dtype, reps=20, n=8):
+    """Weight bytes / time of batch-1 projections, the decode step's building block
+    (n different [d, f] matrices per call, so launch overhead and L2 do not flatter it)."""
+    w = jax.random.normal(jax.random.key(2), (n, d, f), dtype)
     x = jax.random.normal(jax.random.key(3), (1, 1, d), dtype)
-    g = jax.jit(lambda x, w: jnp.einsum("bsd,df->bsf", x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+
+    @jax.jit
+    def g(x, w):
+        ys = [jnp.einsum("bsd,df->bsf", x, w[i], preferred_element_type=jnp.float32) for i in range(n)]
+        return sum(y[..., :8] for y in ys)
+
     jax.block_until_ready(g(x, w))
     ts = []
     for _ in range(reps):
