@@ -57,8 +57,9 @@ def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
 def gemv_bandwidth(d, f, dtype, reps=20, n=8):
     """Weight bytes / time of batch-1 projections, the decode step's building block
     (n different [d, f] matrices per call, so launch overhead and L2 do not flatter it)."""
-    w = jax.random.normal(jax.random.key(2), (n, d, f), dtype)
-    x = jax.random.normal(jax.random.key(3), (1, 1, d), dtype)
+    # separate arrays, not slices of one: a slice might be copied and flatter nothing
+    w = [jax.random.normal(jax.random.key(2 + i), (d, f), dtype) for i in range(n)]
+    x = jax.random.normal(jax.random.key(1), (1, 1, d), dtype)
 
     @jax.jit
     def g(x, w):
@@ -71,7 +72,7 @@ def gemv_bandwidth(d, f, dtype, reps=20, n=8):
         t = time.perf_counter()
         jax.block_until_ready(g(x, w))
         ts.append(time.perf_counter() - t)
-    return w.size * w.dtype.itemsize / float(np.median(ts))
+    return n * d * f * jnp.dtype(dtype).itemsize / float(np.median(ts))
 
 
 def tree_bytes(tree):
