@@ -200,6 +200,15 @@ def test_kernel_matches_float64(case, backend):
     assert np.all(out[row] == 0.0), "rows that see no key must be exactly zero"
 
 
+def test_triton_decode_many_splits_chunked_merge():
+  """More splits than one merge tile holds (chunked merge), most of them empty,
+  128 stacked (q row, head) rows, per-query-head B."""
+  c = Case(tq=16, d=128, r=8, hq=16, hkv=2, per_q_head_b=True,
+           kw=(("num_splits", 100), ("block_k", 16)))
+  out, x = run(c, "triton")
+  check(c, out, x)
+
+
 def test_interpret_mode_poisons_outputs():
   """The poison premise of these tests: interpret mode starts outputs as NaN."""
   def kernel(x_ref, o_ref):
