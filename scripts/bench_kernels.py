@@ -93,9 +93,13 @@ class Timer:
       calls = max(n_rot, min(self.max_calls, (want // n_rot + (want % n_rot > 0)) * n_rot))
     firsts = [jnp.copy(rotations[i % n_rot][0]) for i in range(calls)]
     rests = [r[1:] for r in rotations]
+    # Inner jit: JAX lowers fn ONCE as a shared private function (with JAX >
+    # 0.10.2 every lowered pallas_call compiles its Triton kernel; 64 inlined
+    # copies would compile it 64 times).
+    one = jax.jit(fn)
 
     def many(firsts, rests):
-      return tuple(fn(firsts[i], *rests[i % n_rot]) for i in range(calls))
+      return tuple(one(firsts[i], *rests[i % n_rot]) for i in range(calls))
 
     f = jax.jit(many)
     jax.block_until_ready(f(firsts, rests))          # compile + warm-up
