@@ -169,7 +169,7 @@ class DroidSpeakKV:
     def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
         slot_of_layer = np.full((self.shared.k.shape[0],), -1, np.int32)
         slot_of_layer[list(self.critical)] = np.arange(len(self.critical), dtype=np.int32)
-        slot = jnp.asarray(slot_of_layer)[layer]
+        slot = int(slot_of_layer[layer]) if isinstance(layer, int) else jnp.asarray(slot_of_layer)[layer]
         shared = self.shared.replace(write=self.write_shared)
 
         def critical_layer(operands):
@@ -184,7 +184,10 @@ class DroidSpeakKV:
             out, shared = shared.update_and_attend(layer, q, k, values, step)
             return out, (shared, own_k, own_v)
 
-        out, (shared, own_k, own_v) = jax.lax.cond(
-            slot >= 0, critical_layer, shared_layer, (shared, self.own_k, self.own_v)
-        )
+        operands = (shared, self.own_k, self.own_v)
+        if isinstance(layer, int):  # unrolled layers: the branch is known when tracing
+            branch = critical_layer if slot_of_layer[layer] >= 0 else shared_layer
+            out, (shared, own_k, own_v) = branch(operands)
+        else:
+            out, (shared, own_k, own_v) = jax.lax.cond(slot >= 0, critical_layer, shared_layer, operands)
         return out, self.replace(shared=shared.replace(write=True), own_k=own_k, own_v=own_v)

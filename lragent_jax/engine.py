@@ -257,7 +257,7 @@ class Engine:
         """Continue from `first_token` (at position `start`, not yet cached) to at most
         max_new_tokens tokens in all. Returns (tokens [B, n] with -1 padding, counts [B], cache).
         """
-        buffer = _pow2(max_new_tokens)
+        buffer = _pow2(max_new_tokens, minimum=32)  # one program for every turn of <= 32 tokens
         stops = np.full((_pow2(len(stop_ids), 1),), -2, np.int32)
         stops[: len(stop_ids)] = list(stop_ids)
         tokens, counts, cache = self._decode(

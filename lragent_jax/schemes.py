@@ -78,6 +78,11 @@ class Scheme:
     def nbytes(self) -> int:
         raise NotImplementedError
 
+    @property
+    def capacity(self) -> int:
+        """Slots (tokens) per row every cache array of this scheme holds."""
+        return capacity(self.max_len)
+
     def prepare(self, agent: str, traj, want_logits=True):
         """Catch up and prefill for `agent`; returns (logits, catch-up tokens, new tokens).
 

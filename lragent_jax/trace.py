@@ -190,7 +190,8 @@ _WARM: set = set()
 
 def run_trace(engine, scheme: str, lctx: int, *, batch: int = 1, seed: int = 0, attention: str = "auto",
               naive_expansion: bool = False, critical_layers=None, model_name: str | None = None,
-              progress: bool = True, warmup: bool = True, scale: float = 1.0, label: str | None = None) -> dict:
+              progress: bool = True, warmup: bool = True, scale: float = 1.0, label: str | None = None,
+              max_len: int | None = None) -> dict:
     """Time one iteration of the trace for one scheme; returns a JSON-ready result dict.
 
     Args:
@@ -206,6 +207,8 @@ def run_trace(engine, scheme: str, lctx: int, *, batch: int = 1, seed: int = 0, 
         run compiles nothing; skipped when this engine already ran the same configuration.
       scale: shrink the fixed step sizes (tests only; 1 = the paper's trace).
       label: the row name in reports (default: scheme, "+naive" with naive_expansion).
+      max_len: cache capacity (default: the trace's length). A sweep that gives every Lctx the
+        same capacity compiles its programs once (shapes depend on capacity, not on Lctx).
 
     Result keys: scheme, label, lctx, batch, max_len, tokens_per_row, total_tokens, steps (per
     step: agent, prefill, gen, catch_up_tokens, new_tokens, prefill_s, ttft_s, decode_s),
@@ -234,10 +237,15 @@ def run_trace(engine, scheme: str, lctx: int, *, batch: int = 1, seed: int = 0, 
         raise ValueError(f"batch must be >= 1, got {batch}")
     per_row = trace_total_tokens(lctx, scale=scale)
     label = label or (scheme + ("+naive" if naive_expansion else ""))
-    kw = dict(batch=batch, max_len=per_row, attention=attention, naive_expansion=naive_expansion,
+    if max_len is not None and max_len < per_row:
+        raise ValueError(f"max_len={max_len} is shorter than the trace ({per_row} tokens at Lctx={lctx})")
+    capacity = int(max_len or per_row)
+    kw = dict(batch=batch, max_len=capacity, attention=attention, naive_expansion=naive_expansion,
               critical_layers=critical_layers, model_name=model_name, stop_ids=())
 
-    key = (id(engine), scheme, int(lctx), float(scale), batch, attention, naive_expansion,
+    # Same programs <=> same capacity and options, whatever Lctx is.
+    key = (id(engine), scheme, ("cap", capacity) if max_len else int(lctx), float(scale), batch, attention,
+           naive_expansion,
            tuple(critical_layers) if critical_layers is not None else None, model_name)
     warmup_s = 0.0
     mem0 = _device_memory()  # before the warm-up, whose peak equals the timed run's (same shapes)
@@ -265,6 +273,7 @@ def run_trace(engine, scheme: str, lctx: int, *, batch: int = 1, seed: int = 0, 
         raise RuntimeError(f"trajectory lengths {sorted(set(lengths))} != expected {per_row} tokens per row")
     total = per_row * batch
     cache_bytes = int(session.cache_bytes)
+    alloc = session.scheme.capacity  # every cache array has one slot per token of capacity
     stats = session.stats()
     del session
     gc.collect()
@@ -277,7 +286,7 @@ def run_trace(engine, scheme: str, lctx: int, *, batch: int = 1, seed: int = 0, 
         "lctx": int(lctx),
         "scale": float(scale),
         "batch": int(batch),
-        "max_len": per_row,
+        "max_len": capacity,
         "tokens_per_row": per_row,
         "total_tokens": total,
         "steps": rows,
@@ -290,6 +299,7 @@ def run_trace(engine, scheme: str, lctx: int, *, batch: int = 1, seed: int = 0, 
         "new_tokens": int(stats["new_tokens"]),
         "generated_tokens": int(stats["generated_tokens"]),
         "cache_bytes": cache_bytes,
+        "cache_bytes_trajectory": cache_bytes * per_row // alloc,  # the arrays cut to the trajectory
         "peak_bytes": int(mem1["peak_bytes_in_use"]) if mem1 and "peak_bytes_in_use" in mem1 else None,
         "peak_bytes_before": int(mem0["peak_bytes_in_use"]) if mem0 and "peak_bytes_in_use" in mem0 else None,
         "live_bytes_max": live_max,

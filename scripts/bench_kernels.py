@@ -282,7 +282,7 @@ def decode_methods(cfg, interpret):
 def tune_decode(args, timer, interpret):
   b, kv = 1, (32768 if not args.quick else 512)
   cands = [dict(block_k=bk, num_warps=w, num_stages=st, waves=wv)
-           for (bk, w, st) in [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2)]
+           for (bk, w, st) in [(64, 4, 3), (128, 4, 2), (128, 4, 3), (256, 8, 2)]
            for wv in (2, 4)]
   if args.quick:
     cands = cands[:2]
@@ -385,7 +385,7 @@ def tune_prefill(args, timer, interpret):
   n = 8192 if not args.quick else 128
   cands = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
            for (bq, bk, w, st) in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                                   (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]]
+                                   (128, 128, 8, 3), (64, 64, 4, 3)]]
   if args.quick:
     cands = cands[:2]
   print(f"\n== tuning prefill at q = kv = {fmt_len(n)} ==")
@@ -542,7 +542,7 @@ def main(argv=None):
   if interpret and not args.quick:
     print("no GPU: running in Pallas interpret mode; use --quick (full shapes would take hours)")
   tune = on_gpu if args.tune is None else args.tune
-  timer = Timer(args.reps or (3 if args.quick else 15), max_calls=2 if args.quick else 64)
+  timer = Timer(args.reps or (3 if args.quick else 10), max_calls=2 if args.quick else 64)
   if args.quick:
     global MAX_ROT
     MAX_ROT = 2

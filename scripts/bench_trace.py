@@ -116,7 +116,7 @@ def print_table(rows, *, peak_note=""):
         if r.get("peak_bytes") is not None and r.get("peak_is_own") is False:
             peak = "<=" + peak
         log(f"{r['label']:<22} {r['lctx']:>6} {r['tokens_per_row']:>7} {r['throughput_tok_s']:>11.1f} "
-            f"{r['ttft_s']:>8.3f} {r['end_to_end_s']:>8.3f} {mib(r['cache_bytes']):>10.2f} {peak:>10} "
+            f"{r['ttft_s']:>8.3f} {r['end_to_end_s']:>8.3f} {mib(r.get('cache_bytes_trajectory', r['cache_bytes'])):>10.2f} {peak:>10} "
             f"{r['catch_up_tokens']:>9}")
     if peak_note:
         log(peak_note)
@@ -220,6 +220,9 @@ def parse_args(argv):
                                                           "reported")
     p.add_argument("--critical-layers", default=None, help="droidspeak layers (default: paper's set per shape)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="one cache capacity for every point (>= the longest trace): programs then compile "
+                        "once for the whole sweep; cache MiB is also reported cut to each trajectory")
     p.add_argument("--scale", type=float, default=1.0,
                    help="shrink the fixed 512/32/8-token steps (smoke tests; 1 = the paper's trace)")
     p.add_argument("--quick", action="store_true",
@@ -333,7 +336,8 @@ def run_point(engine, scheme, naive, lctx, args, scale, critical, model_name):
     for _ in range(args.repeats):
         reps.append(run_trace(engine, scheme, lctx, batch=args.batch, seed=args.seed, attention=args.attention,
                               naive_expansion=naive, critical_layers=critical, model_name=model_name,
-                              progress=not args.no_progress, warmup=not args.no_warmup, scale=scale))
+                              progress=not args.no_progress, warmup=not args.no_warmup, scale=scale,
+                              max_len=args.max_len))
         gc.collect()
     e2e = [r["end_to_end_s"] for r in reps]
     med = sorted(reps, key=lambda r: r["end_to_end_s"])[(len(reps) - 1) // 2]
