@@ -21,7 +21,6 @@ import math
 import numbers
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -212,6 +211,3 @@ def next_pow2(x: int) -> int:
 def round_up(x: int, m: int) -> int:
   return -(-int(x) // m) * m
 
-
-def is_tracer(x) -> bool:
-  return isinstance(x, jax.core.Tracer)

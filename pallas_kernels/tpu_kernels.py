@@ -45,9 +45,6 @@ NT_DIMS = (((1,), (1,)), ((), ()))
 NN_DIMS = (((1,), (0,)), ((), ()))
 VMEM_BUDGET = 12 * 2**20   # stay under the 16 MiB default scoped VMEM limit
 
-DEFAULTS_PREFILL = dict(block_q=128, block_k=512)
-DEFAULTS_DECODE = dict(block_k=512, num_splits=None)
-
 
 def _compute_dtype(dtype):
   # float16 matmuls are not native on every TPU generation: compute in f32.
@@ -257,6 +254,7 @@ def _vmem_bytes(rows, hq_rows, dp, r, bk, hkv, itemsize, out_rows):
 
 def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
             block_q=128, block_k=512, interpret=False):
+  """Flash-LoRA prefill on TPU. Canonical shapes (see _args.Canon); [B,Tq,Hq,D]."""
   b, tq, hq, d = q.shape
   hkv0 = k.shape[3]
   group = hq // hkv0
@@ -376,6 +374,7 @@ def default_num_splits(batch, heads_kv, kv_len, block_k):
 
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
            block_k=512, num_splits=None, interpret=False):
+  """Split-K Flash-LoRA decode on TPU; splits merged by merge_splits. [B,Tq,Hq,D]."""
   b, tq, hq, d = q.shape
   hkv0 = k.shape[3]
   group = hq // hkv0
