@@ -18,10 +18,11 @@ One run measures, on the same device:
     rate.
 
 Timing: every method runs inside ONE jitted executable that calls it many
-times over rotated copies of the inputs (distinct buffers, more than 4x the L2
-in total where memory allows) so neither L2 hits nor Python dispatch flatter
-small shapes; warm-up, then the median over repeats, divided by the number of
-calls.
+times (up to 64, >= 2 ms of work) over rotated copies of the inputs (distinct
+buffers, more than 4x the L2 in total where memory allows; every call has its
+own q buffer so XLA cannot merge calls) so neither L2 hits nor Python dispatch
+flatter or penalise small shapes; warm-up, then the median over samples of 3
+back-to-back executions, divided by the number of calls.
 
 --check first compares the Triton kernels with the float32 XLA reference at a
 few shapes and prints PASS/FAIL. --tune (default on a GPU) picks block sizes
@@ -54,6 +55,7 @@ from pallas_kernels import triton_kernels  # noqa: E402
 L2_BYTES = 50 * 2**20          # H100: 50 MiB
 ROTATE_TARGET = 4 * L2_BYTES   # rotated inputs span at least this much
 MIN_EXEC_SECONDS = 2e-3        # each timed executable runs at least this long
+PIPELINE = 3                   # executions dispatched back to back per timing sample
 
 
 # ----------------------------------------------------------------------------
@@ -104,11 +106,15 @@ class Timer:
     f = jax.jit(many)
     jax.block_until_ready(f(firsts, rests))          # compile + warm-up
     jax.block_until_ready(f(firsts, rests))
+    # Each sample dispatches PIPELINE executions back to back and blocks once,
+    # so host dispatch overlaps device work; median over samples.
     ts = []
     for _ in range(self.reps):
       t0 = time.perf_counter()
-      jax.block_until_ready(f(firsts, rests))
-      ts.append(time.perf_counter() - t0)
+      outs = [f(firsts, rests) for _ in range(PIPELINE)]
+      jax.block_until_ready(outs)
+      ts.append((time.perf_counter() - t0) / PIPELINE)
+      del outs
     del firsts
     return float(np.median(ts)) / calls, calls
 
