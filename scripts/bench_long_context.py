@@ -87,9 +87,9 @@ def main(argv=None):
     rows = []
     rng = np.random.default_rng(0)
     context = rng.integers(0, min(cfg.vocab_size, 32000), T).tolist()
-    for scheme in SCHEMES:
-        if scheme not in fit:
-            continue
+    # Schemes that run go first: a failed allocation can leave the allocator fragmented.
+    order = [x for x in SCHEMES if x in run] + [x for x in SCHEMES if x in fit and x not in run]
+    for scheme in order:
         pred = predicted_cache_bytes(cfg, scheme, args.agents, max_len, 8, dtype.itemsize, critical)
         row = dict(scheme=scheme, predicted_cache_GiB=pred / 2**30,
                    predicted_total_GiB=(pred + weight_bytes) / 2**30, status="?")
