@@ -163,6 +163,10 @@ class DroidSpeakKV:
         return min(self.critical)
 
     @property
+    def capacity(self) -> int:
+        return self.shared.capacity
+
+    @property
     def nbytes(self) -> int:
         return self.shared.nbytes + _nbytes(self.own_k, self.own_v, self.hidden)
 
@@ -191,3 +195,78 @@ class DroidSpeakKV:
         else:
             out, (shared, own_k, own_v) = jax.lax.cond(slot >= 0, critical_layer, shared_layer, operands)
         return out, self.replace(shared=shared.replace(write=True), own_k=own_k, own_v=own_v)
+
+
+@struct.dataclass
+class ConcurrentKV:
+    """N agents' branches forked from one shared cache (full_shared / base_lr_shared).
+
+    prefix: the shared DenseKV or LoRAKV, read only: branches never write it, so a dropped
+    branch leaves no trace. Each branch row (row b*N + i = agent i on trajectory b) writes its
+    own tokens, from the fork position on, into small suffix buffers: suf_k [L, B*N, S, Hkv, D],
+    suf_v (full V with a DenseKV prefix, V_base with a LoRAKV prefix) and suf_lr [L, B*N, S, r].
+    fork [B*N]: the prefix length (first suffix position) of each row. Attention reads the prefix
+    once for all N agents (attention.attend_concurrent) and merges each row's suffix part.
+    """
+
+    prefix: object
+    suf_k: jax.Array
+    suf_v: jax.Array
+    suf_lr: jax.Array | None
+    fork: jax.Array
+    n_agents: int = struct.field(pytree_node=False, default=1)
+
+    @classmethod
+    def create(cls, prefix, fork_per_row, n_agents: int, suffix_len: int):
+        L, B, _, H, D = prefix.k.shape
+        R, S = B * n_agents, capacity(suffix_len)
+        lr = isinstance(prefix, LoRAKV)
+        return cls(
+            prefix=prefix,
+            suf_k=jnp.zeros((L, R, S, H, D), prefix.k.dtype),
+            suf_v=jnp.zeros((L, R, S, H, D), prefix.k.dtype),
+            suf_lr=jnp.zeros((L, R, S, prefix.lr.shape[-1]), prefix.lr.dtype) if lr else None,
+            fork=jnp.asarray(fork_per_row, jnp.int32),
+            n_agents=n_agents,
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.prefix.capacity
+
+    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
+        lora = isinstance(self.prefix, LoRAKV)
+        if lora and values.lr is None:
+            raise ValueError("a base+LR value cache needs adapters with LoRA on v_proj")
+        S = self.suf_k.shape[2]
+        slot = jnp.where(step.write_positions < self.capacity, step.write_positions - self.fork[:, None], S)
+        new = self.replace(
+            suf_k=_write(self.suf_k, layer, slot, k),
+            suf_v=_write(self.suf_v, layer, slot, values.base if lora else values.full()),
+            suf_lr=_write(self.suf_lr, layer, slot, values.lr) if lora else None,
+        )
+        B = self.fork.shape[0] // self.n_agents
+        p = self.prefix
+        out = attention.attend_concurrent(
+            q, n_agents=self.n_agents, layer=layer,
+            prefix_k=p.k, prefix_v=p.v_base if lora else p.v, prefix_lr=p.lr if lora else None,
+            prefix_lengths=self.fork.reshape(B, self.n_agents)[:, 0],
+            suffix_k=new.suf_k, suffix_v=new.suf_v, suffix_lr=new.suf_lr,
+            suffix_lengths=step.kv_lengths - self.fork, suffix_q_offsets=step.q_offsets - self.fork,
+            lora_b=values.lora_b if lora else None, lora_scale=values.scale if lora else None,
+            impl=p.opts.impl,
+        )
+        return out, new
+
+
+def _copy_suffix_impl(dst, src, rows, fork, count):
+    """dst[:, b, fork[b] + s] = src[:, rows[b], s] for s < count[b] (the adopted branch)."""
+    sel = src[:, rows]  # [L, B, S, ...]
+    S = sel.shape[2]
+    s = jnp.arange(S)[None, :]
+    pos = jnp.where(s < count[:, None], fork[:, None] + s, dst.shape[2])
+    b = jnp.arange(sel.shape[1])[:, None]
+    return dst.at[:, b, pos].set(sel, mode="drop")
+
+
+copy_suffix = jax.jit(_copy_suffix_impl, donate_argnums=(0,))

@@ -167,7 +167,7 @@ class Engine:
 
     def _decode_impl(self, params, lora, cache, first_token, start, adapter_ids, sampling, key,
                      max_new_tokens, stop_ids, *, buffer):
-        """Generate tokens 2..max_new_tokens; the first came from prefill (not yet cached)."""
+        """Generate tokens 2..max_new_tokens[b]; the first came from prefill (not yet cached)."""
         self.trace_counts["decode"] += 1
         B = first_token.shape[0]
         is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
@@ -181,7 +181,7 @@ class Engine:
         )
 
         def cond(s: DecodeState):
-            return (s.step < max_new_tokens) & ~jnp.all(s.done)
+            return (s.step < jnp.max(max_new_tokens)) & ~jnp.all(s.done)
 
         def body(s: DecodeState):
             prev = s.tokens[:, s.step - 1]
@@ -253,24 +253,27 @@ class Engine:
         return self._sample(logits, sampling, key)
 
     def decode(self, cache, first_token, start, adapter_ids, sampling: SamplingParams, key, *,
-               max_new_tokens: int, stop_ids=()):
+               max_new_tokens, stop_ids=()):
         """Continue from `first_token` (at position `start`, not yet cached) to at most
-        max_new_tokens tokens in all. Returns (tokens [B, n] with -1 padding, counts [B], cache).
+        max_new_tokens tokens in all (an int, or one limit per row). Returns (tokens [B, n] with -1
+        padding, counts [B], cache).
         """
+        B = np.shape(first_token)[0]
+        limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,))
+        max_new_tokens = int(limits.max())
         buffer = _pow2(max_new_tokens, minimum=32)  # one program for every turn of <= 32 tokens
         stops = np.full((_pow2(len(stop_ids), 1),), -2, np.int32)
         stops[: len(stop_ids)] = list(stop_ids)
         tokens, counts, cache = self._decode(
             self.params, self.lora, cache, jnp.asarray(first_token, jnp.int32),
             jnp.asarray(start, jnp.int32), jnp.asarray(adapter_ids, jnp.int32), sampling, key,
-            jnp.int32(max_new_tokens), jnp.asarray(stops), buffer=buffer,
+            jnp.asarray(limits), jnp.asarray(stops), buffer=buffer,
         )
         return tokens[:, :max_new_tokens], counts, cache
 
 
 def _capacity(cache) -> int:
-    for name in ("k", "shared"):
-        if hasattr(cache, name):
-            obj = getattr(cache, name)
-            return obj.shape[2] if hasattr(obj, "shape") else _capacity(obj)
-    raise TypeError(f"not a cache view: {type(cache).__name__}")
+    """Slots per row of a cache view; a write to this slot (or beyond) is dropped."""
+    if not hasattr(cache, "capacity"):
+        raise TypeError(f"not a cache view: {type(cache).__name__}")
+    return cache.capacity

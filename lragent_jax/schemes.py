@@ -19,7 +19,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import AttnOptions, DenseKV, DroidSpeakKV, LoRAKV, capacity
+import copy
+
+from .cache import AttnOptions, ConcurrentKV, DenseKV, DroidSpeakKV, LoRAKV, capacity, copy_suffix
 from .engine import Engine
 
 SCHEMES = ("non_shared", "full_shared", "droidspeak", "base_shared", "base_lr_shared")
@@ -97,6 +99,50 @@ class Scheme:
     def _ids(self, agent):
         return np.full((self.batch,), self.engine.adapter_ids([agent])[0], np.int32)
 
+    # ---- concurrent branches -------------------------------------------------------------
+    # The generic path (every scheme): each agent in turn catches up and decodes from the same
+    # fork state; the bookkeeping is then restored, so a dropped branch leaves the trajectory
+    # and every cache's valid prefix as they were. Schemes whose caches are shared by all agents
+    # (full_shared, base_lr_shared) override branch() to decode all agents in one loop.
+
+    def _counters(self) -> dict:
+        """Every held-count attribute (which slots of which cache are valid)."""
+        return {k: copy.deepcopy(v) for k, v in vars(self).items() if k.startswith("held")}
+
+    def _restore(self, counters: dict) -> None:
+        for k, v in counters.items():
+            setattr(self, k, copy.deepcopy(v))
+
+    def _keep_after_branch(self, agent, snapshot: dict, after: dict, T: np.ndarray) -> dict:
+        """Counters valid after the agent's branch was dropped (default: the fork's)."""
+        return snapshot
+
+    def branch(self, agents, traj, first_fn, max_new, stop_ids, sampling_for, keys):
+        """Decode one branch per agent from the current state; returns ({agent: (tokens, counts)},
+        pending state for adopt). first_fn(logits, sampling, key) samples the first token."""
+        T = np.array([len(t) for t in traj])
+        snapshot = self._counters()
+        out = {}
+        for i, agent in enumerate(agents):
+            self._restore(snapshot)
+            logits, _, _ = self.prepare(agent, traj)
+            first = first_fn(logits, sampling_for(agent, self.batch), keys[i][0])
+            tokens, counts = self.decode(agent, first, T, sampling_for(agent, self.batch), keys[i][1], max_new[agent],
+                                         stop_ids)
+            out[agent] = (np.asarray(tokens), np.asarray(counts))
+            snapshot = self._keep_after_branch(agent, snapshot, self._counters(), T)
+        self._restore(snapshot)
+        return out, None
+
+    def adopt(self, agent, traj, tokens, pending) -> None:
+        """Make the caches as if `agent` had generated `tokens` (one list per row) at the fork:
+        it processes them (all but the last, as generate() leaves it) with its own adapters."""
+        for b, t in enumerate(tokens):
+            traj[b].extend(t[:-1])
+        self.prepare(agent, traj, want_logits=False)
+        for b, t in enumerate(tokens):
+            traj[b].extend(t[-1:])
+
 
 class _OneCacheScheme(Scheme):
     """A scheme whose state is one view per 'owner' with a held count per row."""
@@ -161,6 +207,12 @@ class NonShared(_OneCacheScheme):
     def _set_held(self, agent, held):
         self.held[agent] = np.asarray(held, np.int64)
 
+    def _keep_after_branch(self, agent, snapshot, after, T):
+        # The agent's own cache is valid up to the trajectory's last token (its catch-up is kept).
+        kept = copy.deepcopy(snapshot)
+        kept["held"][agent] = np.minimum(after["held"][agent], T - 1)
+        return kept
+
 
 class FullShared(_OneCacheScheme):
     name = "full_shared"
@@ -191,6 +243,44 @@ class FullShared(_OneCacheScheme):
 
     def _set_held(self, agent, held):
         self.held = np.asarray(held, np.int64)
+
+    # ---- concurrent branches: all agents in one jitted loop over the shared prefix --------------
+    def branch(self, agents, traj, first_fn, max_new, stop_ids, sampling_for, keys):
+        N, B = len(agents), self.batch
+        T = np.array([len(t) for t in traj])
+        fork = self.held.copy()
+        ids = np.tile(self.engine.adapter_ids(agents), B)  # row b*N + i = agent i, trajectory b
+        limits = np.tile([max_new[a] for a in agents], B)
+        view = ConcurrentKV.create(self.cache, np.repeat(fork, N), N, int((T - fork).max() + limits.max()))
+        rows = [list(traj[b][fork[b]:]) for b in range(B) for _ in agents]
+        sampling = _stack_sampling([sampling_for(a, 1) for a in agents], B)
+        logits, view = self.engine.prefill(view, rows, np.repeat(fork, N), ids)
+        first = first_fn(logits, sampling, keys[0][0])
+        tokens, counts, view = self.engine.decode(view, first, np.repeat(T, N), ids, sampling, keys[0][1],
+                                                  max_new_tokens=limits, stop_ids=stop_ids)
+        self.cache = view.prefix
+        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        out = {a: (tokens[i::N], counts[i::N]) for i, a in enumerate(agents)}
+        return out, dict(view=view, fork=fork, T=T, agents=tuple(agents))
+
+    def adopt(self, agent, traj, tokens, pending) -> None:
+        if pending is None:
+            return super().adopt(agent, traj, tokens, pending)
+        # Copy the agent's suffix (tail + its generated tokens but the last) into the shared cache.
+        view, fork, T = pending["view"], pending["fork"], pending["T"]
+        N = len(pending["agents"])
+        rows = np.arange(self.batch) * N + pending["agents"].index(agent)
+        count = (T - fork) + np.array([len(t) for t in tokens]) - 1
+        args = (jnp.asarray(rows), jnp.asarray(fork, jnp.int32), jnp.asarray(count, jnp.int32))
+        c = self.cache
+        if isinstance(c, LoRAKV):
+            self.cache = c.replace(k=copy_suffix(c.k, view.suf_k, *args), v_base=copy_suffix(c.v_base, view.suf_v, *args),
+                                   lr=copy_suffix(c.lr, view.suf_lr, *args))
+        else:
+            self.cache = c.replace(k=copy_suffix(c.k, view.suf_k, *args), v=copy_suffix(c.v, view.suf_v, *args))
+        self.held = fork + count
+        for b, t in enumerate(tokens):
+            traj[b].extend(t)
 
 
 class BaseLRShared(FullShared):
@@ -262,6 +352,12 @@ class BaseShared(Scheme):
         self.held_base = self.held_lr[agent] = np.asarray(start) + counts - 1
         return tokens, counts
 
+    def _keep_after_branch(self, agent, snapshot, after, T):
+        # LR catch-up over tokens whose K / V_base were shared before the fork stays valid.
+        kept = copy.deepcopy(snapshot)
+        kept["held_lr"][agent] = np.minimum(after["held_lr"][agent], snapshot["held_base"])
+        return kept
+
 
 class DroidSpeak(Scheme):
     """Shared K, V at all layers; own K, V at critical layers; hidden state at min(C)."""
@@ -323,6 +419,18 @@ class DroidSpeak(Scheme):
         counts = np.asarray(counts)
         self.held_shared = self.held_own[agent] = np.asarray(start) + counts - 1
         return tokens, counts
+
+    def _keep_after_branch(self, agent, snapshot, after, T):
+        kept = copy.deepcopy(snapshot)
+        kept["held_own"][agent] = np.minimum(after["held_own"][agent], snapshot["held_shared"])
+        return kept
+
+
+def _stack_sampling(per_agent, batch):
+    """Per-agent SamplingParams of one row each -> rows b*N + i."""
+    import jax
+
+    return jax.tree.map(lambda *xs: jnp.tile(jnp.concatenate(xs), batch), *per_agent)
 
 
 SCHEME_CLASSES = {c.name: c for c in (NonShared, FullShared, DroidSpeak, BaseShared, BaseLRShared)}

@@ -116,6 +116,7 @@ class Session:
                     f"context of {len(self.trajectory[b]) + len(r)} tokens exceeds max_len={self.max_len}")
         for b, r in enumerate(rows):
             self.trajectory[b].extend(r)
+        self._pending = None  # concurrent branches forked before this point are stale
 
     # ---- turns ---------------------------------------------------------------------------
     def _next_key(self, seed):
@@ -158,6 +159,76 @@ class Session:
         self.turns.append(TurnStats(agent=agent, catch_up_tokens=catch_up, new_tokens=new, prefill_s=t1 - t0,
                                     ttft_s=t2 - t0, decode_s=t3 - t2, generated_tokens=int(np.sum(counts))))
         return out
+
+    # ---- concurrent agents ---------------------------------------------------------------
+    def generate_concurrent(self, requests, *, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+                            top_p: float = 1.0, seed: int | None = None, stop_ids=None) -> dict:
+        """Fork the trajectory into one branch per agent at the current position and decode them all.
+
+        requests: {agent: max_new_tokens} or {agent: {"max_new_tokens": n, "greedy": ..., "temperature":
+        ..., "top_k": ..., "top_p": ...}} (options not given fall back to the keyword arguments).
+        Returns {agent: [tokens per row]}. The trajectory and the shared caches are unchanged: call
+        adopt(agent) to let one branch join the trajectory (as if that agent had generated it), or
+        append() tokens of any branch yourself. full_shared and base_lr_shared decode all branches
+        in one jitted loop reading the shared prefix once per step; the other schemes run the
+        branches one after another (each agent catches up first).
+        """
+        if not requests:
+            raise ValueError("generate_concurrent needs at least one agent")
+        defaults = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+        opts, max_new = {}, {}
+        for agent, req in requests.items():
+            if agent not in self.agents:
+                raise KeyError(f"unknown agent {agent!r}; agents: {list(self.agents)}")
+            req = {"max_new_tokens": req} if isinstance(req, int) else dict(req)
+            n = req.pop("max_new_tokens", 32)
+            bad = set(req) - set(defaults)
+            if bad:
+                raise ValueError(f"agent {agent!r}: unknown options {sorted(bad)}; allowed: max_new_tokens, "
+                                 f"{', '.join(defaults)}")
+            if n < 1:
+                raise ValueError(f"agent {agent!r}: max_new_tokens must be >= 1, got {n}")
+            opts[agent] = SamplingParams.make(1, **{**defaults, **req})
+            max_new[agent] = int(n)
+        T = np.array([len(t) for t in self.trajectory])
+        if T.min() == 0:
+            raise ValueError("the trajectory is empty: append() a prompt before generate_concurrent()")
+        if T.max() + max(max_new.values()) > self.max_len:
+            raise ValueError(f"trajectory of {T.max()} tokens + max_new_tokens={max(max_new.values())} exceeds "
+                             f"max_len={self.max_len}")
+        agents = list(requests)
+        stops = self.stop_ids if stop_ids is None else tuple(stop_ids)
+        key = self._next_key(seed)
+        keys = [tuple(jax.random.split(k)) for k in jax.random.split(key, len(agents))]
+
+        def sampling_for(agent, rows):
+            return jax.tree.map(lambda x: jnp.repeat(x, rows), opts[agent])
+
+        t0 = time.perf_counter()
+        out, pending = self.scheme.branch(agents, self.trajectory, self.engine.sample, max_new, stops,
+                                          sampling_for, keys)
+        elapsed = time.perf_counter() - t0
+        branches = {a: [tok[b, : cnt[b]].tolist() for b in range(self.batch)] for a, (tok, cnt) in out.items()}
+        self._pending = dict(T=T, branches=branches, scheme_state=pending, elapsed_s=elapsed)
+        return branches
+
+    def adopt(self, agent: str) -> list[list[int]]:
+        """The agent's branch from the last generate_concurrent() joins the trajectory."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            raise ValueError("no concurrent branches to adopt: call generate_concurrent() first")
+        if agent not in pending["branches"]:
+            raise KeyError(f"no branch for agent {agent!r}; branches: {list(pending['branches'])}")
+        if not np.array_equal(np.array([len(t) for t in self.trajectory]), pending["T"]):
+            raise ValueError("the trajectory changed since generate_concurrent(); its branches are stale")
+        tokens = pending["branches"][agent]
+        self._pending = None
+        self.scheme.adopt(agent, self.trajectory, tokens, pending["scheme_state"])
+        return tokens
+
+    def discard_branches(self) -> None:
+        """Drop the branches of the last generate_concurrent() (nothing in the caches to undo)."""
+        self._pending = None
 
     def score(self, agent: str, tokens) -> list[np.ndarray]:
         """Teacher forcing: the agent catches up, then processes `tokens` as if it had generated
