@@ -1,14 +1,21 @@
 """Flash-LoRA-Attention: Pallas kernels (Triton GPU, Mosaic TPU) and references.
 
     from pallas_kernels import flash_lora_attention, naive_lora_attention, reference_attention
+    from pallas_kernels import merge_partials    # combine (out, lse) of disjoint key ranges
 """
 from pallas_kernels.flash_lora_attention import BACKENDS, flash_lora_attention, resolve_backend
+from pallas_kernels.merge import (merge_attention, merge_partials, split_query_heads,
+                                  stack_query_heads)
 from pallas_kernels.reference import naive_lora_attention, reference_attention
 
 __all__ = [
     "BACKENDS",
     "flash_lora_attention",
+    "merge_attention",
+    "merge_partials",
     "naive_lora_attention",
     "reference_attention",
     "resolve_backend",
+    "split_query_heads",
+    "stack_query_heads",
 ]

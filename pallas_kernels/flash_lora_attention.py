@@ -13,12 +13,18 @@ jax.default_backend(): gpu -> triton, tpu -> mosaic_tpu, otherwise xla).
 Kernels: q_len <= ``decode_max_q_len`` (default 16) uses the split-K decode
 kernel (on Triton also only while q_len * heads_q / heads_kv <= 128 rows),
 longer q_len the prefill kernel; ``kernel="prefill" | "decode"`` forces one.
+
+``return_lse=True`` (static) also returns the float32 log-sum-exp of every
+query row, so that attention over disjoint key ranges (a shared prefix with
+stacked queries, then each branch's suffix) can be merged exactly with
+``merge_partials`` (pallas_kernels/merge.py).
 """
 from __future__ import annotations
 
 import numbers
 
 import jax
+import numpy as np
 
 from pallas_kernels import reference
 from pallas_kernels._args import Canon, canonicalize
@@ -72,6 +78,12 @@ def _check_tunables(backend, kw):
       raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16), got {val}.")
 
 
+def _check_return_lse(return_lse):
+  if not isinstance(return_lse, (bool, np.bool_)):
+    raise ValueError(f"return_lse must be a python bool (static), got {return_lse!r}.")
+  return bool(return_lse)
+
+
 def choose_kernel(c: Canon, backend: str, kernel=None, decode_max_q_len=None) -> str:
   if kernel is not None:
     return kernel
@@ -84,11 +96,16 @@ def choose_kernel(c: Canon, backend: str, kernel=None, decode_max_q_len=None) ->
   return "decode"
 
 
-def run_canonical(c: Canon, backend: str, interpret=False, **block_sizes):
-  """Runs a resolved backend on canonical arguments (see _args.Canon)."""
+def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **block_sizes):
+  """Runs a resolved backend on canonical arguments (see _args.Canon).
+
+  Returns out, or (out, lse) when ``return_lse`` (a static python bool).
+  """
   _check_tunables(backend, block_sizes)
+  return_lse = _check_return_lse(return_lse)
   if backend == "xla":
-    return reference.reference_from_canon(c, q_chunk=block_sizes.get("q_chunk"))
+    return reference.reference_from_canon(c, q_chunk=block_sizes.get("q_chunk"),
+                                          return_lse=return_lse)
   kernel = choose_kernel(c, backend, block_sizes.pop("kernel", None),
                          block_sizes.pop("decode_max_q_len", None))
   kw = {k: v for k, v in block_sizes.items() if v is not None}
@@ -98,6 +115,8 @@ def run_canonical(c: Canon, backend: str, interpret=False, **block_sizes):
     kw.pop("block_q", None)
   args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
   common = dict(causal=c.causal, sm_scale=c.sm_scale, interpret=interpret)
+  if return_lse:   # only passed when set: the default path is the unchanged kernel call
+    common["return_lse"] = True
   if backend == "triton":
     from pallas_kernels import triton_kernels as tk
     fn = tk.prefill if kernel == "prefill" else tk.decode
@@ -109,7 +128,8 @@ def run_canonical(c: Canon, backend: str, interpret=False, **block_sizes):
 
 def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
                          kv_lengths=None, q_offsets=None, causal=True, sm_scale=None,
-                         layer=None, backend="auto", interpret=False, **block_sizes):
+                         layer=None, backend="auto", interpret=False, return_lse=False,
+                         **block_sizes):
   """Flash attention with the LRAgent LoRA value term, fused.
 
   Args:
@@ -127,16 +147,23 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     layer: python int or traced int32 scalar; read inside the kernel.
     backend: "auto" | "triton" | "mosaic_tpu" | "xla".
     interpret: run the Pallas kernel in interpret mode.
+    return_lse: python bool (static). Also return the log-sum-exp of each row.
     **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits;
       mosaic_tpu: block_q, block_k, num_splits; xla: q_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len.
 
   Returns:
     [batch, q_len, heads_q, head_dim] in q's dtype. Rows that see no key are 0.
+    With ``return_lse=True`` a pair (out, lse): lse [batch, q_len, heads_q]
+    float32 is the natural log of the row's softmax denominator, max included,
+    ``lse = m + log(sum_j exp(s_j - m))`` over the visible keys with
+    ``s_j = q . k_j * sm_scale``; -inf for rows that see no key. The LoRA term
+    does not change it. Merge results over disjoint key ranges with
+    ``merge_partials``.
   """
   backend = resolve_backend(backend)
   _check_tunables(backend, block_sizes)
   c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
                    kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
                    sm_scale=sm_scale, layer=layer)
-  return run_canonical(c, backend, interpret=interpret, **block_sizes)
+  return run_canonical(c, backend, interpret=interpret, return_lse=return_lse, **block_sizes)

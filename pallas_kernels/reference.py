@@ -27,8 +27,11 @@ def _layer_slice(x, layer):
 
 
 def _attend_chunk(q, k, v, lr, lora_b, scale, kv_len, q_off, row0, *, causal,
-                  sm_scale, per_q_head_b):
-  """q [B,C,Hq,D] (rows row0..row0+C); k,v [B,S,Hkv,D]; lr [B,S,R] | None."""
+                  sm_scale, per_q_head_b, return_lse=False):
+  """q [B,C,Hq,D] (rows row0..row0+C); k,v [B,S,Hkv,D]; lr [B,S,R] | None.
+
+  Returns o [B,C,Hq,D] float32, or (o, lse [B,C,Hq] float32) with return_lse.
+  """
   b, c, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
@@ -59,11 +62,17 @@ def _attend_chunk(q, k, v, lr, lora_b, scale, kv_len, q_off, row0, *, causal,
     else:
       lo = jnp.einsum("bchgr,bhrd->bchgd", plr, bm, precision=lax.Precision.HIGHEST)
     o = o + scale.reshape(b, 1, hkv, g, 1) * lo
-  return o.reshape(b, c, hq, d)
+  o = o.reshape(b, c, hq, d)
+  if not return_lse:
+    return o
+  # natural-log softmax denominator (max included); -inf where no key is visible
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)   # [B,Hkv,G,C,1]
+  return o, jnp.moveaxis(lse[..., 0], 3, 1).reshape(b, c, hq)
 
 
-def reference_from_canon(c: Canon, q_chunk: int | None = None):
-  """Float32 reference on canonical arguments; returns [B, Tq, Hq, D] in q's dtype."""
+def reference_from_canon(c: Canon, q_chunk: int | None = None, return_lse: bool = False):
+  """Float32 reference on canonical arguments; returns [B, Tq, Hq, D] in q's dtype,
+  with return_lse also the float32 log-sum-exp [B, Tq, Hq]."""
   dims = c.dims
   b, tq, hq, s_len = dims["B"], dims["Tq"], dims["Hq"], dims["S"]
   k = _layer_slice(c.k, c.layer)
@@ -73,34 +82,39 @@ def reference_from_canon(c: Canon, q_chunk: int | None = None):
   attend = functools.partial(
       _attend_chunk, k=k, v=v, lr=lr, lora_b=c.lora_b, scale=c.scale,
       kv_len=c.kv_len, q_off=c.q_off, causal=c.causal, sm_scale=c.sm_scale,
-      per_q_head_b=per_q_head_b)
+      per_q_head_b=per_q_head_b, return_lse=return_lse)
   if q_chunk is None:
     q_chunk = max(1, _CHUNK_SCORE_ELEMS // max(1, b * hq * s_len))
     q_chunk = 1 << (q_chunk.bit_length() - 1)   # power of two, for fewer recompiles
   if tq <= q_chunk:
-    out = attend(c.q, row0=0)
+    res = attend(c.q, row0=0)
   else:
     n = -(-tq // q_chunk)
     qp = jnp.pad(c.q, ((0, 0), (0, n * q_chunk - tq), (0, 0), (0, 0)))
     qc = jnp.moveaxis(qp.reshape(b, n, q_chunk, *qp.shape[2:]), 1, 0)
     outs = lax.map(lambda a: attend(a[0], row0=a[1]),
                    (qc, jnp.arange(n, dtype=jnp.int32) * q_chunk))
-    out = jnp.moveaxis(outs, 0, 1).reshape(b, n * q_chunk, hq, -1)[:, :tq]
-  return out.astype(c.q.dtype)
+    # [n, B, q_chunk, ...] -> [B, Tq, ...]
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * q_chunk, *x.shape[3:])[:, :tq]
+    res = jax.tree.map(unchunk, outs)
+  if return_lse:
+    out, lse = res
+    return out.astype(c.q.dtype), lse
+  return res.astype(c.q.dtype)
 
 
 def reference_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
                         kv_lengths=None, q_offsets=None, causal=True,
-                        sm_scale=None, layer=None, q_chunk=None):
+                        sm_scale=None, layer=None, q_chunk=None, return_lse=False):
   """Plain jnp Flash-LoRA-Attention reference (float32 math, chunked over queries).
 
-  Same arguments and semantics as ``flash_lora_attention``; ``q_chunk``
-  overrides the query chunk size of the memory-sane loop.
+  Same arguments and semantics as ``flash_lora_attention`` (``return_lse``
+  included); ``q_chunk`` overrides the query chunk size of the memory-sane loop.
   """
   c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
                    kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
                    sm_scale=sm_scale, layer=layer)
-  return reference_from_canon(c, q_chunk=q_chunk)
+  return reference_from_canon(c, q_chunk=q_chunk, return_lse=return_lse)
 
 
 def expand_values(c: Canon):

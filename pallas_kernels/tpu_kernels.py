@@ -26,6 +26,11 @@ Prefill: grid (B, q blocks, KV blocks), epilogue in-kernel.
 Decode (split-K): grid (B, splits, KV blocks per split); each split writes a
 normalised partial (o, racc) and its log-sum-exp; the wrapper merges them
 (rank-wide partials with the same weights) and multiplies by B once.
+
+``return_lse=True`` (static) also returns the natural log-sum-exp [B, Tq, Hq]
+float32 (-inf for rows that see no key): an extra [B, Hkv, G, Tq, 1] output of
+the prefill kernel, and a by-product of the split merge for decode (the decode
+kernel is the same either way). With False the prefill kernel is unchanged.
 """
 from __future__ import annotations
 
@@ -144,13 +149,21 @@ def _decode_block(s, j, nb, ns):
 # ----------------------------------------------------------------------------
 def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
                     has_lora, per_q_head_b, causal, sm_scale, bq, bk, hkv, group,
-                    tq, nk):
+                    tq, nk, return_lse=False):
   del layer_ref  # used by the index maps only
+  lse_ref = None
   if has_lora:
-    lr_ref, b_ref, scale_ref, o_ref, m_ref, l_ref, acc_ref, racc_ref = refs
+    lr_ref, b_ref, scale_ref, o_ref, *refs = refs
   else:
-    lr_ref = b_ref = scale_ref = racc_ref = None
-    o_ref, m_ref, l_ref, acc_ref = refs
+    lr_ref = b_ref = scale_ref = None
+    o_ref, *refs = refs
+  if return_lse:
+    lse_ref, *refs = refs
+  if has_lora:
+    m_ref, l_ref, acc_ref, racc_ref = refs
+  else:
+    racc_ref = None
+    m_ref, l_ref, acc_ref = refs
   bi, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv_len = kvlen_ref[bi]
   q_off = qoff_ref[bi]
@@ -192,6 +205,11 @@ def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
           o_ref[h, g] = og.astype(o_ref.dtype)
       else:
         o_ref[h] = o.reshape(group, bq, dp).astype(o_ref.dtype)
+      if return_lse:
+        l = l_ref[h]
+        lse = jnp.where(l > 0, m_ref[h] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+        for g in range(group):
+          lse_ref[h, g] = lse[g * bq:(g + 1) * bq]
 
 
 def _pick_block_k(s_len, pref):
@@ -243,18 +261,20 @@ def _kv_spec(k, bk, index_fn):
   return pl.BlockSpec((1, 1, bk, k.shape[-2], k.shape[-1]), index_fn)
 
 
-def _vmem_bytes(rows, hq_rows, dp, r, bk, hkv, itemsize, out_rows):
+def _vmem_bytes(rows, hq_rows, dp, r, bk, hkv, itemsize, out_rows, lse_rows=0):
   lane = lambda n: round_up(max(n, 1), 128)
   sub = max(hkv, 8 * (4 // itemsize))
-  io = 2 * (hq_rows * dp * itemsize + out_rows)
+  # lse_rows: rows of a [.., rows, 1] float32 output block (lane-padded to 128)
+  io = 2 * (hq_rows * dp * itemsize + out_rows + lse_rows * 128 * 4)
   kv = 2 * (2 * bk * sub * dp * itemsize + bk * lane(r) * itemsize)
   scratch = rows * (dp + 2 * 128 + lane(r)) * 4
   return io + kv + scratch
 
 
 def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
-            block_q=128, block_k=512, interpret=False):
-  """Flash-LoRA prefill on TPU. Canonical shapes (see _args.Canon); [B,Tq,Hq,D]."""
+            block_q=128, block_k=512, interpret=False, return_lse=False):
+  """Flash-LoRA prefill on TPU. Canonical shapes (see _args.Canon); [B,Tq,Hq,D]
+  (and the float32 lse [B,Tq,Hq] with return_lse)."""
   b, tq, hq, d = q.shape
   hkv0 = k.shape[3]
   group = hq // hkv0
@@ -265,7 +285,8 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   r = lr.shape[-1] if has_lora else 0
   bq = max(16, min(next_pow2(block_q), next_pow2(tq)))
   while bq > 16 and _vmem_bytes(hkv * group * bq, hq * bq, dp, r, bk, hkv, itemsize,
-                                hq * bq * dp * itemsize) > VMEM_BUDGET:
+                                hq * bq * dp * itemsize,
+                                lse_rows=hkv * group * bq if return_lse else 0) > VMEM_BUDGET:
     bq //= 2
   tq_pad = round_up(tq, bq)
   nq, nk = tq_pad // bq, k.shape[2] // bk
@@ -302,19 +323,31 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
     scratch.append(pltpu.VMEM((hkv, group * bq, r), jnp.float32))
   kernel = functools.partial(
       _prefill_kernel, has_lora=has_lora, per_q_head_b=per_q_head_b, causal=causal,
-      sm_scale=float(sm_scale), bq=bq, bk=bk, hkv=hkv, group=group, tq=tq, nk=nk)
+      sm_scale=float(sm_scale), bq=bq, bk=bk, hkv=hkv, group=group, tq=tq, nk=nk,
+      **({"return_lse": True} if return_lse else {}))
+  out_specs = q_spec
+  out_shape = jax.ShapeDtypeStruct(qt.shape, q.dtype)
+  if return_lse:   # lane dim 1 spans the array: [B, Hkv, G, Tq_pad, 1]
+    out_specs = [q_spec, pl.BlockSpec((None, hkv, group, bq, 1),
+                                      lambda bi, i, j, *_: (bi, 0, 0, i, 0))]
+    out_shape = [out_shape, jax.ShapeDtypeStruct(qt.shape[:-1] + (1,), jnp.float32)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=(b, nq, nk), in_specs=in_specs,
-      out_specs=q_spec, scratch_shapes=scratch)
-  ot = pl.pallas_call(
+      out_specs=out_specs, scratch_shapes=scratch)
+  res = pl.pallas_call(
       kernel, grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret, name="flash_lora_prefill_tpu",
   )(layer.reshape(1), kv_len, q_off, *args)
+  ot = res[0] if return_lse else res
   ot = ot[:, :hkv0, :, :tq, :d]
-  return ot.transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+  out = ot.transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+  if not return_lse:
+    return out
+  lse = res[1][:, :hkv0, :, :tq, 0]                       # [B, Hkv, G, Tq]
+  return out, lse.transpose(0, 3, 1, 2).reshape(b, tq, hq)
 
 
 # ----------------------------------------------------------------------------
@@ -373,8 +406,9 @@ def default_num_splits(batch, heads_kv, kv_len, block_k):
 
 
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
-           block_k=512, num_splits=None, interpret=False):
-  """Split-K Flash-LoRA decode on TPU; splits merged by merge_splits. [B,Tq,Hq,D]."""
+           block_k=512, num_splits=None, interpret=False, return_lse=False):
+  """Split-K Flash-LoRA decode on TPU; splits merged by merge_splits. [B,Tq,Hq,D]
+  (and the float32 lse [B,Tq,Hq] with return_lse)."""
   b, tq, hq, d = q.shape
   hkv0 = k.shape[3]
   group = hq // hkv0
@@ -428,11 +462,16 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
       interpret=interpret, name="flash_lora_decode_tpu",
   )(layer.reshape(1), kv_len, q_off, *args)
   return merge_splits(parts, lora_b, scale, has_lora=has_lora, per_q_head_b=per_q_head_b,
-                      hkv0=hkv0, group=group, tq=tq, d=d, dtype=q.dtype)
+                      hkv0=hkv0, group=group, tq=tq, d=d, dtype=q.dtype,
+                      return_lse=return_lse)
 
 
-def merge_splits(parts, lora_b, scale, *, has_lora, per_q_head_b, hkv0, group, tq, d, dtype):
-  """Log-sum-exp merge of the splits (o and the rank-wide r alike), then r @ B once."""
+def merge_splits(parts, lora_b, scale, *, has_lora, per_q_head_b, hkv0, group, tq, d, dtype,
+                 return_lse=False):
+  """Log-sum-exp merge of the splits (o and the rank-wide r alike), then r @ B once.
+
+  With return_lse also the merged lse [B, Tq, Hq] (m + log sum_s exp(lse_s - m)).
+  """
   if has_lora:
     opart, rpart, lse = parts
   else:
@@ -455,4 +494,10 @@ def merge_splits(parts, lora_b, scale, *, has_lora, per_q_head_b, hkv0, group, t
     else:
       lo = jnp.einsum("bhtgr,bhrd->bhtgd", rr, bm, precision=lax.Precision.HIGHEST)
     o = o + scale.reshape(b, hkv0, 1, group, 1) * lo
-  return o.transpose(0, 2, 1, 3, 4).reshape(b, tq, hkv0 * group, d).astype(dtype)
+  out = o.transpose(0, 2, 1, 3, 4).reshape(b, tq, hkv0 * group, d).astype(dtype)
+  if not return_lse:
+    return out
+  m0 = jnp.where(jnp.isfinite(m[:, 0]), m[:, 0], 0.0)                 # [B, Hkv, M, 1]
+  tot = jnp.where(den > 0, m0 + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+  tot = tot[..., 0].reshape(b, hkv0, tq, group).transpose(0, 2, 1, 3)
+  return out, tot.reshape(b, tq, hkv0 * group)

@@ -17,6 +17,11 @@ Two kernels (see docs/kernels.md for the design and the block-size reasoning):
   rank-wide partials the same way) and only then multiplies by B, once.
   With one split the decode kernel applies the epilogue itself.
 
+``return_lse=True`` (static) adds a float32 [B, Tq, Hq] output: the natural
+log-sum-exp of each row (-inf for rows that see no key), written by the
+prefill epilogue, the one-split decode kernel or the merge kernel. With the
+default False the kernels have no such output and are unchanged.
+
 Caches come stacked over layers ([L, B, S, Hkv, D]); the layer index is an
 int32 input read inside the kernel and used as a pointer offset, so the layer
 is never copied. head_dim and rank are padded to powers of two (rank >= 16)
@@ -43,6 +48,7 @@ except ImportError:  # pragma: no cover
 from pallas_kernels._args import next_pow2
 
 LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 # Finite mask value: exp2(NEG - m) == 0 and NEG - NEG == 0, so masked rows
 # never produce inf - inf = NaN.
 NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -167,6 +173,12 @@ def _run_blocks(q, *, lo_full, hi_full, lo_mask, hi_mask, m_rows, dp, rp, **kw):
   return carry
 
 
+def _lse_nat(m2, l):
+  """Natural-log lse from a log2-domain max m2 and a row sum l (relative to m2);
+  -inf where l == 0 (no visible key)."""
+  return jnp.where(l > 0, (m2 + jnp.log2(jnp.where(l > 0, l, 1.0))) * LN2, -jnp.inf)
+
+
 def _masks(d, dp, r, rp):
   dmask = None if d == dp else (jnp.arange(dp, dtype=jnp.int32) < d)[None, :]
   rmask = None if r == rp else (jnp.arange(rp, dtype=jnp.int32) < r)[None, :]
@@ -177,7 +189,11 @@ def _masks(d, dp, r, rp):
 # Prefill
 # ----------------------------------------------------------------------------
 def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
-                    has_lora, causal, qk_scale, block_q, block_k, nq, tq, d, r):
+                    has_lora, causal, qk_scale, block_q, block_k, nq, tq, d, r,
+                    return_lse=False):
+  lse_ref = None
+  if return_lse:
+    *refs, lse_ref = refs
   if has_lora:
     lr_ref, b_ref, scale_ref, o_ref = refs
   else:
@@ -216,7 +232,7 @@ def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
       ok = ok & (cols[None, :] <= (q_off + rows)[:, None])
     return ok
 
-  acc, racc, _, l_i = _run_blocks(
+  acc, racc, m_i, l_i = _run_blocks(
       q, lo_full=0, hi_full=n_full, lo_mask=n_full, hi_mask=n_blocks,
       m_rows=block_q, dp=dp, rp=rp, k_ref=k_ref, v_ref=v_ref, lr_ref=lr_ref,
       layer=layer, block_k=block_k, kv_len=kv_len, dmask=dmask, rmask=rmask,
@@ -227,12 +243,15 @@ def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
     bmat = _load(b_ref, _and(None if r == rp else (jnp.arange(rp) < r)[:, None], dmask))
     o = o + scale_ref[bi, h] * _dot(racc * inv[:, None], bmat.astype(jnp.float32))
   plgpu.store(o_ref, o.astype(o_ref.dtype), mask=io_mask)
+  if return_lse:
+    plgpu.store(lse_ref, _lse_nat(m_i, l_i), mask=None if row_ok is None else rows < tq)
 
 
 def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
             block_q=None, block_k=None, num_warps=None, num_stages=None,
-            interpret=False):
-  """Flash-LoRA prefill. Canonical shapes (see _args.Canon); returns [B,Tq,Hq,D].
+            interpret=False, return_lse=False):
+  """Flash-LoRA prefill. Canonical shapes (see _args.Canon); returns [B,Tq,Hq,D]
+  (and the float32 lse [B,Tq,Hq] with return_lse).
 
   Block sizes left as None get shared-memory-aware defaults (prefill_defaults).
   """
@@ -253,7 +272,7 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   kernel = functools.partial(
       _prefill_kernel, has_lora=has_lora, causal=causal,
       qk_scale=float(sm_scale) * LOG2E, block_q=block_q, block_k=block_k, nq=nq,
-      tq=tq, d=d, r=r)
+      tq=tq, d=d, r=r, **({"return_lse": True} if return_lse else {}))
   full1 = lambda n: pl.BlockSpec((n,), lambda *_: (0,))
   in_specs = [
       full1(1), full1(b), full1(b),
@@ -276,16 +295,23 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
         pl.BlockSpec((b, hq), lambda *_: (0, 0)),
     ]
     args += [lr, lora_b, scale]
-  return pl.pallas_call(
+  out_specs = pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, nq - 1 - i, h, 0))
+  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  if return_lse:
+    out_specs = [out_specs, pl.BlockSpec((None, block_q, None),
+                                         lambda i, bi, h: (bi, nq - 1 - i, h))]
+    out_shape = [out_shape, jax.ShapeDtypeStruct((b, tq, hq), jnp.float32)]
+  res = pl.pallas_call(
       kernel,
       grid=(nq, b, hq),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, nq - 1 - i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name="flash_lora_prefill",
   )(*args)
+  return tuple(res) if return_lse else res
 
 
 # ----------------------------------------------------------------------------
@@ -325,6 +351,11 @@ def _store_rows(o_ref, o, *, h, t_row, g_row, group, row_ok, dmask):
               mask=_and(row_ok[:, None], dmask))
 
 
+def _store_lse_rows(lse_ref, lse, *, h, t_row, g_row, group, row_ok):
+  """Scatters the stacked (t, g) rows' lse into lse_ref [Tq, Hq] (this batch row)."""
+  plgpu.store(lse_ref.at[t_row, h * group + g_row], lse, mask=row_ok)
+
+
 def _finish_rows(num_o, num_r, denom, *, bi, h, o_ref, b_ref, scale_ref, t_row,
                  g_row, row_ok, group, per_q_head_b, r, rp, dmask):
   inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
@@ -339,7 +370,7 @@ def _finish_rows(num_o, num_r, denom, *, bi, h, o_ref, b_ref, scale_ref, t_row,
 
 def _decode_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
                    has_lora, per_q_head_b, causal, qk_scale, block_k, num_splits,
-                   tq, d, r, group, mp):
+                   tq, d, r, group, mp, return_lse=False):
   fused = num_splits == 1   # one split: finish the rows here, no merge kernel
   lr_ref = b_ref = scale_ref = None
   if has_lora and fused:
@@ -395,7 +426,12 @@ def _decode_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
       valid_fn=valid_fn)
 
   if fused:
-    (o_ref,) = outs
+    if return_lse:
+      o_ref, lse_out_ref = outs
+      _store_lse_rows(lse_out_ref, _lse_nat(m_i, l_i), h=h, t_row=t_row, g_row=g_row,
+                      group=group, row_ok=row_ok)
+    else:
+      (o_ref,) = outs
     _finish_rows(acc, racc, l_i, bi=bi, h=h, o_ref=o_ref, b_ref=b_ref,
                  scale_ref=scale_ref, t_row=t_row, g_row=g_row, row_ok=row_ok,
                  group=group, per_q_head_b=per_q_head_b, r=r, rp=rp, dmask=dmask)
@@ -428,13 +464,17 @@ def merge_tiling(num_splits, m_rows, dp, rp):
 
 
 def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
-                  tq, d, r, group, m4, sc, dc):
+                  tq, d, r, group, m4, sc, dc, return_lse=False):
   """Merges the splits of one (batch row, KV head, head-dim chunk).
 
   All splits are loaded at once as a [sc, m4, dc] tile (a sequential loop over
   splits would pay one memory latency per split); log-sum-exp weights merge
   the D-wide and the rank-wide partials alike, then B is applied once.
+  With return_lse the merged lse is written by the first head-dim chunk.
   """
+  lse_out_ref = None
+  if return_lse:
+    *refs, lse_out_ref = refs
   if has_lora:
     rpart_ref, b_ref, scale_ref, o_ref = refs
   else:
@@ -481,9 +521,9 @@ def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
           jnp.zeros((m4, rp), jnp.float32) if has_lora else None,
           jnp.full((m4,), -jnp.inf, jnp.float32), jnp.zeros((m4,), jnp.float32))
   if n_chunks == 1:
-    acc, racc, _, den = body(0, init)
+    acc, racc, mx, den = body(0, init)
   else:
-    acc, racc, _, den = lax.fori_loop(0, n_chunks, body, init)
+    acc, racc, mx, den = lax.fori_loop(0, n_chunks, body, init)
   inv = jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)
   o = acc * inv[:, None]
   t_row = lax.div(m_ar, group)
@@ -506,6 +546,10 @@ def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
                        jnp.broadcast_to(hq_row[:, None], shp),
                        jnp.broadcast_to(d_ar[None, :], shp)],
               o.astype(o_ref.dtype), mask=row_ok[:, None] & (d_ar < d)[None, :])
+  if return_lse:
+    # den > 0 implies a finite max; the chunk-0 program writes the rows' lse.
+    lse = _lse_nat(jnp.where(den > 0, mx, 0.0), den)
+    plgpu.store(lse_out_ref.at[t_row, hq_row], lse, mask=row_ok & (ci == 0))
 
 
 def num_sms() -> int:
@@ -529,8 +573,9 @@ def default_num_splits(batch, heads_kv, kv_len, block_k, sms=None):
 
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
            block_k=None, num_splits=None, num_warps=None, num_stages=None,
-           interpret=False):
-  """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D].
+           interpret=False, return_lse=False):
+  """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D]
+  (and the float32 lse [B, Tq, Hq] with return_lse).
 
   Block sizes left as None get shared-memory-aware defaults (decode_defaults);
   num_splits None -> default_num_splits (about two waves of programs).
@@ -554,6 +599,8 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
   statics = dict(has_lora=has_lora, per_q_head_b=per_q_head_b, num_splits=ns,
                  tq=tq, d=d, r=r, group=group, mp=mp)
+  lse_kw = {"return_lse": True} if return_lse else {}
+  lse_shape = jax.ShapeDtypeStruct((b, tq, hq), jnp.float32)
   full1 = lambda n: pl.BlockSpec((n,), lambda *_: (0,))
   in_specs = [
       full1(1), full1(b), full1(b),
@@ -575,6 +622,16 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   kernel = functools.partial(_decode_kernel, causal=causal,
                              qk_scale=float(sm_scale) * LOG2E, block_k=block_k, **statics)
   if ns == 1:
+    if return_lse:
+      res = pl.pallas_call(
+          functools.partial(kernel, return_lse=True), grid=(1, b, hkv),
+          in_specs=in_specs + lora_specs,
+          out_specs=[pl.BlockSpec((None, tq, hq, dp), lambda s, bi, h: (bi, 0, 0, 0)),
+                     pl.BlockSpec((None, tq, hq), lambda s, bi, h: (bi, 0, 0))],
+          out_shape=[out_final, lse_shape], compiler_params=params, interpret=interpret,
+          name="flash_lora_decode",
+      )(*args, *lora_args)
+      return tuple(res)
     return pl.pallas_call(
         kernel, grid=(1, b, hkv),
         in_specs=in_specs + lora_specs,
@@ -603,7 +660,8 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     (opart, lse), rpart = parts, None
   m4, sc, dc = merge_tiling(ns, m_rows, dp, rp)
   merge = functools.partial(_merge_kernel, has_lora=has_lora, per_q_head_b=per_q_head_b,
-                            num_splits=ns, tq=tq, d=d, r=r, group=group, m4=m4, sc=sc, dc=dc)
+                            num_splits=ns, tq=tq, d=d, r=r, group=group, m4=m4, sc=sc, dc=dc,
+                            **lse_kw)
   # Full-array blocks per (batch row, KV head); the kernel gathers its tile.
   m_specs = [pl.BlockSpec((None, None, ns, mp), lambda bi, h, c: (bi, h, 0, 0)),
              pl.BlockSpec((None, None, ns, m_rows, d), lambda bi, h, c: (bi, h, 0, 0, 0))]
@@ -613,9 +671,13 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
                 pl.BlockSpec((None,) + lora_b.shape[1:], lambda bi, h, c: (bi, 0, 0, 0)),
                 pl.BlockSpec((b, hq), lambda *_: (0, 0))]
     m_args += [rpart, lora_b, scale]
-  return pl.pallas_call(
+  m_out_spec = pl.BlockSpec((None, tq, hq, d), lambda bi, h, c: (bi, 0, 0, 0))
+  res = pl.pallas_call(
       merge, grid=(b, hkv, dp // dc), in_specs=m_specs,
-      out_specs=pl.BlockSpec((None, tq, hq, d), lambda bi, h, c: (bi, 0, 0, 0)),
-      out_shape=out_final, compiler_params=_compiler_params(4, 1),
+      out_specs=([m_out_spec, pl.BlockSpec((None, tq, hq), lambda bi, h, c: (bi, 0, 0))]
+                 if return_lse else m_out_spec),
+      out_shape=[out_final, lse_shape] if return_lse else out_final,
+      compiler_params=_compiler_params(4, 1),
       interpret=interpret, name="flash_lora_decode_merge",
   )(*m_args)
+  return tuple(res) if return_lse else res

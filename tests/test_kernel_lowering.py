@@ -35,13 +35,16 @@ def _args(tq, d, r, *, s=1024, b=2, hq=32, hkv=8, layers=4, dtype=jnp.bfloat16, 
           SD(lead + (b, s, hkv, d), dtype)) + (lora or (None, None))
 
 
-def _model_like(backend, **kw):
+def _model_like(backend, return_lse=False, **kw):
   """What the model does: a fori_loop over layers with a traced layer index."""
   def f(q, k, v, lr, lora_b):
     def body(layer, acc):
       o = flash_lora_attention(q, k, v, lr, lora_b, lora_scale=jnp.full((q.shape[0],), 2.0),
                                kv_lengths=jnp.full((q.shape[0],), k.shape[2] - 5, jnp.int32),
-                               layer=layer, backend=backend, **kw)
+                               layer=layer, backend=backend, return_lse=return_lse, **kw)
+      if return_lse:
+        o, lse = o
+        return acc + o.astype(jnp.float32) + lse[..., None]
       return acc + o.astype(jnp.float32)
     return lax.fori_loop(0, k.shape[0], body, jnp.zeros(q.shape, jnp.float32))
   return f
@@ -162,6 +165,38 @@ def test_lower_variants(platform, backend, variant):
     _check_triton_ir(_triton_modules(lowered), min_dots=1)
   else:
     assert _custom_call_operands(lowered, "tpu_custom_call")
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
+@pytest.mark.parametrize("kind", ["decode_splits", "decode_one_split", "prefill", "prefill_plain"])
+def test_lower_return_lse(platform, backend, kind):
+  """return_lse=True: the lse is a kernel output ([B, Tq, Hq] f32 on Triton,
+  written by the prefill epilogue / one-split decode kernel / merge kernel;
+  [B, Hkv, G, Tq, 1] from the Mosaic prefill kernel, the Mosaic decode lse
+  comes from the jnp split merge)."""
+  if kind == "decode_splits":
+    tq, args, kw = 1, _args(1, 128, 8), dict(num_splits=4, block_k=128)
+  elif kind == "decode_one_split":
+    tq, args, kw = 2, _args(2, 64, 16, hq=8, hkv=2), dict(num_splits=1)
+  elif kind == "prefill":
+    tq, args, kw = 300, _args(300, 128, 8, per_q_b=True), {}
+  else:
+    tq, args, kw = 64, _args(64, 96, None, hq=8, hkv=2), {}
+  lowered = _lower(backend, platform, args, return_lse=True, **kw)
+  hq, hkv = args[0].shape[2], args[1].shape[3]
+  if platform == "cuda":
+    texts = _triton_modules(lowered)
+    _check_triton_ir(texts, min_dots=1)
+    assert len(texts) == (2 if kind == "decode_splits" else 1)
+    lse_t = f"tensor<2x{tq}x{hq}xf32>"
+    calls = _custom_call_operands(lowered, "__gpu$xla.gpu.triton")
+    assert any(("-> (" in line and lse_t in line.split("-> (")[-1]) for line in calls), \
+        f"no Triton kernel returns the lse {lse_t}"
+  else:
+    calls = _custom_call_operands(lowered, "tpu_custom_call")
+    assert calls
+    if kind.startswith("prefill"):
+      assert any(re.search(rf"-> \(.*tensor<2x{hkv}x{hq // hkv}x\d+x1xf32>", line) for line in calls)
 
 
 @pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])

@@ -304,6 +304,7 @@ def _x(**over):
     (dict(layer=0), "layer was given"),
     (dict(block_q=100), "power of two"),
     (dict(tile=3), "unknown keyword"),
+    (dict(return_lse="yes"), "return_lse must be a python bool"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, match):
   x = _x()
