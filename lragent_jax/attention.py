@@ -40,7 +40,7 @@ def _xla_attention(q, k, v, lr, lora_b, scale, kv_lengths, q_offsets, sliding_wi
 
     lora_b: [B, Hkv, r, D] (per KV head) or [B, Hq, r, D] (per query head); scale: [B] or
     [B, Hq]. With return_lse also returns the log-sum-exp of the scores [B, S, Hq] (-inf for
-    rows that see no key), so partial attentions can be merged (see merge_partials).
+    rows that see no key), so partial attentions can be merged (pallas_kernels.merge).
     """
     B, S, Hq, D = q.shape
     T, Hkv = k.shape[1], k.shape[2]
@@ -164,20 +164,6 @@ def _attend_layer(q, k, v, lr, lora_b, lora_scale, *, impl, sliding_window, kv_l
                           return_lse=return_lse)
 
 
-def merge_partials(o1, lse1, o2, lse2):
-    """Merge two attentions over disjoint key sets: exact, since O = P V + s (P LR) B is linear in P.
-
-    o: [R, S, H, D]; lse: [R, S, H] (-inf where a part saw no key).
-    """
-    m = jnp.maximum(lse1, lse2)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)
-    tot = w1 + w2
-    tot = jnp.where(tot > 0, tot, 1.0)
-    out = (o1.astype(jnp.float32) * (w1 / tot)[..., None] + o2.astype(jnp.float32) * (w2 / tot)[..., None])
-    return out.astype(o1.dtype)
-
-
 def attend_concurrent(
     q: jax.Array,
     *,
@@ -224,4 +210,6 @@ def attend_concurrent(
     o_s, lse_s = attend(q, suffix_k, suffix_v, layer=layer, kv_lengths=suffix_lengths, q_offsets=suffix_q_offsets,
                         lr_cache=suffix_lr, lora_b=lora_b if suffix_lr is not None else None,
                         lora_scale=lora_scale if suffix_lr is not None else None, impl=impl, return_lse=True)
-    return merge_partials(o_p, lse_p, o_s, lse_s)
+    from pallas_kernels.merge import merge_attention  # exact: O is linear in P (see its docstring)
+
+    return merge_attention(o_p, lse_p, o_s, lse_s)[0]

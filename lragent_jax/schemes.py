@@ -16,6 +16,7 @@ semantics are DESIGN.md section 2:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -297,102 +298,30 @@ class BaseLRShared(FullShared):
         return LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(), self.dtype, opts=self.opts)
 
 
-class BaseShared(Scheme):
-    """One K and V_base; each agent its own LR = X_a A_v,a, filled by an LR prefill."""
+class _SharedPlusOwn(Scheme):
+    """A shared cache part every agent reads plus a part each agent owns and catches up on.
 
-    name = "base_shared"
-    needs_value_lora = True
+    held_shared [B]: tokens the shared part holds; held_own[agent] [B] <= held_shared: tokens
+    the agent's own part holds. A turn first runs the catch-up (tokens in the shared part
+    but not the agent's own: only the own part is written, over `_catch_up_layers`), then the
+    tokens nobody has processed (both parts written).
+    """
+
+    _catch_up_layers = None  # None: all layers
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        lora = self.engine.lora
-        if lora is None or "v" not in lora:
-            raise ValueError("base_shared needs adapters with LoRA on v_proj")
-        base = LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(), self.dtype, opts=self.opts)
-        self.k, self.v_base = base.k, base.v_base
-        self.lr = {a: jnp.zeros_like(base.lr) for a in self.agents}
-        self.held_base = np.zeros(self.batch, np.int64)
-        self.held_lr = {a: np.zeros(self.batch, np.int64) for a in self.agents}
-
-    def processed(self):
-        return self.held_base
-
-    @property
-    def nbytes(self):
-        return int(self.k.nbytes + self.v_base.nbytes + sum(x.nbytes for x in self.lr.values()))
-
-    def _view(self, agent, write_base):
-        return LoRAKV(k=self.k, v_base=self.v_base, lr=self.lr[agent], write_base=write_base, opts=self.opts)
-
-    def _store(self, agent, view):
-        self.k, self.v_base, self.lr[agent] = view.k, view.v_base, view.lr
-
-    def prepare(self, agent, traj, want_logits=True):
-        T = np.array([len(t) for t in traj])
-        ids = self._ids(agent)
-        held_lr, held_base = self.held_lr[agent], self.held_base
-        catch_up = int(np.sum(held_base - held_lr))
-        if catch_up:
-            _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_lr, held_base), held_lr, ids,
-                                          want_logits=False)
-            self._store(agent, view)
-        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_base, T), held_base, ids,
-                                           want_logits=want_logits)
-        self._store(agent, view)
-        new = int(np.sum(T - held_base))
-        self.held_base = T.astype(np.int64)
-        self.held_lr[agent] = T.astype(np.int64)
-        return logits, catch_up, new
-
-    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
-        tokens, counts, view = self.engine.decode(self._view(agent, True), first_token, start, self._ids(agent),
-                                                  sampling, key, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
-        self._store(agent, view)
-        counts = np.asarray(counts)
-        self.held_base = self.held_lr[agent] = np.asarray(start) + counts - 1
-        return tokens, counts
-
-    def _keep_after_branch(self, agent, snapshot, after, T):
-        # LR catch-up over tokens whose K / V_base were shared before the fork stays valid.
-        kept = copy.deepcopy(snapshot)
-        kept["held_lr"][agent] = np.minimum(after["held_lr"][agent], snapshot["held_base"])
-        return kept
-
-
-class DroidSpeak(Scheme):
-    """Shared K, V at all layers; own K, V at critical layers; hidden state at min(C)."""
-
-    name = "droidspeak"
-
-    def __init__(self, *args, critical_layers=None, **kw):
-        super().__init__(*args, **kw)
-        L = self.config.num_layers
-        crit = tuple(sorted(set(int(c) for c in (critical_layers or default_critical_layers(L)))))
-        if not crit or crit[0] < 0 or crit[-1] >= L:
-            raise ValueError(f"droidspeak critical layers must be a non-empty subset of 0..{L - 1}, got {crit}")
-        self.critical = crit
-        self.shared = DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
-        self.own = {a: DenseKV.create(self.config, self.batch, self.max_len, self.dtype, num_layers=len(crit),
-                                      opts=self.opts) for a in self.agents}
-        self.hidden = jnp.zeros((self.batch, capacity(self.max_len), self.config.hidden_size), self.dtype)
         self.held_shared = np.zeros(self.batch, np.int64)
         self.held_own = {a: np.zeros(self.batch, np.int64) for a in self.agents}
 
-    def processed(self):
-        return self.held_shared
-
-    @property
-    def nbytes(self):
-        return int(self.shared.nbytes + sum(o.nbytes for o in self.own.values()) + self.hidden.nbytes)
-
-    def _view(self, agent, write_shared):
-        own = self.own[agent]
-        return DroidSpeakKV(shared=self.shared, own_k=own.k, own_v=own.v, hidden=self.hidden,
-                            critical=self.critical, write_shared=write_shared)
+    def _view(self, agent, write_shared: bool):
+        raise NotImplementedError
 
     def _store(self, agent, view):
-        self.shared, self.hidden = view.shared, view.hidden
-        self.own[agent] = self.own[agent].replace(k=view.own_k, v=view.own_v)
+        raise NotImplementedError
+
+    def processed(self):
+        return self.held_shared
 
     def prepare(self, agent, traj, want_logits=True):
         T = np.array([len(t) for t in traj])
@@ -400,9 +329,8 @@ class DroidSpeak(Scheme):
         held_own, held_shared = self.held_own[agent], self.held_shared
         catch_up = int(np.sum(held_shared - held_own))
         if catch_up:
-            layers = (self.critical[0], self.critical[-1] + 1)
             _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_own, held_shared), held_own, ids,
-                                          layers=layers, want_logits=False)
+                                          layers=self._catch_up_layers, want_logits=False)
             self._store(agent, view)
         logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_shared, T), held_shared, ids,
                                            want_logits=want_logits)
@@ -421,15 +349,75 @@ class DroidSpeak(Scheme):
         return tokens, counts
 
     def _keep_after_branch(self, agent, snapshot, after, T):
+        # The own part's catch-up over tokens that were shared before the fork stays valid.
         kept = copy.deepcopy(snapshot)
         kept["held_own"][agent] = np.minimum(after["held_own"][agent], snapshot["held_shared"])
         return kept
 
 
+class BaseShared(_SharedPlusOwn):
+    """One K and V_base (shared part); each agent its own LR = X_a A_v,a, filled by an LR prefill."""
+
+    name = "base_shared"
+    needs_value_lora = True
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        lora = self.engine.lora
+        if lora is None or "v" not in lora:
+            raise ValueError("base_shared needs adapters with LoRA on v_proj")
+        base = LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(), self.dtype, opts=self.opts)
+        self.k, self.v_base = base.k, base.v_base
+        self.lr = {a: jnp.zeros_like(base.lr) for a in self.agents}
+
+    @property
+    def nbytes(self):
+        return int(self.k.nbytes + self.v_base.nbytes + sum(x.nbytes for x in self.lr.values()))
+
+    def _view(self, agent, write_shared):
+        return LoRAKV(k=self.k, v_base=self.v_base, lr=self.lr[agent], write_base=write_shared, opts=self.opts)
+
+    def _store(self, agent, view):
+        self.k, self.v_base, self.lr[agent] = view.k, view.v_base, view.lr
+
+
+class DroidSpeak(_SharedPlusOwn):
+    """Shared K, V at all layers; own K, V at critical layers; hidden state at min(C).
+
+    The catch-up re-runs layers min(C) .. max(C) from the cached hidden state.
+    """
+
+    name = "droidspeak"
+
+    def __init__(self, *args, critical_layers=None, **kw):
+        super().__init__(*args, **kw)
+        L = self.config.num_layers
+        crit = tuple(sorted(set(int(c) for c in (critical_layers or default_critical_layers(L)))))
+        if not crit or crit[0] < 0 or crit[-1] >= L:
+            raise ValueError(f"droidspeak critical layers must be a non-empty subset of 0..{L - 1}, got {crit}")
+        self.critical = crit
+        self._catch_up_layers = (crit[0], crit[-1] + 1)
+        self.shared = DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
+        self.own = {a: DenseKV.create(self.config, self.batch, self.max_len, self.dtype, num_layers=len(crit),
+                                      opts=self.opts) for a in self.agents}
+        self.hidden = jnp.zeros((self.batch, capacity(self.max_len), self.config.hidden_size), self.dtype)
+
+    @property
+    def nbytes(self):
+        return int(self.shared.nbytes + sum(o.nbytes for o in self.own.values()) + self.hidden.nbytes)
+
+    def _view(self, agent, write_shared):
+        own = self.own[agent]
+        return DroidSpeakKV(shared=self.shared, own_k=own.k, own_v=own.v, hidden=self.hidden,
+                            critical=self.critical, write_shared=write_shared)
+
+    def _store(self, agent, view):
+        self.shared, self.hidden = view.shared, view.hidden
+        self.own[agent] = self.own[agent].replace(k=view.own_k, v=view.own_v)
+
+
 def _stack_sampling(per_agent, batch):
     """Per-agent SamplingParams of one row each -> rows b*N + i."""
-    import jax
-
     return jax.tree.map(lambda *xs: jnp.tile(jnp.concatenate(xs), batch), *per_agent)
 
 

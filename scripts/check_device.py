@@ -3,6 +3,7 @@
 and end-to-end greedy generation with Pallas attention vs XLA attention, every scheme.
 
   python scripts/check_device.py            # prints PASS/FAIL lines, exit 1 on any FAIL
+  python scripts/check_device.py concurrent # only some of: kernels end_to_end concurrent
 
 CPU CI covers the kernels in interpret mode; this runs the real compiled kernels.
 """
@@ -86,11 +87,36 @@ def check_end_to_end() -> bool:
     return ok
 
 
+def check_concurrent() -> bool:
+    """generate_concurrent (agents stacked as query heads + LSE merge) with Pallas vs XLA attention."""
+    from lragent_jax.embedded import embedded_model
+    from lragent_jax.engine import Engine
+    from lragent_jax.session import Session
+
+    model, lora, _ = embedded_model(dtype=jnp.float32)
+    engine = Engine(model, lora)
+    ok = True
+    for scheme in ("full_shared", "base_lr_shared"):
+        got = {}
+        for attention in ("xla", "pallas"):
+            s = Session(engine, scheme, max_len=512, attention=attention, stop_ids=())
+            s.append(list(range(3, 150)))
+            s.generate("plan", 8, greedy=True)
+            got[attention] = s.generate_concurrent({"plan": 10, "action": 12, "reflect": 9}, greedy=True)
+        good = got["xla"] == got["pallas"]
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} concurrent {scheme}: pallas vs xla branches identical", flush=True)
+    return ok
+
+
 if __name__ == "__main__":
     # XLA's float32 GPU matmuls default to TF32; the comparison wants true float32 on both sides.
     jax.config.update("jax_default_matmul_precision", "highest")
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    ok = check_kernels()
-    ok &= check_end_to_end()
+    only = sys.argv[1:]  # optional subset: kernels end_to_end concurrent
+    ok = True
+    for name, fn in (("kernels", check_kernels), ("end_to_end", check_end_to_end), ("concurrent", check_concurrent)):
+        if not only or name in only:
+            ok &= fn()
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)
