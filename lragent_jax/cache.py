@@ -33,7 +33,7 @@ def capacity(max_len: int) -> int:
     return -(-int(max_len) // CACHE_ALIGN) * CACHE_ALIGN
 
 
-def _write(buf: jax.Array, layer, write_positions: jax.Array, new: jax.Array) -> jax.Array:
+def write_slots(buf: jax.Array, layer, write_positions: jax.Array, new: jax.Array) -> jax.Array:
     """buf[layer, b, write_positions[b, s]] = new[b, s]; out-of-range slots are dropped."""
     rows = jnp.arange(new.shape[0])[:, None]
     return buf.at[layer, rows, write_positions].set(new.astype(buf.dtype), mode="drop")
@@ -80,8 +80,8 @@ class DenseKV:
         if not self.write:
             return self
         return self.replace(
-            k=_write(self.k, layer, step.write_positions, k),
-            v=_write(self.v, layer, step.write_positions, values.full()),
+            k=write_slots(self.k, layer, step.write_positions, k),
+            v=write_slots(self.v, layer, step.write_positions, values.full()),
         )
 
     def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
@@ -127,11 +127,11 @@ class LoRAKV:
     def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
         if values.lr is None:
             raise ValueError("a base+LR value cache needs adapters with LoRA on v_proj")
-        new = self.replace(lr=_write(self.lr, layer, step.write_positions, values.lr))
+        new = self.replace(lr=write_slots(self.lr, layer, step.write_positions, values.lr))
         if self.write_base:
             new = new.replace(
-                k=_write(self.k, layer, step.write_positions, k),
-                v_base=_write(self.v_base, layer, step.write_positions, values.base),
+                k=write_slots(self.k, layer, step.write_positions, k),
+                v_base=write_slots(self.v_base, layer, step.write_positions, values.base),
             )
         out = attention.attend(
             q, new.k, new.v_base, layer=layer, kv_lengths=step.kv_lengths, q_offsets=step.q_offsets,
@@ -236,14 +236,17 @@ class ConcurrentKV:
 
     def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
         lora = isinstance(self.prefix, LoRAKV)
+        if self.prefix.opts.sliding_window is not None:
+            raise NotImplementedError("concurrent branches do not support a sliding-window model yet; use "
+                                      "generate() per agent, or max_len <= sliding_window")
         if lora and values.lr is None:
             raise ValueError("a base+LR value cache needs adapters with LoRA on v_proj")
         S = self.suf_k.shape[2]
         slot = jnp.where(step.write_positions < self.capacity, step.write_positions - self.fork[:, None], S)
         new = self.replace(
-            suf_k=_write(self.suf_k, layer, slot, k),
-            suf_v=_write(self.suf_v, layer, slot, values.base if lora else values.full()),
-            suf_lr=_write(self.suf_lr, layer, slot, values.lr) if lora else None,
+            suf_k=write_slots(self.suf_k, layer, slot, k),
+            suf_v=write_slots(self.suf_v, layer, slot, values.base if lora else values.full()),
+            suf_lr=write_slots(self.suf_lr, layer, slot, values.lr) if lora else None,
         )
         B = self.fork.shape[0] // self.n_agents
         p = self.prefix

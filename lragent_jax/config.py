@@ -81,6 +81,11 @@ class ModelConfig:
             raise ConfigError(
                 f"rope_scaling type {rope_type!r} is not supported; allowed: {SUPPORTED_ROPE_TYPES}"
             )
+        needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")}.get(rope_type, ())
+        missing = [k for k in needed if k not in self.rope_scaling_dict]
+        if missing:
+            raise ConfigError(f"rope_scaling of type {rope_type!r} is missing {missing}")
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -243,6 +248,16 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=32768, model_type="mistral", bos_token_id=1, eos_token_ids=(2,),
     ),
 }
+
+
+def preset_name(config: ModelConfig) -> str | None:
+    """The preset whose shape this config has (e.g. a loaded Llama-3.1-8B), or None."""
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+              "head_dim", "model_type")
+    for name, p in PRESETS.items():
+        if all(getattr(p, f) == getattr(config, f) for f in fields):
+            return name
+    return None
 
 
 def preset(name: str) -> ModelConfig:

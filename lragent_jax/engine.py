@@ -9,6 +9,7 @@ whole multi-agent trajectory compiles a handful of programs (see `trace_counts`)
 from __future__ import annotations
 
 import collections
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from flax import nnx, struct
 
 from .cache import DroidSpeakKV
 from .lora import LoraWeights
-from .model import Llama, StepInputs
+from .model import LAYER_PARAMS, Llama, StepInputs
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
@@ -75,25 +76,18 @@ class Engine:
         self.config = model.config
         self.dtype = model.dtype
         self.lora = lora
-        self.prefill_buckets = tuple(sorted(prefill_buckets))
+        buckets = tuple(sorted(prefill_buckets))
+        if not buckets or any(int(b) != b or b < 1 for b in buckets):
+            raise ValueError(f"prefill_buckets must be positive integers, got {prefill_buckets!r}")
+        self.prefill_buckets = buckets
         if layer_mode == "per_layer":
-            # Split the stacked layer weights into per-layer arrays (one tensor at a time, so
-            # peak memory is one extra tensor), and hand the model empty placeholders for them.
-            self.graphdef, stacked, rest = nnx.split(model, nnx.PathContains("layers"), ...)
-            pure = nnx.to_pure_dict(stacked)["layers"]
-            self.layer_weights = [dict() for _ in range(self.config.num_layers)]
-            for name in list(pure):
-                arr = pure.pop(name)
-                for i in range(self.config.num_layers):
-                    self.layer_weights[i][name] = arr[i]
-                del arr
-            placeholders = jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), stacked)
-            # params: (model states for nnx.merge, per-layer weights or None); a jit argument.
-            self.params = ((placeholders, rest), self.layer_weights)
+            self.layer_weights = release_to_per_layer(model)
         else:
-            self.graphdef, state = nnx.split(model)
+            ensure_stacked(model)
             self.layer_weights = None
-            self.params = ((state,), None)
+        # params: (model state for nnx.merge, per-layer weights or None); one jit argument.
+        self.graphdef, state = nnx.split(model)
+        self.params = ((state,), self.layer_weights)
         self.trace_counts: collections.Counter = collections.Counter()
         self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "want_logits"),
                                 donate_argnames=("cache",))
@@ -139,7 +133,7 @@ class Engine:
             x = model.embed_tokens(tokens)
         elif ds and lo == cache.hidden_layer:
             rows = jnp.arange(B)[:, None]
-            x = cache.hidden[rows, jnp.minimum(positions, capacity - 1)]
+            x = cache.hidden[rows, jnp.minimum(positions, capacity - 1)].astype(model.dtype)
         else:
             raise ValueError(f"a forward may start at layer 0 or at a cached hidden state, not {lo}")
         if ds and lo < cache.hidden_layer < hi:
@@ -270,6 +264,44 @@ class Engine:
             jnp.asarray(limits), jnp.asarray(stops), buffer=buffer,
         )
         return tokens[:, :max_new_tokens], counts, cache
+
+
+# Models whose stacked layer weights were split into per-layer arrays (keyed by id(model)):
+# the stacked copy is released so the weights exist once on the device.
+_PER_LAYER: dict = {}
+
+
+def release_to_per_layer(model: Llama) -> list:
+    """Split the model's stacked layer weights into one array per layer, once.
+
+    The model's stacked Params are replaced by empty placeholders (so the weights are held
+    once); every per_layer Engine over this model shares the split arrays. ensure_stacked()
+    undoes it (e.g. before saving the model or building a "scan" Engine).
+    """
+    key = id(model)
+    if key in _PER_LAYER:
+        return _PER_LAYER[key]
+    L = model.config.num_layers
+    per_layer = [dict() for _ in range(L)]
+    for name in LAYER_PARAMS:  # one tensor at a time: peak memory is one extra tensor
+        var = getattr(model.layers, name)
+        arr = var.get_value()
+        for i in range(L):
+            per_layer[i][name] = arr[i]
+        var.set_value(jnp.zeros((0,), arr.dtype))
+        del arr
+    _PER_LAYER[key] = per_layer
+    weakref.finalize(model, _PER_LAYER.pop, key, None)
+    return per_layer
+
+
+def ensure_stacked(model: Llama) -> None:
+    """Restore stacked layer weights on a model released by release_to_per_layer()."""
+    per_layer = _PER_LAYER.pop(id(model), None)
+    if per_layer is None:
+        return
+    for name in LAYER_PARAMS:
+        getattr(model.layers, name).set_value(jnp.stack([lw[name] for lw in per_layer]))
 
 
 def _capacity(cache) -> int:

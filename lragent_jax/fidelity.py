@@ -49,6 +49,7 @@ import numpy as np
 from flax import struct
 
 from . import attention
+from .cache import write_slots
 from .cache import capacity as cache_capacity
 from .engine import Engine
 from .model import StepInputs, ValueParts
@@ -65,11 +66,6 @@ COSINE_DEFINITION = (
 
 
 # ---- 1. value-cache similarity ---------------------------------------------------------------
-def _write(buf, layer, write_positions, new):
-    rows = jnp.arange(new.shape[0])[:, None]
-    return buf.at[layer, rows, write_positions].set(new.astype(buf.dtype), mode="drop")
-
-
 @struct.dataclass
 class RecordingKV:
     """A cache view that attends like a non_shared cache and records every value part.
@@ -95,14 +91,18 @@ class RecordingKV:
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), base=jnp.zeros(shape, dtype),
                    adapter=jnp.zeros(shape, jnp.float32), lr=lr, impl=impl, sliding_window=sliding_window)
 
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
     def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
         wp = step.write_positions
-        new = self.replace(k=_write(self.k, layer, wp, k), v=_write(self.v, layer, wp, values.full()),
-                           base=_write(self.base, layer, wp, values.base))
+        new = self.replace(k=write_slots(self.k, layer, wp, k), v=write_slots(self.v, layer, wp, values.full()),
+                           base=write_slots(self.base, layer, wp, values.base))
         if values.lr is not None and self.lr is not None:
             delta = values.scale[:, None, None, None] * jnp.einsum(
                 "bsr,bhrd->bshd", values.lr, values.lora_b, preferred_element_type=jnp.float32)
-            new = new.replace(adapter=_write(self.adapter, layer, wp, delta), lr=_write(self.lr, layer, wp, values.lr))
+            new = new.replace(adapter=write_slots(self.adapter, layer, wp, delta), lr=write_slots(self.lr, layer, wp, values.lr))
         out = attention.attend(q, new.k, new.v, layer=layer, kv_lengths=step.kv_lengths, q_offsets=step.q_offsets,
                                impl=self.impl, sliding_window=self.sliding_window)
         return out, new

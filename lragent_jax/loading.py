@@ -415,6 +415,10 @@ def save_converted(directory, model: Llama, lora: LoraWeights | None = None, *, 
     """
     import orbax.checkpoint as ocp
 
+    from .engine import ensure_stacked
+
+    ensure_stacked(model)  # a per_layer Engine may have split the stacked weights
+
     directory = os.path.abspath(os.fspath(directory))  # orbax wants absolute paths
     if os.path.exists(os.path.join(directory, "meta.json")) and not overwrite:
         raise FileExistsError(f"{directory} already holds a converted checkpoint; pass overwrite=True")
@@ -488,6 +492,9 @@ def save_hf_model(model: Llama, folder) -> str:
     transformers read. Adapters are not written (use PEFT for that)."""
     from safetensors.numpy import save_file
 
+    from .engine import ensure_stacked
+
+    ensure_stacked(model)
     cfg = model.config
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)

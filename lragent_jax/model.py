@@ -175,6 +175,9 @@ class Llama(nnx.Module):
 
         if layer_weights is not None and scan:
             raise ValueError("per-layer weights need scan=False (unrolled layers)")
+        if layer_weights is None and w.wq[...].ndim != 3:
+            raise ValueError("this model's stacked layer weights were released to a per-layer Engine; "
+                             "call lragent_jax.engine.ensure_stacked(model) first")
 
         def proj(name, layer, h, weight):
             y = _matmul(h, weight)

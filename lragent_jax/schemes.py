@@ -12,6 +12,10 @@ semantics are DESIGN.md section 2:
                                                     re-run layers min C .. max C on unseen tokens
   base_shared     one K, V_base; LR per agent       "LR prefill": own hidden states, LR only
   base_lr_shared  one K, V_base, LR (shared A)      nothing to catch up
+
+As in HF-style generation, the last token an agent generates is sampled but not fed back
+within its turn; it is processed (and cached) at the start of the next turn, by whichever
+agent takes it, together with any appended context.
 """
 
 from __future__ import annotations
@@ -44,13 +48,27 @@ def canonical_scheme(name: str) -> str:
     return key
 
 
-def default_critical_layers(num_layers: int) -> tuple[int, ...]:
-    """About a third of the layers, spread out (used when no preset or user set applies)."""
-    for layers in DROIDSPEAK_LAYERS.values():
-        if max(layers) < num_layers and num_layers in (32, 36):
-            return layers
+def default_critical_layers(num_layers: int, model_name: str | None = None) -> tuple[int, ...]:
+    """The paper's set for Llama-3.1-8B (32 layers) / Ministral-8B (36 layers), else a third of the
+    layers spread out. model_name (a preset name) picks a set explicitly."""
+    if model_name in DROIDSPEAK_LAYERS:
+        return DROIDSPEAK_LAYERS[model_name]
+    by_depth = {32: DROIDSPEAK_LAYERS["llama-3.1-8b"], 36: DROIDSPEAK_LAYERS["ministral-8b"]}
+    if num_layers in by_depth:
+        return by_depth[num_layers]
     n = max(1, num_layers // 3)
     return tuple(sorted(set(int(round(i)) for i in np.linspace(0, num_layers - 1, n))))
+
+
+def check_critical_layers(critical_layers, num_layers: int) -> tuple[int, ...]:
+    """Validate a user's droidspeak layer set: non-empty integers in [0, num_layers)."""
+    layers = list(critical_layers)
+    if not layers or any(isinstance(c, bool) or int(c) != c for c in layers):
+        raise ValueError(f"droidspeak critical layers must be a non-empty list of integers, got {critical_layers!r}")
+    crit = tuple(sorted(set(int(c) for c in layers)))
+    if crit[0] < 0 or crit[-1] >= num_layers:
+        raise ValueError(f"droidspeak critical layers must lie in 0..{num_layers - 1}, got {crit}")
+    return crit
 
 
 def _rows(traj, lo, hi):
@@ -392,9 +410,7 @@ class DroidSpeak(_SharedPlusOwn):
     def __init__(self, *args, critical_layers=None, **kw):
         super().__init__(*args, **kw)
         L = self.config.num_layers
-        crit = tuple(sorted(set(int(c) for c in (critical_layers or default_critical_layers(L)))))
-        if not crit or crit[0] < 0 or crit[-1] >= L:
-            raise ValueError(f"droidspeak critical layers must be a non-empty subset of 0..{L - 1}, got {crit}")
+        crit = check_critical_layers(default_critical_layers(L) if critical_layers is None else critical_layers, L)
         self.critical = crit
         self._catch_up_layers = (crit[0], crit[-1] + 1)
         self.shared = DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)

@@ -14,7 +14,9 @@ recorded in `session.turns` with its catch-up work and timings.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,8 @@ import numpy as np
 from .cache import AttnOptions
 from .engine import BASE_AGENT, Engine
 from .sampling import SamplingParams
-from .schemes import DROIDSPEAK_LAYERS, canonical_scheme, make_scheme
+from .config import preset_name
+from .schemes import DROIDSPEAK_LAYERS, canonical_scheme, default_critical_layers, make_scheme
 
 
 @dataclasses.dataclass
@@ -55,7 +58,8 @@ class Session:
       critical_layers: droidspeak's critical layer set (default: the paper's set for the
         preset named by `model_name`, else a third of the layers).
       stop_ids: default stop tokens of generate() (default: the model's eos ids).
-      seed: base seed of sampling.
+      seed: base seed of sampling. Turn k draws from fold_in(key(seed), k), so a session replays
+        exactly from the same seed; a per-call seed= replaces the base seed for that call.
     """
 
     def __init__(self, engine: Engine, scheme: str = "non_shared", *, batch: int = 1, max_len: int = 4096,
@@ -77,8 +81,9 @@ class Session:
         self.max_len = int(max_len)
         self.tokenizer = tokenizer
         self.stop_ids = tuple(engine.config.eos_token_ids if stop_ids is None else stop_ids)
-        if critical_layers is None and model_name in DROIDSPEAK_LAYERS:
-            critical_layers = DROIDSPEAK_LAYERS[model_name]
+        if critical_layers is None:
+            name = model_name if model_name in DROIDSPEAK_LAYERS else preset_name(engine.config)
+            critical_layers = default_critical_layers(engine.config.num_layers, name)
         cfg = engine.config
         opts = AttnOptions(impl=attention, naive_expansion=naive_expansion,
                            sliding_window=cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_len else None)
@@ -88,6 +93,7 @@ class Session:
         self.turns: list[TurnStats] = []
         self._seed = seed
         self._key_counter = 0
+        self._pending = None  # branches of the last generate_concurrent()
 
     # ---- building the trajectory ---------------------------------------------------------
     def _to_rows(self, tokens_or_text) -> list[list[int]]:
@@ -173,14 +179,20 @@ class Session:
         in one jitted loop reading the shared prefix once per step; the other schemes run the
         branches one after another (each agent catches up first).
         """
-        if not requests:
-            raise ValueError("generate_concurrent needs at least one agent")
+        if not isinstance(requests, Mapping) or not requests:
+            raise ValueError("generate_concurrent takes a non-empty dict {agent: max_new_tokens or options}, "
+                             f"got {requests!r}")
         defaults = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
         opts, max_new = {}, {}
         for agent, req in requests.items():
             if agent not in self.agents:
                 raise KeyError(f"unknown agent {agent!r}; agents: {list(self.agents)}")
-            req = {"max_new_tokens": req} if isinstance(req, int) else dict(req)
+            if isinstance(req, numbers.Integral) and not isinstance(req, bool):
+                req = {"max_new_tokens": int(req)}
+            elif isinstance(req, Mapping):
+                req = dict(req)
+            else:
+                raise ValueError(f"agent {agent!r}: expected max_new_tokens (an int) or a dict of options, got {req!r}")
             n = req.pop("max_new_tokens", 32)
             bad = set(req) - set(defaults)
             if bad:

@@ -53,7 +53,7 @@ def main(argv=None):
     from lragent_jax.engine import Engine
     from lragent_jax.lora import random_adapters
     from lragent_jax.model import Llama
-    from lragent_jax.schemes import DROIDSPEAK_LAYERS, SCHEMES, default_critical_layers
+    from lragent_jax.schemes import SCHEMES, default_critical_layers
     from lragent_jax.session import Session
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,7 +80,7 @@ def main(argv=None):
     lora = random_adapters(cfg, names, rank=8, dtype=dtype)
     engine = Engine(model, lora, prefill_buckets=tuple(int(b) for b in args.prefill_buckets.split(",")))
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(engine.params))
-    critical = DROIDSPEAK_LAYERS.get(args.shape, default_critical_layers(cfg.num_layers))
+    critical = default_critical_layers(cfg.num_layers, args.shape)
     run = set(SCHEMES if args.run == "all" else args.run.split(","))
     fit = set(SCHEMES if args.fit == "all" else args.fit.split(",")) | run
     max_len = T + args.agents * args.gen + 8

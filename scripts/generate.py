@@ -44,7 +44,7 @@ def parse_args(argv):
     g.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--turn", action="append", default=[], metavar="AGENT[:N]",
                    help="an agent turn generating N tokens (default --max-new-tokens); repeatable, in order")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default turn length (32)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (overrides temperature)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -103,6 +103,9 @@ def build(args):
 
     from lragent_jax import embedded
 
+    explicit_n = args.max_new_tokens is not None
+    if not explicit_n:
+        args.max_new_tokens = 32
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -143,7 +146,7 @@ def build(args):
     agents = list(lora.names) if lora is not None else ["base"]
     turns = parse_turns(args.turn, args.max_new_tokens, agents)
     if not turns:
-        turns = default_turns if (default_turns and not args.turn and args.max_new_tokens == 32) else [
+        turns = default_turns if (default_turns and not explicit_n) else [
             (a, args.max_new_tokens) for a in agents]
 
     if args.prompt_ids is not None:

@@ -93,3 +93,13 @@ def test_errors(engine):
     s.append([5])
     with pytest.raises(ValueError, match="generate_concurrent"):  # append() made the branches stale
         s.adopt("plan")
+
+
+def test_request_types(engine):
+    s = fresh(engine, "base_lr_shared")
+    got = s.generate_concurrent({"plan": np.int64(3)}, greedy=True)
+    assert len(got["plan"][0]) == 3
+    with pytest.raises(ValueError, match="dict"):
+        s.generate_concurrent(["plan", "action"])
+    with pytest.raises(ValueError, match="expected max_new_tokens"):
+        s.generate_concurrent({"plan": "3"})

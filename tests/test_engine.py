@@ -90,3 +90,22 @@ def test_compilations_bounded_over_multi_turn_run():
     before = dict(eng.trace_counts)
     s.generate("plan", 5)  # the same shapes again: nothing new is compiled
     assert dict(eng.trace_counts) == before
+
+
+def test_per_layer_mode_holds_weights_once_and_matches_scan():
+    from lragent_jax.engine import ensure_stacked
+
+    cfg = preset("tiny")
+    model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    lora = random_adapters(cfg, seed=4, b_std=0.2)
+    scan = greedy_generate(Engine(model, lora, layer_mode="scan"), list(range(10, 31)), "plan", 6)
+    per_layer = Engine(model, lora, layer_mode="per_layer")
+    assert model.layers.wq[...].size == 0  # the stacked copy was released
+    assert greedy_generate(per_layer, list(range(10, 31)), "plan", 6) == scan
+    ensure_stacked(model)
+    assert model.layers.wq[...].shape == (cfg.num_layers, cfg.hidden_size, cfg.q_dim)
+    assert greedy_generate(Engine(model, lora, layer_mode="unrolled"), list(range(10, 31)), "plan", 6) == scan
+    with pytest.raises(ValueError, match="prefill_buckets"):
+        Engine(model, lora, prefill_buckets=(0,))
+    with pytest.raises(ValueError, match="layer_mode"):
+        Engine(model, lora, layer_mode="fast")

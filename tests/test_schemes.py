@@ -160,3 +160,25 @@ def test_session_errors(engine):
         Session(engine, "half_shared")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         s.append("text")
+
+
+def test_droidspeak_layer_sets():
+    from lragent_jax.schemes import DROIDSPEAK_LAYERS, check_critical_layers, default_critical_layers
+
+    assert default_critical_layers(32) == DROIDSPEAK_LAYERS["llama-3.1-8b"]
+    assert default_critical_layers(36) == DROIDSPEAK_LAYERS["ministral-8b"]
+    assert default_critical_layers(4) == (0,)  # a third of 4 layers, at least one
+    assert default_critical_layers(12) == (0, 4, 7, 11)
+    for bad in ([], [1.5], [4], [-1]):
+        with pytest.raises(ValueError, match="critical layers"):
+            check_critical_layers(bad, 4)
+
+
+def test_droidspeak_cache_dtype_differs_from_model(cfg):
+    # the catch-up starts from the cached hidden state, stored in the cache dtype
+    model = Llama(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    eng = Engine(model, random_adapters(cfg, seed=1, dtype=jnp.bfloat16))
+    s = Session(eng, "droidspeak", max_len=MAX_LEN, critical_layers=(1, 2), cache_dtype=jnp.float16, stop_ids=())
+    s.append(PROMPT)
+    s.generate("plan", 3, greedy=True)
+    assert len(s.generate("action", 3, greedy=True)[0]) == 3
