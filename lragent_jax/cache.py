@@ -121,6 +121,11 @@ class LoRAKV:
         return _nbytes(self.k, self.v_base, self.lr)
 
     @property
+    def needs_new_kv(self) -> bool:
+        """Without base writes (a catch-up) the model can skip the k and v projections."""
+        return self.write_base
+
+    @property
     def capacity(self) -> int:
         return self.k.shape[2]
 

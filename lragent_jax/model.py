@@ -179,6 +179,9 @@ class Llama(nnx.Module):
             raise ValueError("this model's stacked layer weights were released to a per-layer Engine; "
                              "call lragent_jax.engine.ensure_stacked(model) first")
 
+        # A cache view may declare it needs no new K / V_base (it only writes LR): skip them.
+        needs_kv = getattr(cache, "needs_new_kv", True)
+
         def proj(name, layer, h, weight):
             y = _matmul(h, weight)
             if lp[name] is not None:
@@ -193,8 +196,11 @@ class Llama(nnx.Module):
                 lw = {name: getattr(w, name)[...][layer] for name in LAYER_PARAMS}
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
             q = proj("q", layer, h, lw["wq"]).reshape(B, S, cfg.num_heads, cfg.head_dim)
-            k = proj("k", layer, h, lw["wk"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
-            v_base = _matmul(h, lw["wv"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+            if needs_kv:
+                k = proj("k", layer, h, lw["wk"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+                v_base = _matmul(h, lw["wv"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+            else:  # the cache already holds these tokens' K and V_base (base_shared catch-up)
+                k = v_base = None
             if lp["v"] is not None:
                 pv = lp["v"]
                 values = ValueParts(
@@ -206,7 +212,7 @@ class Llama(nnx.Module):
             else:
                 values = ValueParts(base=v_base)
             q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
+            k = apply_rope(k, cos, sin) if needs_kv else None
             attn, cache = cache.update_and_attend(layer, q, k, values, step)
             x = x + proj("o", layer, attn.reshape(B, S, cfg.q_dim), lw["wo"])
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
