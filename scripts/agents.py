@@ -36,8 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 QUESTION = "Which city hosted the first modern Olympic Games, and how many years before 2025 was that?"
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
+from lragent_jax.cli import DTYPES, UsageError, load_agents, strict_parser  # noqa: E402
 
 
 # ---- tools: name -> callable(str) -> str -------------------------------------------------------
@@ -156,51 +155,24 @@ def parse_args(argv):
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=2048, help="cache capacity in tokens")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=None, choices=DTYPES)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-
-    def error(message):
-        raise UsageError(message)
-
-    p.error = error
-    return p.parse_args(argv)
+    return strict_parser(p).parse_args(argv)
 
 
 def make_session(args):
-    import jax.numpy as jnp
-
     from lragent_jax.engine import Engine
     from lragent_jax.session import Session
 
-    adapters = {}
-    for spec in args.adapter:
-        agent, sep, path = spec.partition("=")
-        if not (agent and sep and path) or agent in adapters:
-            raise UsageError(f"--adapter expects NAME=PATH once per agent, got {spec!r}")
-        adapters[agent] = path
-    if args.model is None:
-        if adapters:
-            raise UsageError("--adapter needs --model (the embedded demo has its own agents)")
-        from lragent_jax import embedded
-
-        model, lora, tokenizer = embedded.embedded_model(args.seed, dtype=jnp.dtype(args.dtype or "float32"))
-        name = "embedded-tiny-random"
-    else:
-        from lragent_jax import loading
-
-        dtype = jnp.dtype(args.dtype or "bfloat16")
-        model = loading.load_model(args.model, dtype=dtype)
-        lora = loading.load_adapters(adapters, model, dtype=dtype) if adapters else None
-        tokenizer = loading.load_tokenizer(args.model)
-        name = args.model
-        if tokenizer is None:
-            raise UsageError(f"{args.model!r} has no tokenizer files; the agent loop works on text")
+    model, lora, tokenizer, name, random_weights = load_agents(args.model, args.adapter, args.dtype, args.seed)
+    if tokenizer is None:
+        raise UsageError(f"{args.model!r} has no tokenizer files; the agent loop works on text")
     missing = [a for a in ("plan", "action", "reflect") if lora is None or a not in lora.names]
     if missing:
         raise UsageError(f"agents {missing} have no adapter; give --adapter plan=... action=... reflect=...")
     session = Session(Engine(model, lora), args.scheme, max_len=args.max_len, tokenizer=tokenizer,
                       model_name=name, seed=args.seed)
-    return session, name, args.model is None
+    return session, name, random_weights
 
 
 def main(argv=None):

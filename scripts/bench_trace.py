@@ -55,8 +55,7 @@ def paper_ratios(ours: str) -> tuple[float, float]:
     return f_ns / f, t / t_ns
 
 
-class UsageError(Exception):
-    pass
+from lragent_jax.cli import UsageError  # noqa: E402  (no jax at import: bench_hf_peft reuses this file)
 
 
 def log(*a):
@@ -75,14 +74,9 @@ def parse_int_list(text, what):
 
 
 def parse_adapters(specs):
-    adapters = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(f"--adapter expects NAME=PATH, got {spec!r}")
-        if name in adapters:
-            raise UsageError(f"--adapter {name!r} given twice")
-        adapters[name] = path
+    from lragent_jax.cli import parse_adapter_specs
+
+    adapters = parse_adapter_specs(specs)
     missing = [a for a in ("plan", "action", "reflect") if a not in adapters]
     if missing:
         raise UsageError(f"the trace needs adapters plan, action and reflect; missing --adapter for {missing}")

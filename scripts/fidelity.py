@@ -29,11 +29,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
+from lragent_jax.cli import (  # noqa: E402
+    DTYPES, UsageError, int_list, load_agents, parse_adapter_specs, strict_parser)
 
 
 def parse_args(argv):
@@ -64,48 +61,14 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of --random-tokens and of the demo weights")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     p.add_argument("--out", metavar="DIR", help="also write DIR/fidelity.json and DIR/fidelity_cosine.png")
-
-    def error(message):
-        raise UsageError(message)
-
-    p.error = error
-    return p.parse_args(argv)
-
-
-def _int_list(text, what):
-    try:
-        return [int(x) for x in text.split(",") if x.strip() != ""]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    return strict_parser(p).parse_args(argv)
 
 
 def build(args):
     """(model, lora, tokenizer, model_name, random_weights)."""
-    import jax.numpy as jnp
-
-    adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(f"--adapter expects NAME=PATH, got {spec!r}")
-        if name in adapters:
-            raise UsageError(f"--adapter {name!r} given twice")
-        adapters[name] = path
-    if args.model is None:
-        if adapters:
-            raise UsageError("--adapter needs --model (the embedded demo has its own agents)")
-        from lragent_jax import embedded
-
-        model, lora, tokenizer = embedded.embedded_model(args.seed, dtype=jnp.dtype(args.dtype or "float32"))
-        return model, lora, tokenizer, "embedded-tiny-random", True
-    if len(adapters) < 2:
+    if args.model is not None and len(parse_adapter_specs(args.adapter)) < 2:
         raise UsageError("give at least two --adapter NAME=PATH: fidelity compares agents")
-    from lragent_jax import loading
-
-    dtype = jnp.dtype(args.dtype or "bfloat16")
-    model = loading.load_model(args.model, dtype=dtype)
-    lora = loading.load_adapters(adapters, model, dtype=dtype)
-    return model, lora, loading.load_tokenizer(args.model), args.model, False
+    return load_agents(args.model, args.adapter, args.dtype, args.seed)
 
 
 def trajectory_tokens(args, model, tokenizer):
@@ -230,8 +193,8 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.max_len is not None and args.max_len < 2:
             raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
-        appends = _int_list(args.append_ids, "--append-ids") if args.append_ids else None
-        critical = _int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
+        appends = int_list(args.append_ids, "--append-ids") if args.append_ids else None
+        critical = int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
 
         import jax
 

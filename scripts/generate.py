@@ -23,11 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
+from lragent_jax.cli import DTYPES, UsageError, int_list, load_agents, strict_parser  # noqa: E402
 
 
 def parse_args(argv):
@@ -63,19 +59,7 @@ def parse_args(argv):
     p.add_argument("--critical-layers", default=None,
                    help="droidspeak critical layers, comma-separated (default: paper's set or a third of layers)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-
-    def error(message):  # argparse's own errors: one line, exit 2
-        raise UsageError(message)
-
-    p.error = error
-    return p.parse_args(argv)
-
-
-def _int_list(text, what):
-    try:
-        return [int(x) for x in text.split(",") if x.strip() != ""]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    return strict_parser(p).parse_args(argv)
 
 
 def parse_turns(specs, default_n, agents):
@@ -99,8 +83,6 @@ def parse_turns(specs, default_n, agents):
 
 def build(args):
     """Model, adapters, tokenizer, turns and prompt ids from the arguments."""
-    import jax.numpy as jnp
-
     from lragent_jax import embedded
 
     explicit_n = args.max_new_tokens is not None
@@ -114,34 +96,9 @@ def build(args):
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(f"--adapter expects NAME=PATH, got {spec!r}")
-        if name in adapters:
-            raise UsageError(f"--adapter {name!r} given twice")
-        adapters[name] = path
-
-    random_weights = args.model is None
-    if random_weights:
-        if adapters:
-            raise UsageError("--adapter needs --model (the embedded demo has its own agents)")
-        dtype = jnp.dtype(args.dtype or "float32")
-        model, lora, tokenizer = embedded.embedded_model(args.seed, dtype=dtype)
-        default_turns = list(embedded.TURNS)
-        prompt_text = embedded.PROMPT
-        model_name = "embedded-tiny-random"
-    else:
-        from lragent_jax import loading
-
-        dtype = jnp.dtype(args.dtype or "bfloat16")
-        model = loading.load_model(args.model, dtype=dtype)
-        lora = loading.load_adapters(adapters, model, dtype=dtype) if adapters else None
-        tokenizer = loading.load_tokenizer(args.model)
-        default_turns = None
-        prompt_text = None
-        model_name = args.model
+    model, lora, tokenizer, model_name, random_weights = load_agents(args.model, args.adapter, args.dtype, args.seed)
+    default_turns = list(embedded.TURNS) if random_weights else None
+    prompt_text = embedded.PROMPT if random_weights else None
 
     agents = list(lora.names) if lora is not None else ["base"]
     turns = parse_turns(args.turn, args.max_new_tokens, agents)
@@ -150,7 +107,7 @@ def build(args):
             (a, args.max_new_tokens) for a in agents]
 
     if args.prompt_ids is not None:
-        prompt = _int_list(args.prompt_ids, "--prompt-ids")
+        prompt = int_list(args.prompt_ids, "--prompt-ids")
         if not prompt:
             raise UsageError("--prompt-ids is empty")
         V = model.config.vocab_size
@@ -175,8 +132,8 @@ def run_scheme(engine, scheme, args, tokenizer, turns, prompt, max_len, model_na
 
     stop_ids = None
     if args.stop_ids is not None:
-        stop_ids = () if args.stop_ids.strip().lower() == "none" else tuple(_int_list(args.stop_ids, "--stop-ids"))
-    critical = _int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
+        stop_ids = () if args.stop_ids.strip().lower() == "none" else tuple(int_list(args.stop_ids, "--stop-ids"))
+    critical = int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
     session = Session(engine, scheme, max_len=max_len, tokenizer=tokenizer, attention=args.attention,
                       naive_expansion=args.naive_expansion, critical_layers=critical, model_name=model_name,
                       stop_ids=stop_ids, seed=args.seed)
