@@ -78,11 +78,9 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default bench/results/hf-peft-<date>)")
 
-    def error(message):
-        raise UsageError(message)
+    from lragent_jax.cli import strict_parser
 
-    p.error = error
-    args = p.parse_args(argv)
+    args = strict_parser(p).parse_args(argv)
     if args.adapter and not args.model:
         raise UsageError("--adapter needs --model")
     if args.model and not args.adapter:

@@ -28,30 +28,27 @@ import numpy as np
 from flax import nnx
 
 
-def copy_bandwidth(nbytes=2 << 30, reps=10):
-    """Bytes read + written per second by a large on-device copy."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    jax.block_until_ready(f(x))
+def median_time(f, *args, reps=10):
+    """Median wall time of f(*args) after one warm-up call (compile excluded)."""
+    jax.block_until_ready(f(*args))
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(f(x))
+        jax.block_until_ready(f(*args))
         ts.append(time.perf_counter() - t)
-    return 2 * nbytes / float(np.median(ts))
+    return float(np.median(ts))
+
+
+def copy_bandwidth(nbytes=2 << 30, reps=10):
+    """Bytes read + written per second by a large on-device copy."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    return 2 * nbytes / median_time(jax.jit(lambda a: a + 1.0), x, reps=reps)
 
 
 def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(f(a, b))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / float(np.median(ts))
+    return 2 * n**3 / median_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
 
 
 def gemv_bandwidth(d, f, dtype, reps=20, n=8):
@@ -66,13 +63,7 @@ def gemv_bandwidth(d, f, dtype, reps=20, n=8):
         ys = [jnp.einsum("bsd,df->bsf", x, w[i], preferred_element_type=jnp.float32) for i in range(n)]
         return sum(y[..., :8] for y in ys)
 
-    jax.block_until_ready(g(x, w))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(g(x, w))
-        ts.append(time.perf_counter() - t)
-    return n * d * f * jnp.dtype(dtype).itemsize / float(np.median(ts))
+    return n * d * f * jnp.dtype(dtype).itemsize / median_time(g, x, w, reps=reps)
 
 
 def tree_bytes(tree):

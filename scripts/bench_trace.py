@@ -230,11 +230,9 @@ def parse_args(argv):
                    help="persistent JAX compilation cache (reused by later invocations)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/trace-<date>)")
 
-    def error(message):
-        raise UsageError(message)
+    from lragent_jax.cli import strict_parser
 
-    p.error = error
-    args = p.parse_args(argv)
+    args = strict_parser(p).parse_args(argv)
     if args.adapter and not args.model:
         raise UsageError("--adapter needs --model (--shape makes its own random adapters)")
     if args.model and not args.adapter:
