@@ -37,7 +37,7 @@ TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
 # Keyword "block sizes" accepted per backend (they apply to the kernel that runs;
 # num_splits only to decode).
 _TUNABLES = {
-    "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits"),
+    "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits", "lora_dot"),
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
     "xla": ("q_chunk",),
 }
@@ -67,6 +67,10 @@ def _check_tunables(backend, kw):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {val!r}.")
       continue
     if val is None:
+      continue
+    if key == "lora_dot":
+      if val not in ("mma", "fma"):
+        raise ValueError(f"lora_dot must be 'mma' or 'fma' (triton decode), got {val!r}.")
       continue
     if not isinstance(val, numbers.Integral) or val < 1:
       raise ValueError(f"{key} must be a positive int, got {val!r}.")
@@ -111,6 +115,7 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **b
   kw = {k: v for k, v in block_sizes.items() if v is not None}
   if kernel == "prefill":
     kw.pop("num_splits", None)
+    kw.pop("lora_dot", None)
   else:
     kw.pop("block_q", None)
   args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
@@ -148,7 +153,8 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     backend: "auto" | "triton" | "mosaic_tpu" | "xla".
     interpret: run the Pallas kernel in interpret mode.
     return_lse: python bool (static). Also return the log-sum-exp of each row.
-    **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits;
+    **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits,
+      lora_dot ("mma" | "fma": how decode forms P @ LR for ranks below 16);
       mosaic_tpu: block_q, block_k, num_splits; xla: q_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len.
 

@@ -156,7 +156,10 @@ def _attend_block(j, carry, *, q, k_ref, v_ref, lr_ref, layer, block_k, kv_len,
   acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
   if lr_ref is not None:
     lrt = _load(lr_ref.at[layer, pl.ds(start, block_k), :], _and(in_len, rmask))
-    racc = racc * alpha[:, None] + _dot(p.astype(lrt.dtype), lrt)
+    if lrt.shape[-1] < 16:   # lora_dot="fma": rank-wide product on the CUDA cores
+      racc = racc * alpha[:, None] + jnp.sum(p[:, :, None] * lrt.astype(jnp.float32)[None], axis=1)
+    else:
+      racc = racc * alpha[:, None] + _dot(p.astype(lrt.dtype), lrt)
   return acc, racc, m_new, l_i
 
 
@@ -328,14 +331,15 @@ def _lora_rows(rr, *, bi, h, b_ref, scale_ref, g_row, group, per_q_head_b, r, rp
   bmask = _and(None if r == rp else (jnp.arange(rp) < r)[:, None], dmask)
   hq_rows = h * group + g_row
   sc = plgpu.load(scale_ref.at[jnp.full((mp,), bi, jnp.int32), hq_rows])
+  mm = _dot if rp >= 16 else (lambda a, bm: jnp.sum(a[:, :, None] * bm[None], axis=1))
   if not per_q_head_b:
     bmat = _load(b_ref.at[h, :, :], bmask).astype(jnp.float32)
-    term = _dot(rr, bmat)
+    term = mm(rr, bmat)
   else:
     def body(g, term):
       bmat = _load(b_ref.at[h * group + g, :, :], bmask).astype(jnp.float32)
       sel = jnp.where((g_row == g)[:, None], rr, 0.0)
-      return term + _dot(sel, bmat)
+      return term + mm(sel, bmat)
     term = lax.fori_loop(0, group, body, jnp.zeros((mp, b_ref.shape[-1]), jnp.float32))
   return sc[:, None] * term
 
@@ -552,6 +556,10 @@ def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
     plgpu.store(lse_out_ref.at[t_row, hq_row], lse, mask=row_ok & (ci == 0))
 
 
+LORA_DOTS = ("mma", "fma")
+DEFAULT_LORA_DOT = "mma"
+
+
 def num_sms() -> int:
   try:
     dev = jax.devices()[0]
@@ -573,12 +581,17 @@ def default_num_splits(batch, heads_kv, kv_len, block_k, sms=None):
 
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
            block_k=None, num_splits=None, num_warps=None, num_stages=None,
-           interpret=False, return_lse=False):
+           lora_dot=None, interpret=False, return_lse=False, split_only=False):
   """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D]
   (and the float32 lse [B, Tq, Hq] with return_lse).
 
   Block sizes left as None get shared-memory-aware defaults (decode_defaults);
   num_splits None -> default_num_splits (about two waves of programs).
+  lora_dot: how each KV block's P @ LR is formed: "mma" (tensor cores, LR
+  padded to 16 columns by masked loads) or "fma" (CUDA cores on an LR tile of
+  next_pow2(rank) columns; ranks below 16 only). None -> DEFAULT_LORA_DOT.
+  split_only: return the split pass's partials (opart, rpart or None, lse)
+  instead of merging them (see merge(); for profiling the two passes apart).
   """
   b, tq, hq, d = q.shape
   num_layers, _, s_len, hkv, _ = k.shape
@@ -587,7 +600,13 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   per_q_head_b = has_lora and lora_b.shape[1] != hkv
   dp = next_pow2(d)
   r = lr.shape[-1] if has_lora else 0
+  lora_dot = DEFAULT_LORA_DOT if lora_dot is None else lora_dot
+  if lora_dot not in LORA_DOTS:
+    raise ValueError(f"lora_dot must be one of {LORA_DOTS}, got {lora_dot!r}.")
+  # LR tile width inside the kernel: the "fma" form needs no padding to 16.
   rp = max(16, next_pow2(r)) if has_lora else 16
+  if has_lora and lora_dot == "fma" and next_pow2(r) < 16:
+    rp = max(4, next_pow2(r))
   mp = max(16, next_pow2(tq * group))
   dflt = decode_defaults(mp, dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
                          jnp.dtype(lr.dtype).itemsize if has_lora else 0, s_len)
@@ -599,7 +618,6 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
   statics = dict(has_lora=has_lora, per_q_head_b=per_q_head_b, num_splits=ns,
                  tq=tq, d=d, r=r, group=group, mp=mp)
-  lse_kw = {"return_lse": True} if return_lse else {}
   lse_shape = jax.ShapeDtypeStruct((b, tq, hq), jnp.float32)
   full1 = lambda n: pl.BlockSpec((n,), lambda *_: (0,))
   in_specs = [
@@ -621,7 +639,7 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   params = _compiler_params(num_warps, num_stages)
   kernel = functools.partial(_decode_kernel, causal=causal,
                              qk_scale=float(sm_scale) * LOG2E, block_k=block_k, **statics)
-  if ns == 1:
+  if ns == 1 and not split_only:
     if return_lse:
       res = pl.pallas_call(
           functools.partial(kernel, return_lse=True), grid=(1, b, hkv),
@@ -640,7 +658,19 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
         name="flash_lora_decode",
     )(*args, *lora_args)
 
-  m_rows = tq * group
+  parts = _split_call(kernel, in_specs, args, b=b, hkv=hkv, ns=ns, m_rows=tq * group, mp=mp, d=d,
+                      dp=dp, r=r, rp=rp, has_lora=has_lora, params=params, interpret=interpret)
+  if split_only:
+    return parts
+  return merge(*parts, lora_b, scale, tq=tq, hq=hq, d=d, out_dtype=q.dtype,
+               return_lse=return_lse, interpret=interpret)
+
+
+def _split_call(kernel, in_specs, args, *, b, hkv, ns, m_rows, mp, d, dp, r, rp, has_lora,
+                params, interpret):
+  """The split-K pass: per (split, batch row, KV head) the normalised partials
+  opart [B, Hkv, ns, M, D] (and rpart [B, Hkv, ns, M, r]) and the log2-domain
+  lse [B, Hkv, ns, Mp]; rows are the stacked (t, g) query rows."""
   out_shapes = [jax.ShapeDtypeStruct((b, hkv, ns, m_rows, d), jnp.float32)]
   out_specs = [pl.BlockSpec((None, None, None, mp, dp), lambda s, bi, h: (bi, h, s, 0, 0))]
   if has_lora:
@@ -655,13 +685,27 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
       name="flash_lora_decode_split",
   )(*args)
   if has_lora:
-    opart, rpart, lse = parts
-  else:
-    (opart, lse), rpart = parts, None
+    return tuple(parts)
+  opart, lse = parts
+  return opart, None, lse
+
+
+def merge(opart, rpart, lse, lora_b, scale, *, tq, hq, d, out_dtype, return_lse=False,
+          interpret=False):
+  """Merges split-K partials (from the split pass) into [B, Tq, Hq, D]; with
+  rpart, the rank-wide partials are merged the same way and multiplied by B."""
+  b, hkv, ns, m_rows, _ = opart.shape
+  mp = lse.shape[-1]
+  group = hq // hkv
+  has_lora = rpart is not None
+  per_q_head_b = has_lora and lora_b.shape[1] != hkv
+  dp = next_pow2(d)
+  r = rpart.shape[-1] if has_lora else 0
+  rp = max(16, next_pow2(r)) if has_lora else 16
   m4, sc, dc = merge_tiling(ns, m_rows, dp, rp)
-  merge = functools.partial(_merge_kernel, has_lora=has_lora, per_q_head_b=per_q_head_b,
-                            num_splits=ns, tq=tq, d=d, r=r, group=group, m4=m4, sc=sc, dc=dc,
-                            **lse_kw)
+  kernel = functools.partial(_merge_kernel, has_lora=has_lora, per_q_head_b=per_q_head_b,
+                             num_splits=ns, tq=tq, d=d, r=r, group=group, m4=m4, sc=sc, dc=dc,
+                             **({"return_lse": True} if return_lse else {}))
   # Full-array blocks per (batch row, KV head); the kernel gathers its tile.
   m_specs = [pl.BlockSpec((None, None, ns, mp), lambda bi, h, c: (bi, h, 0, 0)),
              pl.BlockSpec((None, None, ns, m_rows, d), lambda bi, h, c: (bi, h, 0, 0, 0))]
@@ -671,9 +715,11 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
                 pl.BlockSpec((None,) + lora_b.shape[1:], lambda bi, h, c: (bi, 0, 0, 0)),
                 pl.BlockSpec((b, hq), lambda *_: (0, 0))]
     m_args += [rpart, lora_b, scale]
+  out_final = jax.ShapeDtypeStruct((b, tq, hq, d), out_dtype)
+  lse_shape = jax.ShapeDtypeStruct((b, tq, hq), jnp.float32)
   m_out_spec = pl.BlockSpec((None, tq, hq, d), lambda bi, h, c: (bi, 0, 0, 0))
   res = pl.pallas_call(
-      merge, grid=(b, hkv, dp // dc), in_specs=m_specs,
+      kernel, grid=(b, hkv, dp // dc), in_specs=m_specs,
       out_specs=([m_out_spec, pl.BlockSpec((None, tq, hq), lambda bi, h, c: (bi, 0, 0))]
                  if return_lse else m_out_spec),
       out_shape=[out_final, lse_shape] if return_lse else out_final,

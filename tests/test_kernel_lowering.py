@@ -23,6 +23,7 @@ import pytest
 from jax import lax
 
 from pallas_kernels import flash_lora_attention
+from pallas_kernels._args import next_pow2
 
 SD = jax.ShapeDtypeStruct
 
@@ -165,6 +166,17 @@ def test_lower_variants(platform, backend, variant):
     _check_triton_ir(_triton_modules(lowered), min_dots=1)
   else:
     assert _custom_call_operands(lowered, "tpu_custom_call")
+
+
+@pytest.mark.parametrize("kw", [dict(num_splits=4, block_k=64), dict(num_splits=1)])
+@pytest.mark.parametrize("r,per_q_b", [(8, False), (3, True)])
+def test_lower_triton_fma_lora_dot(kw, r, per_q_b):
+  """lora_dot="fma": P @ LR on the CUDA cores over an LR tile of next_pow2(r)
+  columns (no tensor-core dot narrower than 16 may appear)."""
+  lowered = _lower("triton", "cuda", _args(1, 128, r, per_q_b=per_q_b), lora_dot="fma", **kw)
+  texts = _triton_modules(lowered)
+  _check_triton_ir(texts, min_dots=4)   # q k^T and P V in both loops; no P @ LR dot
+  assert any(f"x{next_pow2(r) if r >= 4 else 4}xbf16>" in t for t in texts)
 
 
 @pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])

@@ -209,6 +209,20 @@ def test_triton_decode_many_splits_chunked_merge():
   check(c, out, x)
 
 
+@pytest.mark.parametrize("case", [
+    Case(tq=1, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 32), ("lora_dot", "fma"))),
+    Case(tq=3, d=64, r=3, hq=8, hkv=2, per_q_head_b=True, dtype="bfloat16",
+         kw=(("num_splits", 1), ("lora_dot", "fma"))),
+    Case(tq=1, d=64, r=16, hq=4, hkv=1, kv="empty_row", kw=(("lora_dot", "fma"),)),
+], ids=str)
+def test_triton_decode_fma_lora_dot(case):
+  """lora_dot="fma" (P @ LR on CUDA cores, LR tile next_pow2(rank) wide) ==
+  float64, with splits, one split (the fused epilogue) and rank 16 (falls back
+  to the tensor-core form)."""
+  out, x = run(case, "triton")
+  check(case, out, x)
+
+
 def test_interpret_mode_poisons_outputs():
   """The poison premise of these tests: interpret mode starts outputs as NaN."""
   def kernel(x_ref, o_ref):
@@ -304,6 +318,7 @@ def _x(**over):
     (dict(layer=0), "layer was given"),
     (dict(block_q=100), "power of two"),
     (dict(tile=3), "unknown keyword"),
+    (dict(lora_dot="wmma"), "lora_dot must be"),
     (dict(return_lse="yes"), "return_lse must be a python bool"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, match):

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Where the Flash-LoRA decode kernel's LoRA time goes: time the two passes apart.
+
+The split-K decode is two kernels: the split pass (streams K, V_base and LR,
+writes per-split partials) and the merge (log-sum-exp merge of the splits,
+then the rank-wide partial times B). For each (batch, kv_len) this times,
+in one run on one device, with bench_kernels' timer (one executable, rotated
+inputs, median):
+
+  full / split / merge  x  plain (no LoRA) | mma (P @ LR on tensor cores, LR
+  padded to 16 columns by masked loads) | fma (P @ LR on CUDA cores, LR tile
+  rank wide) | mma16 (rank 16: a tensor-core dot with no masked columns)
+
+so the LoRA overhead splits into pass and cause by differences.
+
+  python scripts/probe_decode.py --out /tmp/probe            # GPU
+  python scripts/probe_decode.py --quick                     # CPU, interpret mode
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels import triton_kernels as tk  # noqa: E402
+from pallas_kernels._args import canonicalize  # noqa: E402
+from scripts import bench_kernels as bk  # noqa: E402
+
+
+# name -> (rank of the LR it reads (0: no LoRA), lora_dot)
+VARIANTS = {"plain": (0, None), "mma": (8, "mma"), "fma": (8, "fma"), "mma16": (16, "mma")}
+
+
+def canon(q, k, v, lr, lb):
+  return canonicalize(q, k, v, lr, lb, lora_scale=2.0, kv_lengths=None, q_offsets=None,
+                      causal=True, sm_scale=None, layer=None)
+
+
+def split_fn(cfg, dot, interpret, stage):
+  """The full decode, only its split pass, or only its merge (on given partials)."""
+  def full(q, k, v, lr, lb):
+    c = canon(q, k, v, lr, lb)
+    return tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
+                     causal=True, sm_scale=c.sm_scale, interpret=interpret,
+                     **({"lora_dot": dot} if dot else {}), **cfg)
+
+  def split(q, k, v, lr, lb):
+    c = canon(q, k, v, lr, lb)
+    return tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
+                     causal=True, sm_scale=c.sm_scale, interpret=interpret, split_only=True,
+                     **({"lora_dot": dot} if dot else {}), **cfg)
+  return full if stage == "full" else split
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--shapes", default=None, help="batch:kv list, e.g. 1:16k,8:32k")
+  ap.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+  ap.add_argument("--block-k", type=int, default=64)
+  ap.add_argument("--num-warps", type=int, default=4)
+  ap.add_argument("--num-stages", type=int, default=3)
+  ap.add_argument("--waves", type=int, default=2)
+  ap.add_argument("--reps", type=int, default=None)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  interpret = jax.default_backend() == "cpu"
+  shapes = args.shapes or ("1:256,2:512" if args.quick else "1:16k,1:32k,8:32k,8:128k")
+  shapes = [(int(b), bk.parse_lens(kv)[0]) for b, kv in (s.split(":") for s in shapes.split(","))]
+  timer = bk.Timer(args.reps or (2 if args.quick else 15))
+  print(f"device {bk.device_info()}", flush=True)
+  recs = []
+  print(f"{'batch':>5} {'kv':>6} {'variant':>7} {'full us':>9} {'split us':>9} {'merge us':>9} {'GB/s':>7}")
+  for b, kv in shapes:
+    ns = bk.splits_for(b, kv, args.block_k, args.waves)
+    cfg = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages, num_splits=ns)
+    n_rot = bk.n_rotations(bk.decode_bytes(b, kv, True))
+    rots8 = bk.decode_inputs(b, kv, n_rot)
+    for name in args.variants.split(","):
+      rank, dot = VARIANTS[name]
+      if rank == 16:
+        rots = [(q, k, v, jnp.concatenate([lr, lr], -1), jnp.concatenate([lb, lb], -2) * 0.5)
+                for q, k, v, lr, lb in rots8]
+      else:
+        rots = [(q, k, v, lr if rank else None, lb if rank else None) for q, k, v, lr, lb in rots8]
+      nbytes = bk.decode_bytes(b, kv, bool(rank))
+      est = bk.est_decode_s(nbytes, args.quick)
+      t_full, _ = timer(split_fn(cfg, dot, interpret, "full"), rots, est_s=est)
+      t_split, _ = timer(split_fn(cfg, dot, interpret, "split"), rots, est_s=est)
+      # Merge alone on this variant's partials.
+      parts = jax.jit(split_fn(cfg, dot, interpret, "split"))(*rots[0])
+      opart, rpart, lse = parts
+      lb = rots[0][4]
+      hq = rots[0][0].shape[2]
+
+      def merge_only(op, rp, ls, lbm, _hq=hq, _d=rots[0][0].shape[3]):
+        c_scale = jnp.full((op.shape[0], _hq), 2.0, jnp.float32)
+        return tk.merge(op, rp, ls, lbm, c_scale, tq=1, hq=_hq, d=_d, out_dtype=jnp.bfloat16,
+                        interpret=interpret)
+      t_merge, _ = timer(merge_only, [(opart, rpart, lse, lb)], est_s=1e-5 if not args.quick else None)
+      rec = dict(batch=b, kv_len=kv, variant=name, num_splits=ns, full_s=t_full, split_s=t_split,
+                 merge_s=t_merge, bytes=nbytes, config=cfg)
+      recs.append(rec)
+      print(f"{b:5d} {bk.fmt_len(kv):>6} {name:>7} {t_full * 1e6:9.1f} {t_split * 1e6:9.1f} "
+            f"{t_merge * 1e6:9.1f} {nbytes / t_full / 1e9:7.1f}", flush=True)
+    del rots8, rots
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "probe_decode.json"), "w") as f:
+      json.dump(dict(device=bk.device_info(), jax=jax.__version__, records=recs), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
