@@ -37,7 +37,8 @@ TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
 # Keyword "block sizes" accepted per backend (they apply to the kernel that runs;
 # num_splits only to decode).
 _TUNABLES = {
-    "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits", "lora_dot"),
+    "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits", "lora_dot",
+               "lr_prefetch"),
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
     "xla": ("q_chunk",),
 }
@@ -67,6 +68,10 @@ def _check_tunables(backend, kw):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {val!r}.")
       continue
     if val is None:
+      continue
+    if key == "lr_prefetch":
+      if not isinstance(val, (bool, np.bool_)):
+        raise ValueError(f"lr_prefetch must be a bool (triton decode), got {val!r}.")
       continue
     if key == "lora_dot":
       if val not in ("mma", "fma"):
@@ -116,6 +121,7 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **b
   if kernel == "prefill":
     kw.pop("num_splits", None)
     kw.pop("lora_dot", None)
+    kw.pop("lr_prefetch", None)
   else:
     kw.pop("block_q", None)
   args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
@@ -154,7 +160,8 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     interpret: run the Pallas kernel in interpret mode.
     return_lse: python bool (static). Also return the log-sum-exp of each row.
     **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits,
-      lora_dot ("mma" | "fma": how decode forms P @ LR for ranks below 16);
+      lora_dot ("mma" | "fma": how decode forms P @ LR for ranks below 16),
+      lr_prefetch (bool: decode loads LR one block ahead);
       mosaic_tpu: block_q, block_k, num_splits; xla: q_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len.
 

@@ -133,10 +133,24 @@ def _and(a, b):
   return a & b
 
 
+def _load_lr(lr_ref, layer, j, block_k, mask):
+  start = pl.multiple_of(j * block_k, block_k)
+  return _load(lr_ref.at[layer, pl.ds(start, block_k), :], mask)
+
+
 def _attend_block(j, carry, *, q, k_ref, v_ref, lr_ref, layer, block_k, kv_len,
-                  dmask, rmask, qk_scale, valid_fn, masked):
-  """One KV block of the online softmax with the extra rank-wide accumulator."""
-  acc, racc, m_i, l_i = carry
+                  dmask, rmask, qk_scale, valid_fn, masked, prefetch_hi=None):
+  """One KV block of the online softmax with the extra rank-wide accumulator.
+
+  prefetch_hi (unmasked blocks only): the LR tile of this block arrives in the
+  carry, loaded one iteration ahead, and the tile of block min(j + 1,
+  prefetch_hi - 1) is loaded here; see _run_blocks.
+  """
+  if prefetch_hi is not None:
+    acc, racc, m_i, l_i, lrt = carry
+    lr_next = _load_lr(lr_ref, layer, jnp.minimum(j + 1, prefetch_hi - 1), block_k, rmask)
+  else:
+    acc, racc, m_i, l_i = carry
   start = pl.multiple_of(j * block_k, block_k)
   cols = start + jnp.arange(block_k, dtype=jnp.int32)
   in_len = (cols < kv_len)[:, None] if masked else None
@@ -155,22 +169,43 @@ def _attend_block(j, carry, *, q, k_ref, v_ref, lr_ref, layer, block_k, kv_len,
   v = _load(v_ref.at[layer, pl.ds(start, block_k), :], kmask)
   acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
   if lr_ref is not None:
-    lrt = _load(lr_ref.at[layer, pl.ds(start, block_k), :], _and(in_len, rmask))
+    if prefetch_hi is None:
+      lrt = _load(lr_ref.at[layer, pl.ds(start, block_k), :], _and(in_len, rmask))
     if lrt.shape[-1] < 16:   # lora_dot="fma": rank-wide product on the CUDA cores
       racc = racc * alpha[:, None] + jnp.sum(p[:, :, None] * lrt.astype(jnp.float32)[None], axis=1)
     else:
       racc = racc * alpha[:, None] + _dot(p.astype(lrt.dtype), lrt)
+  if prefetch_hi is not None:
+    return acc, racc, m_new, l_i, lr_next
   return acc, racc, m_new, l_i
 
 
-def _run_blocks(q, *, lo_full, hi_full, lo_mask, hi_mask, m_rows, dp, rp, **kw):
+def _run_blocks(q, *, lo_full, hi_full, lo_mask, hi_mask, m_rows, dp, rp, lr_prefetch=False, **kw):
+  """Online softmax over blocks [lo_full, hi_full) without masks, then
+  [lo_mask, hi_mask) with masks.
+
+  lr_prefetch: in the unmasked loop, load each block's LR tile one iteration
+  ahead, carried in registers. Triton's software pipeliner streams K and V
+  through shared memory but (measured on an H100) left the small LR load
+  synchronous, so every block waited one memory latency for it.
+  """
   acc = jnp.zeros((m_rows, dp), jnp.float32)
-  racc = jnp.zeros((m_rows, rp), jnp.float32) if kw["lr_ref"] is not None else None
+  lr_ref = kw["lr_ref"]
+  racc = jnp.zeros((m_rows, rp), jnp.float32) if lr_ref is not None else None
   m_i = jnp.full((m_rows,), -jnp.inf, jnp.float32)
   l_i = jnp.zeros((m_rows,), jnp.float32)
   carry = (acc, racc, m_i, l_i)
-  carry = lax.fori_loop(lo_full, hi_full,
-                        functools.partial(_attend_block, q=q, masked=False, **kw), carry)
+  if lr_ref is not None and lr_prefetch:
+    # First tile, masked to the valid rows (the range may be empty).
+    j0 = jnp.maximum(jnp.minimum(lo_full, hi_full - 1), 0)
+    rows0 = j0 * kw["block_k"] + jnp.arange(kw["block_k"], dtype=jnp.int32)
+    lr0 = _load_lr(lr_ref, kw["layer"], j0, kw["block_k"],
+                   _and((rows0 < kw["kv_len"])[:, None], kw["rmask"]))
+    carry = lax.fori_loop(lo_full, hi_full, functools.partial(
+        _attend_block, q=q, masked=False, prefetch_hi=hi_full, **kw), carry + (lr0,))[:4]
+  else:
+    carry = lax.fori_loop(lo_full, hi_full,
+                          functools.partial(_attend_block, q=q, masked=False, **kw), carry)
   carry = lax.fori_loop(lo_mask, hi_mask,
                         functools.partial(_attend_block, q=q, masked=True, **kw), carry)
   return carry
@@ -374,7 +409,7 @@ def _finish_rows(num_o, num_r, denom, *, bi, h, o_ref, b_ref, scale_ref, t_row,
 
 def _decode_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
                    has_lora, per_q_head_b, causal, qk_scale, block_k, num_splits,
-                   tq, d, r, group, mp, return_lse=False):
+                   tq, d, r, group, mp, lr_prefetch=False, return_lse=False):
   fused = num_splits == 1   # one split: finish the rows here, no merge kernel
   lr_ref = b_ref = scale_ref = None
   if has_lora and fused:
@@ -427,7 +462,7 @@ def _decode_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
       lo_mask=jnp.maximum(b_lo, n_full), hi_mask=b_hi, m_rows=mp, dp=dp, rp=rp,
       k_ref=k_ref, v_ref=v_ref, lr_ref=lr_ref, layer=layer, block_k=block_k,
       kv_len=kv_len, dmask=dmask, rmask=rmask, qk_scale=qk_scale,
-      valid_fn=valid_fn)
+      valid_fn=valid_fn, lr_prefetch=lr_prefetch)
 
   if fused:
     if return_lse:
@@ -558,6 +593,7 @@ def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
 
 LORA_DOTS = ("mma", "fma")
 DEFAULT_LORA_DOT = "mma"
+DEFAULT_LR_PREFETCH = True
 
 
 def num_sms() -> int:
@@ -581,7 +617,8 @@ def default_num_splits(batch, heads_kv, kv_len, block_k, sms=None):
 
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
            block_k=None, num_splits=None, num_warps=None, num_stages=None,
-           lora_dot=None, interpret=False, return_lse=False, split_only=False):
+           lora_dot=None, lr_prefetch=None, interpret=False, return_lse=False,
+           split_only=False):
   """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D]
   (and the float32 lse [B, Tq, Hq] with return_lse).
 
@@ -590,6 +627,8 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   lora_dot: how each KV block's P @ LR is formed: "mma" (tensor cores, LR
   padded to 16 columns by masked loads) or "fma" (CUDA cores on an LR tile of
   next_pow2(rank) columns; ranks below 16 only). None -> DEFAULT_LORA_DOT.
+  lr_prefetch: load each KV block's LR tile one iteration ahead (see
+  _run_blocks). None -> DEFAULT_LR_PREFETCH.
   split_only: return the split pass's partials (opart, rpart or None, lse)
   instead of merging them (see merge(); for profiling the two passes apart).
   """
@@ -616,8 +655,9 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   ns = default_num_splits(b, hkv, s_len, block_k) if num_splits is None else int(num_splits)
   if ns < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+  lr_prefetch = DEFAULT_LR_PREFETCH if lr_prefetch is None else bool(lr_prefetch)
   statics = dict(has_lora=has_lora, per_q_head_b=per_q_head_b, num_splits=ns,
-                 tq=tq, d=d, r=r, group=group, mp=mp)
+                 tq=tq, d=d, r=r, group=group, mp=mp, lr_prefetch=lr_prefetch)
   lse_shape = jax.ShapeDtypeStruct((b, tq, hq), jnp.float32)
   full1 = lambda n: pl.BlockSpec((n,), lambda *_: (0,))
   in_specs = [

@@ -51,16 +51,19 @@ def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
     return 2 * n**3 / median_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
 
 
-def gemv_bandwidth(d, f, dtype, reps=20, n=8):
-    """Weight bytes / time of batch-1 projections, the decode step's building block
-    (n different [d, f] matrices per call, so launch overhead and L2 do not flatter it)."""
+def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1):
+    """Weight bytes / time of `rows`-row projections (the model's _matmul, padded to
+    min_rows), the decode step's building block (n different [d, f] matrices per call,
+    so launch overhead and L2 do not flatter it)."""
+    from lragent_jax.model import _matmul
+
     # separate arrays, not slices of one: a slice might be copied and flatter nothing
     w = [jax.random.normal(jax.random.key(2 + i), (d, f), dtype) for i in range(n)]
-    x = jax.random.normal(jax.random.key(1), (1, 1, d), dtype)
+    x = jax.random.normal(jax.random.key(1), (rows, 1, d), dtype)
 
     @jax.jit
     def g(x, w):
-        ys = [jnp.einsum("bsd,df->bsf", x, w[i], preferred_element_type=jnp.float32) for i in range(n)]
+        ys = [_matmul(x, w[i], min_rows, out_dtype=jnp.float32) for i in range(n)]
         return sum(y[..., :8] for y in ys)
 
     return n * d * f * jnp.dtype(dtype).itemsize / median_time(g, x, w, reps=reps)
@@ -86,6 +89,8 @@ def main(argv=None):
     p.add_argument("--variants", default="auto", help="comma list of engine layer modes: auto, scan, unrolled, per_layer")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--dtype", default=None)
+    p.add_argument("--min-matmul-rows", default=None,
+                   help="comma list of Llama(min_matmul_rows=) values to compare (default: the model's default)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -98,19 +103,29 @@ def main(argv=None):
     print(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     bw = copy_bandwidth(256 << 20 if args.quick else 2 << 30)
     mm = matmul_rate(1024 if args.quick else 8192)
-    gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype)
-    print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s; "
-          f"one [1,{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] GEMV reads weights at "
-          f"{gv / 1e9:.0f} GB/s", flush=True)
+    print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
+    gemv = {}
+    for rows, min_rows in ((1, 1), (1, 2), (2, 1), (8, 1)):
+        gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype, rows=rows, min_rows=min_rows)
+        gemv[f"rows{rows}_min{min_rows}"] = gv / 1e9
+        print(f"  [{rows},{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] product"
+              f"{' padded to ' + str(min_rows) + ' rows' if min_rows > rows else ''}: weights read at "
+              f"{gv / 1e9:.0f} GB/s", flush=True)
 
     t = time.perf_counter()
     model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     lora = random_adapters(cfg, rank=8, dtype=dtype)
     weight_bytes = tree_bytes(nnx.state(model))
+    # A decode step reads every weight but the embedding table (one row gathered per
+    # token) unless the LM head is that table.
+    read_bytes = weight_bytes - (0 if model.lm_head is None else tree_bytes(model.embed[...]))
     print(f"model {args.shape}: {weight_bytes / 1e9:.2f} GB weights, built in {time.perf_counter() - t:.0f} s",
           flush=True)
     rows = []
-    for variant in args.variants.split(","):
+    pads = [None] if args.min_matmul_rows is None else [int(v) for v in args.min_matmul_rows.split(",")]
+    default_pad = model.min_matmul_rows
+    for variant, pad in [(v, pd) for v in args.variants.split(",") for pd in pads]:
+        model.min_matmul_rows = default_pad if pad is None else pad
         engine = Engine(model, lora, layer_mode=variant)
         for B in [int(b) for b in args.batch.split(",")]:
             ctx = args.context
@@ -143,23 +158,23 @@ def main(argv=None):
             del cache
             L, Hkv, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
             cache_read = B * L * (ctx + n // 2) * (2 * Hkv * D + 8) * dtype.itemsize
-            decode_floor = (weight_bytes + cache_read) / bw
+            decode_floor = (read_bytes + cache_read) / bw
             tokens = B * ctx
             flops = 2 * (weight_bytes / dtype.itemsize) * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
             prefill_floor = flops / mm
-            row = dict(variant=engine.layer_mode, batch=B, context=ctx, step_ms=1e3 * step_s,
+            row = dict(variant=engine.layer_mode, min_matmul_rows=model.min_matmul_rows, batch=B, context=ctx, step_ms=1e3 * step_s,
                        decode_floor_ms=1e3 * decode_floor, decode_vs_floor=step_s / decode_floor,
                        prefill_s=prefill_s, prefill_floor_s=prefill_floor, prefill_vs_floor=prefill_s / prefill_floor,
                        prefill_tflops=flops / prefill_s / 1e12)
             rows.append(row)
-            print(f"{variant:>9} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
+            print(f"{variant:>9} pad{model.min_matmul_rows} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
                   f"(floor {row['decode_floor_ms']:.2f}, x{row['decode_vs_floor']:.2f})  prefill {prefill_s:7.3f} s "
                   f"(floor {prefill_floor:.3f}, x{row['prefill_vs_floor']:.2f}, {row['prefill_tflops']:.0f} TFLOP/s)",
                   flush=True)
     result = dict(card=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
                   date=datetime.date.today().isoformat(), shape=args.shape, dtype=str(dtype),
                   attention=args.attention, copy_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12,
-                  weight_bytes=weight_bytes, rows=rows)
+                  weight_bytes=weight_bytes, weight_bytes_read_per_step=read_bytes, gemv_GBps=gemv, rows=rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"step-{args.shape}.json"), "w") as f:

@@ -4,6 +4,7 @@ and end-to-end greedy generation with Pallas attention vs XLA attention, every s
 
   python scripts/check_device.py            # prints PASS/FAIL lines, exit 1 on any FAIL
   python scripts/check_device.py concurrent # only some of: kernels end_to_end concurrent
+  python scripts/check_device.py concurrent --schemes base_lr_shared
 
 CPU CI covers the kernels in interpret mode; this runs the real compiled kernels.
 """
@@ -87,7 +88,7 @@ def check_end_to_end() -> bool:
     return ok
 
 
-def check_concurrent() -> bool:
+def check_concurrent(schemes=("full_shared", "base_lr_shared")) -> bool:
     """generate_concurrent (agents stacked as query heads + LSE merge) with Pallas vs XLA attention."""
     from lragent_jax.embedded import embedded_model
     from lragent_jax.engine import Engine
@@ -96,7 +97,7 @@ def check_concurrent() -> bool:
     model, lora, _ = embedded_model(dtype=jnp.float32)
     engine = Engine(model, lora)
     ok = True
-    for scheme in ("full_shared", "base_lr_shared"):
+    for scheme in schemes:
         got = {}
         for attention in ("xla", "pallas"):
             s = Session(engine, scheme, max_len=512, attention=attention, stop_ids=())
@@ -113,10 +114,17 @@ if __name__ == "__main__":
     # XLA's float32 GPU matmuls default to TF32; the comparison wants true float32 on both sides.
     jax.config.update("jax_default_matmul_precision", "highest")
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    only = sys.argv[1:]  # optional subset: kernels end_to_end concurrent
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checks", nargs="*", choices=("kernels", "end_to_end", "concurrent"), default=[])
+    ap.add_argument("--schemes", default="full_shared,base_lr_shared", help="schemes for the concurrent check")
+    args = ap.parse_args()
     ok = True
-    for name, fn in (("kernels", check_kernels), ("end_to_end", check_end_to_end), ("concurrent", check_concurrent)):
-        if not only or name in only:
+    checks = (("kernels", check_kernels), ("end_to_end", check_end_to_end),
+              ("concurrent", lambda: check_concurrent(tuple(args.schemes.split(",")))))
+    for name, fn in checks:
+        if not args.checks or name in args.checks:
             ok &= fn()
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)

@@ -9,7 +9,8 @@ inputs, median):
 
   full / split / merge  x  plain (no LoRA) | mma (P @ LR on tensor cores, LR
   padded to 16 columns by masked loads) | fma (P @ LR on CUDA cores, LR tile
-  rank wide) | mma16 (rank 16: a tensor-core dot with no masked columns)
+  rank wide) | mma16 (rank 16: a tensor-core dot with no masked columns);
+  *_nopf: each LR tile loaded in its own iteration instead of one block ahead
 
 so the LoRA overhead splits into pass and cause by differences.
 
@@ -33,8 +34,9 @@ from pallas_kernels._args import canonicalize  # noqa: E402
 from scripts import bench_kernels as bk  # noqa: E402
 
 
-# name -> (rank of the LR it reads (0: no LoRA), lora_dot)
-VARIANTS = {"plain": (0, None), "mma": (8, "mma"), "fma": (8, "fma"), "mma16": (16, "mma")}
+# name -> (rank of the LR it reads (0: no LoRA), lora_dot, lr_prefetch)
+VARIANTS = {"plain": (0, None, True), "mma": (8, "mma", True), "fma": (8, "fma", True),
+            "mma16": (16, "mma", True), "mma_nopf": (8, "mma", False), "fma_nopf": (8, "fma", False)}
 
 
 def canon(q, k, v, lr, lb):
@@ -42,19 +44,19 @@ def canon(q, k, v, lr, lb):
                       causal=True, sm_scale=None, layer=None)
 
 
-def split_fn(cfg, dot, interpret, stage):
+def split_fn(cfg, dot, pf, interpret, stage):
   """The full decode, only its split pass, or only its merge (on given partials)."""
   def full(q, k, v, lr, lb):
     c = canon(q, k, v, lr, lb)
     return tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
                      causal=True, sm_scale=c.sm_scale, interpret=interpret,
-                     **({"lora_dot": dot} if dot else {}), **cfg)
+                     lr_prefetch=pf, **({"lora_dot": dot} if dot else {}), **cfg)
 
   def split(q, k, v, lr, lb):
     c = canon(q, k, v, lr, lb)
     return tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
                      causal=True, sm_scale=c.sm_scale, interpret=interpret, split_only=True,
-                     **({"lora_dot": dot} if dot else {}), **cfg)
+                     lr_prefetch=pf, **({"lora_dot": dot} if dot else {}), **cfg)
   return full if stage == "full" else split
 
 
@@ -83,7 +85,7 @@ def main(argv=None):
     n_rot = bk.n_rotations(bk.decode_bytes(b, kv, True))
     rots8 = bk.decode_inputs(b, kv, n_rot)
     for name in args.variants.split(","):
-      rank, dot = VARIANTS[name]
+      rank, dot, pf = VARIANTS[name]
       if rank == 16:
         rots = [(q, k, v, jnp.concatenate([lr, lr], -1), jnp.concatenate([lb, lb], -2) * 0.5)
                 for q, k, v, lr, lb in rots8]
@@ -91,10 +93,10 @@ def main(argv=None):
         rots = [(q, k, v, lr if rank else None, lb if rank else None) for q, k, v, lr, lb in rots8]
       nbytes = bk.decode_bytes(b, kv, bool(rank))
       est = bk.est_decode_s(nbytes, args.quick)
-      t_full, _ = timer(split_fn(cfg, dot, interpret, "full"), rots, est_s=est)
-      t_split, _ = timer(split_fn(cfg, dot, interpret, "split"), rots, est_s=est)
+      t_full, _ = timer(split_fn(cfg, dot, pf, interpret, "full"), rots, est_s=est)
+      t_split, _ = timer(split_fn(cfg, dot, pf, interpret, "split"), rots, est_s=est)
       # Merge alone on this variant's partials.
-      parts = jax.jit(split_fn(cfg, dot, interpret, "split"))(*rots[0])
+      parts = jax.jit(split_fn(cfg, dot, pf, interpret, "split"))(*rots[0])
       opart, rpart, lse = parts
       lb = rots[0][4]
       hq = rots[0][0].shape[2]

@@ -214,11 +214,15 @@ def test_triton_decode_many_splits_chunked_merge():
     Case(tq=3, d=64, r=3, hq=8, hkv=2, per_q_head_b=True, dtype="bfloat16",
          kw=(("num_splits", 1), ("lora_dot", "fma"))),
     Case(tq=1, d=64, r=16, hq=4, hkv=1, kv="empty_row", kw=(("lora_dot", "fma"),)),
+    Case(tq=2, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 16), ("lr_prefetch", False))),
+    Case(tq=1, d=64, r=3, hq=4, hkv=2, kw=(("lora_dot", "fma"), ("block_k", 16), ("lr_prefetch", False))),
 ], ids=str)
-def test_triton_decode_fma_lora_dot(case):
-  """lora_dot="fma" (P @ LR on CUDA cores, LR tile next_pow2(rank) wide) ==
-  float64, with splits, one split (the fused epilogue) and rank 16 (falls back
-  to the tensor-core form)."""
+def test_triton_decode_lora_variants(case):
+  """The decode kernel's LoRA variants == float64: lora_dot="fma" (P @ LR on
+  CUDA cores, LR tile next_pow2(rank) wide) with splits, one split (the fused
+  epilogue) and rank 16 (falls back to the tensor-core form); lr_prefetch=False
+  (the LR tile loaded in its own iteration; the default loads it one block
+  ahead)."""
   out, x = run(case, "triton")
   check(case, out, x)
 
@@ -319,6 +323,7 @@ def _x(**over):
     (dict(block_q=100), "power of two"),
     (dict(tile=3), "unknown keyword"),
     (dict(lora_dot="wmma"), "lora_dot must be"),
+    (dict(lr_prefetch=1), "lr_prefetch must be a bool"),
     (dict(return_lse="yes"), "return_lse must be a python bool"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, match):
