@@ -185,9 +185,9 @@ def _run_blocks(q, *, lo_full, hi_full, lo_mask, hi_mask, m_rows, dp, rp, lr_pre
   [lo_mask, hi_mask) with masks.
 
   lr_prefetch: in the unmasked loop, load each block's LR tile one iteration
-  ahead, carried in registers. Triton's software pipeliner streams K and V
-  through shared memory but (measured on an H100) left the small LR load
-  synchronous, so every block waited one memory latency for it.
+  ahead, carried in registers (a test of whether the LR load's latency is what
+  the LoRA term costs: on an H200 it changed the decode time by -4% to +10%,
+  so it is not; docs/perf-notes.md).
   """
   acc = jnp.zeros((m_rows, dp), jnp.float32)
   lr_ref = kw["lr_ref"]
@@ -593,7 +593,7 @@ def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
 
 LORA_DOTS = ("mma", "fma")
 DEFAULT_LORA_DOT = "mma"
-DEFAULT_LR_PREFETCH = True
+DEFAULT_LR_PREFETCH = False  # measured neutral to -4% except +10% at batch 8, 128k (H200)
 
 
 def num_sms() -> int:

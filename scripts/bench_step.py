@@ -89,6 +89,9 @@ def main(argv=None):
     p.add_argument("--variants", default="auto", help="comma list of engine layer modes: auto, scan, unrolled, per_layer")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--dtype", default=None)
+    p.add_argument("--gemv", default="1:1,1:2,2:2,8:8",
+                   help="comma list of rows:padded_rows for the projection microbenchmark")
+    p.add_argument("--gemv-only", action="store_true", help="only the floors and the projection microbenchmark")
     p.add_argument("--min-matmul-rows", default=None,
                    help="comma list of Llama(min_matmul_rows=) values to compare (default: the model's default)")
     p.add_argument("--quick", action="store_true")
@@ -105,12 +108,14 @@ def main(argv=None):
     mm = matmul_rate(1024 if args.quick else 8192)
     print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
     gemv = {}
-    for rows, min_rows in ((1, 1), (1, 2), (2, 1), (8, 1)):
+    for rows, min_rows in [tuple(int(v) for v in item.split(":")) for item in args.gemv.split(",")]:
         gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype, rows=rows, min_rows=min_rows)
         gemv[f"rows{rows}_min{min_rows}"] = gv / 1e9
         print(f"  [{rows},{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] product"
               f"{' padded to ' + str(min_rows) + ' rows' if min_rows > rows else ''}: weights read at "
               f"{gv / 1e9:.0f} GB/s", flush=True)
+    if args.gemv_only:
+        return dict(card=dev.device_kind, jax=jax.__version__, copy_GBps=bw / 1e9, gemv_GBps=gemv)
 
     t = time.perf_counter()
     model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
