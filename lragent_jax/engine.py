@@ -89,7 +89,7 @@ class Engine:
         self.graphdef, state = nnx.split(model)
         self.params = ((state,), self.layer_weights)
         self.trace_counts: collections.Counter = collections.Counter()
-        self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "want_logits"),
+        self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "all_logits"),
                                 donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("buffer",), donate_argnames=("cache",))
         self._sample = jax.jit(self._sample_impl)
@@ -111,7 +111,7 @@ class Engine:
         return np.asarray(out, np.int32)
 
     # ---- traced bodies ---------------------------------------------------------------------
-    def _run(self, params, lora, cache, tokens, start, n_valid, adapter_ids, layers, want_logits):
+    def _run(self, params, lora, cache, tokens, start, n_valid, adapter_ids, layers, all_logits, need_logits):
         states, layer_weights = params
         model = nnx.merge(self.graphdef, *states)
         layer_kw = dict(scan=self.layer_mode == "scan", layer_weights=layer_weights)
@@ -144,16 +144,21 @@ class Engine:
                     x.astype(cache.hidden.dtype), mode="drop"))
             lo = cache.hidden_layer
         x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi), **layer_kw)
-        if not want_logits:
-            return None, cache
-        if want_logits == "all":
+        if all_logits:
             return model.logits(x), cache
         last = x[jnp.arange(B), jnp.maximum(n_valid - 1, 0)]
-        return model.logits(last), cache
+        # A traced switch, not a static one: chunks whose logits nobody reads (the first
+        # chunks of a long prompt, catch-up) run the same program and skip the LM head.
+        if need_logits is True:  # decode: always
+            return model.logits(last), cache
+        logits = jax.lax.cond(need_logits, model.logits,
+                              lambda h: jnp.zeros((B, self.config.vocab_size), jnp.float32), last)
+        return logits, cache
 
-    def _forward_impl(self, params, lora, cache, tokens, start, n_valid, adapter_ids, *, layers, want_logits):
+    def _forward_impl(self, params, lora, cache, tokens, start, n_valid, adapter_ids, need_logits, *, layers,
+                      all_logits):
         self.trace_counts["forward"] += 1
-        return self._run(params, lora, cache, tokens, start, n_valid, adapter_ids, layers, want_logits)
+        return self._run(params, lora, cache, tokens, start, n_valid, adapter_ids, layers, all_logits, need_logits)
 
     def _sample_impl(self, logits, sampling, key):
         self.trace_counts["sample"] += 1
@@ -182,7 +187,7 @@ class Engine:
             active = ~s.done
             logits, cache = self._run(
                 params, lora, s.cache, jnp.maximum(prev, 0)[:, None], start + s.step - 1,
-                active.astype(jnp.int32), adapter_ids, (0, self.config.num_layers), True,
+                active.astype(jnp.int32), adapter_ids, (0, self.config.num_layers), False, True,
             )
             key, sub = jax.random.split(s.key)
             tok = sample(logits, sampling, sub)
@@ -202,11 +207,19 @@ class Engine:
     # ---- host-side API -----------------------------------------------------------------------
     def forward(self, cache, tokens: np.ndarray, start: np.ndarray, n_valid: np.ndarray,
                 adapter_ids: np.ndarray, *, layers=None, want_logits=True):
-        """One padded chunk: tokens [B, S] (S a bucket length), rows start at `start`."""
+        """One padded chunk: tokens [B, S] (S a bucket length), rows start at `start`.
+
+        want_logits: True -> float32 logits [B, V] at each row's last valid token; "all" ->
+        [B, S, V]; False -> None (the same compiled program as True: the LM head is skipped
+        at run time).
+        """
         layers = tuple(layers) if layers is not None else (0, self.config.num_layers)
-        return self._forward(self.params, self.lora, cache, jnp.asarray(tokens, jnp.int32),
-                             jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
-                             jnp.asarray(adapter_ids, jnp.int32), layers=layers, want_logits=want_logits)
+        all_logits = want_logits == "all"
+        logits, cache = self._forward(self.params, self.lora, cache, jnp.asarray(tokens, jnp.int32),
+                                      jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
+                                      jnp.asarray(adapter_ids, jnp.int32), jnp.asarray(bool(want_logits)),
+                                      layers=layers, all_logits=all_logits)
+        return (logits if want_logits else None), cache
 
     def prefill(self, cache, rows: list, start: np.ndarray, adapter_ids: np.ndarray, *,
                 layers=None, want_logits=True):

@@ -92,6 +92,29 @@ def test_compilations_bounded_over_multi_turn_run():
     assert dict(eng.trace_counts) == before
 
 
+def test_long_prompt_and_catch_up_reuse_the_short_prompt_program():
+    """Chunks whose logits are not wanted (the first chunks of a prompt longer than the
+    largest bucket; want_logits=False) run the same compiled forward as a short prompt,
+    and the last chunk's logits are those of a one-pass prefill."""
+    cfg = preset("tiny")
+    eng = Engine(Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5)), random_adapters(cfg, seed=6),
+                 prefill_buckets=(64,))
+    ids = eng.adapter_ids(["plan"])
+    prompt = list(np.random.default_rng(1).integers(0, 256, 150))
+    short, _ = eng.prefill(DenseKV.create(cfg, 1, 256, jnp.float32), [prompt[:40]], np.zeros(1), ids)
+    assert eng.trace_counts["forward"] == 1
+    chunked, _ = eng.prefill(DenseKV.create(cfg, 1, 256, jnp.float32), [prompt], np.zeros(1), ids)
+    none, _ = eng.prefill(DenseKV.create(cfg, 1, 256, jnp.float32), [prompt], np.zeros(1), ids,
+                          want_logits=False)
+    assert none is None
+    assert eng.trace_counts["forward"] == 1  # 3 chunks of 64, logits wanted or not: one program
+    whole = Engine(Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5)), random_adapters(cfg, seed=6),
+                   prefill_buckets=(256,))
+    ref, _ = whole.prefill(DenseKV.create(cfg, 1, 256, jnp.float32), [prompt], np.zeros(1), ids)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(short) - np.asarray(ref)).max() > 1e-3  # the check can fail
+
+
 def test_per_layer_mode_holds_weights_once_and_matches_scan():
     from lragent_jax.engine import ensure_stacked
 
