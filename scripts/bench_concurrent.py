@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -53,7 +54,10 @@ def main(argv=None):
 
     cfg = preset(args.shape)
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
-    contexts = [int(c) for c in (args.context or ("256,512" if args.quick else "8192,32768,131072")).split(",")]
+    # Largest context first, on a fresh heap: on an H100 a 131k-capacity cache allocated
+    # after two other sessions' caches failed on fragmentation (2026-11-28).
+    contexts = sorted((int(c) for c in (args.context or ("256,512" if args.quick else "8192,32768,131072")).split(",")),
+                      reverse=True)
     ns = [int(n) for n in args.agents.split(",")]
     gen = 5 if args.quick else args.gen
     names = tuple(f"agent{i}" for i in range(max(ns)))
@@ -98,6 +102,7 @@ def main(argv=None):
                 print(f"ctx {ctx:>7}  N={n_agents}  {row['path']:>10}: {row['step_ms']:8.2f} ms per decode step "
                       f"(all {n_agents} agents)", flush=True)
         del s
+        gc.collect()
     for ctx in contexts:
         one = next((r["step_ms"] for r in rows if r["context"] == ctx and r["agents"] == 1
                     and r["path"] == "concurrent"), None)
