@@ -132,3 +132,34 @@ def test_per_layer_mode_holds_weights_once_and_matches_scan():
         Engine(model, lora, prefill_buckets=(0,))
     with pytest.raises(ValueError, match="layer_mode"):
         Engine(model, lora, layer_mode="fast")
+
+
+def test_min_matmul_rows_padding_changes_nothing_but_speed():
+    """Padding one-row weight products (the GPU default) gives the same decode as no padding;
+    bad values are refused."""
+    cfg = preset("tiny")
+    lora = random_adapters(cfg, seed=4, b_std=0.2)
+    out = {}
+    for rows in (1, 2, 8):
+        model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3), min_matmul_rows=rows)
+        assert model.min_matmul_rows == rows
+        out[rows] = greedy_generate(Engine(model, lora), list(range(10, 31)), "plan", 6)
+    assert out[1] == out[2] == out[8]
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="min_matmul_rows"):
+            Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3), min_matmul_rows=bad)
+
+
+def test_matmul_padding_is_exact_on_one_row():
+    from lragent_jax.model import _matmul
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 1, 24)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(24, 40)), jnp.float32)
+    ref = np.asarray(x, np.float64)[0] @ np.asarray(w, np.float64)
+    for rows in (1, 2, 16):
+        y = _matmul(x, w, rows)
+        assert y.shape == (1, 1, 40)
+        np.testing.assert_allclose(np.asarray(y)[0], ref, rtol=1e-5, atol=1e-5)
+    y3 = _matmul(jnp.ones((3, 2, 24)), w, 2)  # six rows >= 2: no padding
+    assert y3.shape == (3, 2, 40)
