@@ -58,8 +58,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def _matmul(x, w, min_rows: int = 1, out_dtype=None):
+MATMUL_IMPLS = ("xla", "triton")
+
+
+def _matmul(x, w, min_rows: int = 1, out_dtype=None, impl: str = "xla"):
     """x [..., d] @ w [d, e] with float32 accumulation, in out_dtype (default x's).
+
+    impl="triton": products of at most 16 rows run pallas_kernels.skinny_matmul (Pallas
+    interpret mode off GPUs); larger ones, and impl="xla", run XLA's dot.
 
     min_rows: when x has fewer rows (all leading dims together) than this, zero rows
     are appended for the product and dropped after. On an H100 XLA's one-row
@@ -69,6 +75,12 @@ def _matmul(x, w, min_rows: int = 1, out_dtype=None):
     lead, d = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, d)
+    if impl == "triton" and rows <= 16:
+        from pallas_kernels.skinny_matmul import skinny_matmul
+
+        interpret = jax.default_backend() not in ("gpu", "cuda")
+        y = skinny_matmul(x2, w, out_dtype=out_dtype or x.dtype, interpret=interpret)
+        return y.reshape(*lead, w.shape[-1])
     if rows < min_rows:
         x2 = jnp.concatenate([x2, jnp.zeros((min_rows - rows, d), x.dtype)], axis=0)
     y = jnp.einsum("nd,de->ne", x2, w, preferred_element_type=jnp.float32)
@@ -130,7 +142,7 @@ class Llama(nnx.Module):
     """Llama-family causal LM. Random weights (seeded by rngs) until loading.py fills them."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
-                 min_matmul_rows: int | None = None):
+                 min_matmul_rows: int | None = None, matmul_impl: str = "xla"):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         # Weight products with fewer rows are padded to this many (see _matmul);
@@ -140,6 +152,10 @@ class Llama(nnx.Module):
         if not isinstance(min_matmul_rows, int) or min_matmul_rows < 1:
             raise ValueError(f"min_matmul_rows must be a positive int, got {min_matmul_rows!r}")
         self.min_matmul_rows = min_matmul_rows
+        # "triton": weight products of <= 16 rows (decode) through pallas_kernels.skinny_matmul.
+        if matmul_impl not in MATMUL_IMPLS:
+            raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {matmul_impl!r}")
+        self.matmul_impl = matmul_impl
         self.dtype = jnp.dtype(dtype)
         self.embed = nnx.Param(_normal(rngs, (config.vocab_size, config.hidden_size), dtype))
         self.layers = DecoderLayers(config, dtype=dtype, rngs=rngs)
@@ -157,7 +173,7 @@ class Llama(nnx.Module):
         """Final norm + LM head; float32 logits. hidden [..., d]."""
         h = rms_norm(hidden, self.final_norm[...], self.config.rms_norm_eps)
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return _matmul(h, w, self.min_matmul_rows, out_dtype=jnp.float32)
+        return _matmul(h, w, self.min_matmul_rows, out_dtype=jnp.float32, impl=self.matmul_impl)
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         inv = jnp.asarray(rope_inv_freq(self.config))
@@ -204,7 +220,7 @@ class Llama(nnx.Module):
         needs_kv = getattr(cache, "needs_new_kv", True)
 
         def proj(name, layer, h, weight):
-            y = _matmul(h, weight, self.min_matmul_rows)
+            y = _matmul(h, weight, self.min_matmul_rows, impl=self.matmul_impl)
             if lp[name] is not None:
                 y = y + lp[name].delta(layer, h, ids)
             return y
@@ -219,7 +235,7 @@ class Llama(nnx.Module):
             q = proj("q", layer, h, lw["wq"]).reshape(B, S, cfg.num_heads, cfg.head_dim)
             if needs_kv:
                 k = proj("k", layer, h, lw["wk"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
-                v_base = _matmul(h, lw["wv"], self.min_matmul_rows).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+                v_base = _matmul(h, lw["wv"], self.min_matmul_rows, impl=self.matmul_impl).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
             else:  # the cache already holds these tokens' K and V_base (base_shared catch-up)
                 k = v_base = None
             if lp["v"] is not None:

@@ -51,7 +51,7 @@ def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
     return 2 * n**3 / median_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
 
 
-def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1):
+def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1, impl="xla"):
     """Weight bytes / time of `rows`-row projections (the model's _matmul, padded to
     min_rows), the decode step's building block (n different [d, f] matrices per call,
     so launch overhead and L2 do not flatter it)."""
@@ -63,7 +63,7 @@ def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1):
 
     @jax.jit
     def g(x, w):
-        ys = [_matmul(x, w[i], min_rows, out_dtype=jnp.float32) for i in range(n)]
+        ys = [_matmul(x, w[i], min_rows, out_dtype=jnp.float32, impl=impl) for i in range(n)]
         return sum(y[..., :8] for y in ys)
 
     return n * d * f * jnp.dtype(dtype).itemsize / median_time(g, x, w, reps=reps)
@@ -90,8 +90,10 @@ def main(argv=None):
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--dtype", default=None)
     p.add_argument("--gemv", default="1:1,1:2,2:2,8:8",
-                   help="comma list of rows:padded_rows for the projection microbenchmark")
+                   help="comma list of rows:padded_rows[:xla|triton] for the projection microbenchmark")
     p.add_argument("--gemv-only", action="store_true", help="only the floors and the projection microbenchmark")
+    p.add_argument("--matmul-impl", default=None,
+                   help="comma list of Llama(matmul_impl=) values to compare: xla, triton (default: xla)")
     p.add_argument("--min-matmul-rows", default=None,
                    help="comma list of Llama(min_matmul_rows=) values to compare (default: the model's default)")
     p.add_argument("--quick", action="store_true")
@@ -108,12 +110,14 @@ def main(argv=None):
     mm = matmul_rate(1024 if args.quick else 8192)
     print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
     gemv = {}
-    for rows, min_rows in [tuple(int(v) for v in item.split(":")) for item in args.gemv.split(",")]:
-        gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype, rows=rows, min_rows=min_rows)
-        gemv[f"rows{rows}_min{min_rows}"] = gv / 1e9
-        print(f"  [{rows},{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] product"
-              f"{' padded to ' + str(min_rows) + ' rows' if min_rows > rows else ''}: weights read at "
-              f"{gv / 1e9:.0f} GB/s", flush=True)
+    for item in args.gemv.split(","):
+        parts = item.split(":")
+        rows, min_rows, impl = int(parts[0]), int(parts[1]), (parts[2] if len(parts) > 2 else "xla")
+        gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype, rows=rows, min_rows=min_rows, impl=impl)
+        gemv[f"rows{rows}_min{min_rows}_{impl}"] = gv / 1e9
+        print(f"  [{rows},{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] product ({impl})"
+              f"{' padded to ' + str(min_rows) + ' rows' if min_rows > rows and impl == 'xla' else ''}: "
+              f"weights read at {gv / 1e9:.0f} GB/s", flush=True)
     if args.gemv_only:
         return dict(card=dev.device_kind, jax=jax.__version__, copy_GBps=bw / 1e9, gemv_GBps=gemv)
 
@@ -128,9 +132,11 @@ def main(argv=None):
           flush=True)
     rows = []
     pads = [None] if args.min_matmul_rows is None else [int(v) for v in args.min_matmul_rows.split(",")]
+    impls = (args.matmul_impl or "xla").split(",")
     default_pad = model.min_matmul_rows
-    for variant, pad in [(v, pd) for v in args.variants.split(",") for pd in pads]:
+    for variant, pad, impl in [(v, pd, im) for v in args.variants.split(",") for pd in pads for im in impls]:
         model.min_matmul_rows = default_pad if pad is None else pad
+        model.matmul_impl = impl
         engine = Engine(model, lora, layer_mode=variant)
         for B in [int(b) for b in args.batch.split(",")]:
             ctx = args.context
@@ -167,12 +173,13 @@ def main(argv=None):
             tokens = B * ctx
             flops = 2 * (weight_bytes / dtype.itemsize) * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
             prefill_floor = flops / mm
-            row = dict(variant=engine.layer_mode, min_matmul_rows=model.min_matmul_rows, batch=B, context=ctx, step_ms=1e3 * step_s,
+            row = dict(variant=engine.layer_mode, min_matmul_rows=model.min_matmul_rows,
+                       matmul_impl=model.matmul_impl, batch=B, context=ctx, step_ms=1e3 * step_s,
                        decode_floor_ms=1e3 * decode_floor, decode_vs_floor=step_s / decode_floor,
                        prefill_s=prefill_s, prefill_floor_s=prefill_floor, prefill_vs_floor=prefill_s / prefill_floor,
                        prefill_tflops=flops / prefill_s / 1e12)
             rows.append(row)
-            print(f"{variant:>9} pad{model.min_matmul_rows} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
+            print(f"{variant:>9} {model.matmul_impl} pad{model.min_matmul_rows} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
                   f"(floor {row['decode_floor_ms']:.2f}, x{row['decode_vs_floor']:.2f})  prefill {prefill_s:7.3f} s "
                   f"(floor {prefill_floor:.3f}, x{row['prefill_vs_floor']:.2f}, {row['prefill_tflops']:.0f} TFLOP/s)",
                   flush=True)
