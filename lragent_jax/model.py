@@ -149,12 +149,15 @@ class Llama(nnx.Module):
         # None: 2 on GPUs, where one-row products are slow, else 1 (no padding).
         if min_matmul_rows is None:
             min_matmul_rows = 2 if jax.default_backend() in ("gpu", "cuda", "rocm") else 1
-        if not isinstance(min_matmul_rows, int) or min_matmul_rows < 1:
+        if isinstance(min_matmul_rows, bool) or not isinstance(min_matmul_rows, (int, np.integer)) \
+                or min_matmul_rows < 1:
             raise ValueError(f"min_matmul_rows must be a positive int, got {min_matmul_rows!r}")
-        self.min_matmul_rows = min_matmul_rows
+        self.min_matmul_rows = int(min_matmul_rows)
         # "triton": weight products of <= 16 rows (decode) through pallas_kernels.skinny_matmul.
         if matmul_impl not in MATMUL_IMPLS:
             raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {matmul_impl!r}")
+        if matmul_impl == "triton" and jax.default_backend() == "tpu":
+            raise ValueError('matmul_impl="triton" is a GPU kernel; use "xla" on TPU')
         self.matmul_impl = matmul_impl
         self.dtype = jnp.dtype(dtype)
         self.embed = nnx.Param(_normal(rngs, (config.vocab_size, config.hidden_size), dtype))
@@ -172,8 +175,9 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm + LM head; float32 logits. hidden [..., d]."""
         h = rms_norm(hidden, self.final_norm[...], self.config.rms_norm_eps)
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return _matmul(h, w, self.min_matmul_rows, out_dtype=jnp.float32, impl=self.matmul_impl)
+        if self.lm_head is None:  # tied: XLA reads the table transposed in place; a kernel would need a copy
+            return _matmul(h, self.embed[...].T, self.min_matmul_rows, out_dtype=jnp.float32)
+        return _matmul(h, self.lm_head[...], self.min_matmul_rows, out_dtype=jnp.float32, impl=self.matmul_impl)
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         inv = jnp.asarray(rope_inv_freq(self.config))

@@ -409,8 +409,8 @@ def _finish_rows(num_o, num_r, denom, *, bi, h, o_ref, b_ref, scale_ref, t_row,
 
 def _decode_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
                    has_lora, per_q_head_b, causal, qk_scale, block_k, num_splits,
-                   tq, d, r, group, mp, lr_prefetch=False, return_lse=False):
-  fused = num_splits == 1   # one split: finish the rows here, no merge kernel
+                   tq, d, r, group, mp, fused, lr_prefetch=False, return_lse=False):
+  # fused (one split, not split_only): finish the rows here, no merge kernel
   lr_ref = b_ref = scale_ref = None
   if has_lora and fused:
     lr_ref, b_ref, scale_ref, *outs = refs
@@ -657,6 +657,7 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
   lr_prefetch = DEFAULT_LR_PREFETCH if lr_prefetch is None else bool(lr_prefetch)
   statics = dict(has_lora=has_lora, per_q_head_b=per_q_head_b, num_splits=ns,
+                 fused=ns == 1 and not split_only,
                  tq=tq, d=d, r=r, group=group, mp=mp, lr_prefetch=lr_prefetch)
   lse_shape = jax.ShapeDtypeStruct((b, tq, hq), jnp.float32)
   full1 = lambda n: pl.BlockSpec((n,), lambda *_: (0,))

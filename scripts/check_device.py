@@ -117,9 +117,12 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checks", nargs="*", choices=("kernels", "end_to_end", "concurrent"), default=[])
+    ap.add_argument("checks", nargs="*", help="any of: kernels end_to_end concurrent (default: all)")
     ap.add_argument("--schemes", default="full_shared,base_lr_shared", help="schemes for the concurrent check")
     args = ap.parse_args()
+    unknown = set(args.checks) - {"kernels", "end_to_end", "concurrent"}
+    if unknown:
+        ap.error(f"unknown checks {sorted(unknown)}; choose from kernels end_to_end concurrent")
     ok = True
     checks = (("kernels", check_kernels), ("end_to_end", check_end_to_end),
               ("concurrent", lambda: check_concurrent(tuple(args.schemes.split(",")))))

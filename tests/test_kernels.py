@@ -216,15 +216,41 @@ def test_triton_decode_many_splits_chunked_merge():
     Case(tq=1, d=64, r=16, hq=4, hkv=1, kv="empty_row", kw=(("lora_dot", "fma"),)),
     Case(tq=2, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 16), ("lr_prefetch", False))),
     Case(tq=1, d=64, r=3, hq=4, hkv=2, kw=(("lora_dot", "fma"), ("block_k", 16), ("lr_prefetch", False))),
+    Case(tq=1, d=128, r=8, hq=8, hkv=2, kv="empty_row", kw=(("num_splits", 4), ("block_k", 16),
+                                                             ("lr_prefetch", True))),
+    Case(tq=4, d=64, r=3, hq=8, hkv=2, q_off="early", kw=(("num_splits", 1), ("block_k", 16),
+                                                          ("lora_dot", "fma"), ("lr_prefetch", True))),
 ], ids=str)
 def test_triton_decode_lora_variants(case):
   """The decode kernel's LoRA variants == float64: lora_dot="fma" (P @ LR on
   CUDA cores, LR tile next_pow2(rank) wide) with splits, one split (the fused
-  epilogue) and rank 16 (falls back to the tensor-core form); lr_prefetch=False
-  (the LR tile loaded in its own iteration; the default loads it one block
-  ahead)."""
+  epilogue) and rank 16 (falls back to the tensor-core form); lr_prefetch=True
+  (the LR tile carried one block ahead, incl. a row that sees no key) and False
+  (the default: loaded in its own iteration)."""
   out, x = run(case, "triton")
   check(case, out, x)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_triton_decode_split_only_with_one_split(lora):
+  """split_only=True returns the split pass's partials also when there is one split
+  (the kernel must not take its fused one-split epilogue then)."""
+  from pallas_kernels import triton_kernels as tk
+  from pallas_kernels._args import canonicalize
+
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 1, 4, 64), (1, 64, 2, 64), (1, 64, 2, 64)))
+  lr = jnp.asarray(rng.normal(size=(1, 64, 8)), jnp.float32) if lora else None
+  lb = jnp.asarray(rng.normal(size=(1, 2, 8, 64)), jnp.float32) if lora else None
+  c = canonicalize(q, k, v, lr, lb, lora_scale=2.0)
+  args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
+  opart, rpart, lse = tk.decode(*args, causal=True, sm_scale=c.sm_scale, interpret=True,
+                                num_splits=1, block_k=16, split_only=True)
+  assert opart.shape == (1, 2, 1, 2, 64) and (rpart is None) == (not lora)
+  out = tk.merge(opart, rpart, lse, c.lora_b, c.scale, tq=1, hq=4, d=64, out_dtype=jnp.float32,
+                 interpret=True)
+  ref = flash_lora_attention(q, k, v, lr, lb, lora_scale=2.0, backend="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
 def test_interpret_mode_poisons_outputs():
