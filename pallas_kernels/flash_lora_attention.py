@@ -74,8 +74,8 @@ def _check_tunables(backend, kw):
         raise ValueError(f"lr_prefetch must be a bool (triton decode), got {val!r}.")
       continue
     if key == "lora_dot":
-      if val not in ("mma", "fma"):
-        raise ValueError(f"lora_dot must be 'mma' or 'fma' (triton decode), got {val!r}.")
+      if val not in ("mma", "fma", "wide"):
+        raise ValueError(f"lora_dot must be 'mma', 'fma' or 'wide' (triton decode), got {val!r}.")
       continue
     if not isinstance(val, numbers.Integral) or val < 1:
       raise ValueError(f"{key} must be a positive int, got {val!r}.")
@@ -160,7 +160,7 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     interpret: run the Pallas kernel in interpret mode.
     return_lse: python bool (static). Also return the log-sum-exp of each row.
     **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits,
-      lora_dot ("mma" | "fma": how decode forms P @ LR for ranks below 16),
+      lora_dot ("mma" | "fma" | "wide": how decode forms P @ LR),
       lr_prefetch (bool: decode loads LR one block ahead);
       mosaic_tpu: block_q, block_k, num_splits; xla: q_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len.

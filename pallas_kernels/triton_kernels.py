@@ -591,7 +591,7 @@ def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
     plgpu.store(lse_out_ref.at[t_row, hq_row], lse, mask=row_ok & (ci == 0))
 
 
-LORA_DOTS = ("mma", "fma")
+LORA_DOTS = ("mma", "fma", "wide")
 DEFAULT_LORA_DOT = "mma"
 DEFAULT_LR_PREFETCH = False  # measured neutral to -4% except +10% at batch 8, 128k (H200)
 
@@ -625,8 +625,10 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   Block sizes left as None get shared-memory-aware defaults (decode_defaults);
   num_splits None -> default_num_splits (about two waves of programs).
   lora_dot: how each KV block's P @ LR is formed: "mma" (tensor cores, LR
-  padded to 16 columns by masked loads) or "fma" (CUDA cores on an LR tile of
-  next_pow2(rank) columns; ranks below 16 only). None -> DEFAULT_LORA_DOT.
+  padded to 16 columns by masked loads), "fma" (CUDA cores on an LR tile of
+  next_pow2(rank) columns; ranks below 16 only) or "wide" (tensor cores, LR
+  padded to the head dim: the rank-wide accumulator then shares P @ V's MMA
+  layout, at the price of a P @ V-sized dot). None -> DEFAULT_LORA_DOT.
   lr_prefetch: load each KV block's LR tile one iteration ahead (see
   _run_blocks). None -> DEFAULT_LR_PREFETCH.
   split_only: return the split pass's partials (opart, rpart or None, lse)
@@ -642,10 +644,13 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   lora_dot = DEFAULT_LORA_DOT if lora_dot is None else lora_dot
   if lora_dot not in LORA_DOTS:
     raise ValueError(f"lora_dot must be one of {LORA_DOTS}, got {lora_dot!r}.")
-  # LR tile width inside the kernel: the "fma" form needs no padding to 16.
+  # LR tile width inside the kernel: the "fma" form needs no padding to 16; the "wide"
+  # form pads to the head dim, so P @ LR has P @ V's MMA shape and layout.
   rp = max(16, next_pow2(r)) if has_lora else 16
   if has_lora and lora_dot == "fma" and next_pow2(r) < 16:
     rp = max(4, next_pow2(r))
+  if has_lora and lora_dot == "wide":
+    rp = max(rp, dp)
   mp = max(16, next_pow2(tq * group))
   dflt = decode_defaults(mp, dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
                          jnp.dtype(lr.dtype).itemsize if has_lora else 0, s_len)

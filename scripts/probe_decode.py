@@ -10,7 +10,8 @@ inputs, median):
   full / split / merge  x  plain (no LoRA) | mma (P @ LR on tensor cores, LR
   padded to 16 columns by masked loads) | fma (P @ LR on CUDA cores, LR tile
   rank wide) | mma16 (rank 16: a tensor-core dot with no masked columns);
-  *_nopf: each LR tile loaded in its own iteration instead of one block ahead
+  *_nopf: each LR tile loaded in its own iteration instead of one block ahead;
+  wide (LR padded to the head dim: P @ LR in P @ V's MMA layout)
 
 so the LoRA overhead splits into pass and cause by differences.
 
@@ -36,7 +37,8 @@ from scripts import bench_kernels as bk  # noqa: E402
 
 # name -> (rank of the LR it reads (0: no LoRA), lora_dot, lr_prefetch)
 VARIANTS = {"plain": (0, None, True), "mma": (8, "mma", True), "fma": (8, "fma", True),
-            "mma16": (16, "mma", True), "mma_nopf": (8, "mma", False), "fma_nopf": (8, "fma", False)}
+            "mma16": (16, "mma", True), "mma_nopf": (8, "mma", False), "fma_nopf": (8, "fma", False),
+            "wide": (8, "wide", False)}
 
 
 def canon(q, k, v, lr, lb):

@@ -179,6 +179,16 @@ def test_lower_triton_fma_lora_dot(kw, r, per_q_b):
   assert any(f"x{next_pow2(r) if r >= 4 else 4}xbf16>" in t for t in texts)
 
 
+@pytest.mark.parametrize("kw", [dict(num_splits=4, block_k=64), dict(num_splits=1)])
+def test_lower_triton_wide_lora_dot(kw):
+  """lora_dot="wide": P @ LR as a [rows, block_k] x [block_k, head_dim] tensor-core dot."""
+  lowered = _lower("triton", "cuda", _args(1, 128, 8), lora_dot="wide", **kw)
+  texts = _triton_modules(lowered)
+  _check_triton_ir(texts, min_dots=6)
+  # every tl.dot in the split kernel has N = 128 or a K of 128 (no 16-wide P @ LR)
+  assert not any(re.search(r"tt\.dot [^\n]*-> tensor<16x16xf32>", t) for t in texts)
+
+
 @pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
 @pytest.mark.parametrize("kind", ["decode_splits", "decode_one_split", "prefill", "prefill_plain"])
 def test_lower_return_lse(platform, backend, kind):

@@ -218,6 +218,9 @@ def test_triton_decode_many_splits_chunked_merge():
     Case(tq=1, d=64, r=3, hq=4, hkv=2, kw=(("lora_dot", "fma"), ("block_k", 16), ("lr_prefetch", False))),
     Case(tq=1, d=128, r=8, hq=8, hkv=2, kv="empty_row", kw=(("num_splits", 4), ("block_k", 16),
                                                              ("lr_prefetch", True))),
+    Case(tq=2, d=96, r=8, hq=8, hkv=2, per_q_head_b=True, kw=(("num_splits", 3), ("block_k", 16),
+                                                              ("lora_dot", "wide"))),
+    Case(tq=1, d=64, r=16, hq=4, hkv=1, dtype="bfloat16", kw=(("num_splits", 1), ("lora_dot", "wide"))),
     Case(tq=4, d=64, r=3, hq=8, hkv=2, q_off="early", kw=(("num_splits", 1), ("block_k", 16),
                                                           ("lora_dot", "fma"), ("lr_prefetch", True))),
 ], ids=str)
