@@ -34,23 +34,14 @@ except ImportError:  # pragma: no cover
   plgpu = None
 
 from pallas_kernels._args import next_pow2
+from pallas_kernels.triton_kernels import num_sms, smem_budget
 
 MAX_ROWS = 16
 
 
-def _sms() -> int:
-  try:
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-      return int(getattr(dev, "core_count", 132) or 132)
-  except Exception:  # pragma: no cover
-    pass
-  return 132
-
-
 def default_split_k(n_blocks_n: int, n_blocks_k: int, sms: int | None = None) -> int:
   """Enough (N block, K split) programs for about two per SM, each split >= 4 K blocks."""
-  sms = _sms() if sms is None else sms
+  sms = num_sms() if sms is None else sms
   want = -(-2 * sms // n_blocks_n)
   return int(max(1, min(want, n_blocks_k // 4)))
 
@@ -114,8 +105,6 @@ def skinny_matmul(x, w, *, out_dtype=None, block_n=None, block_k=None, split_k=N
   block_k = min(block_k or 128, max(16, next_pow2(k_dim)))
   # Staged tiles (weights + rows) within ~70% of the card's shared memory (sm_86 / 89:
   # 99 KiB, A100: 163 KiB, H100: 227 KiB): fewer stages first, then a shorter K tile.
-  from pallas_kernels.triton_kernels import smem_budget
-
   item = jnp.dtype(x.dtype).itemsize
   budget = smem_budget()
   while num_stages * block_k * (block_n + MAX_ROWS) * item > budget:

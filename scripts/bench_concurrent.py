@@ -33,7 +33,8 @@ from flax import nnx
 
 
 def main(argv=None):
-    from lragent_jax.config import preset
+    from lragent_jax.cli import UsageError, positive_int_list
+    from lragent_jax.config import ConfigError, preset
     from lragent_jax.engine import Engine
     from lragent_jax.lora import random_adapters
     from lragent_jax.model import Llama
@@ -52,13 +53,18 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    cfg = preset(args.shape)
+    try:
+        cfg = preset(args.shape)
+        # Largest context first, on a fresh heap: on an H100 a 131k-capacity cache allocated
+        # after two other sessions' caches failed on fragmentation (2026-11-28).
+        contexts = sorted(positive_int_list(args.context or ("256,512" if args.quick else "8192,32768,131072"),
+                                            "--context"), reverse=True)
+        ns = positive_int_list(args.agents, "--agents")
+        if args.gen < 2:
+            raise UsageError("--gen must be >= 2 (the step time is a difference of two runs)")
+    except (UsageError, ConfigError) as e:
+        p.error(str(e))
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
-    # Largest context first, on a fresh heap: on an H100 a 131k-capacity cache allocated
-    # after two other sessions' caches failed on fragmentation (2026-11-28).
-    contexts = sorted((int(c) for c in (args.context or ("256,512" if args.quick else "8192,32768,131072")).split(",")),
-                      reverse=True)
-    ns = [int(n) for n in args.agents.split(",")]
     gen = 5 if args.quick else args.gen
     names = tuple(f"agent{i}" for i in range(max(ns)))
     dev = jax.devices()[0]

@@ -78,13 +78,10 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default bench/results/hf-peft-<date>)")
 
-    from lragent_jax.cli import strict_parser
+    from lragent_jax.cli import check_model_and_adapters, strict_parser
 
     args = strict_parser(p).parse_args(argv)
-    if args.adapter and not args.model:
-        raise UsageError("--adapter needs --model")
-    if args.model and not args.adapter:
-        raise UsageError("--model needs --adapter plan=... --adapter action=... --adapter reflect=...")
+    check_model_and_adapters(args.model, args.adapter)
     for name in ("batch", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")

@@ -285,6 +285,24 @@ def decode_methods(cfg, interpret):
               gqa=(gqa, False))
 
 
+def pick_fastest(cands, time_one, fallback):
+  """Times every candidate config (time_one(c) -> (seconds, printable)); a config that
+  fails (e.g. too much shared memory) is recorded and skipped. Returns (best or
+  fallback, rows)."""
+  best, rows = None, []
+  for c in cands:
+    try:
+      t, shown = time_one(c)
+      print(f"  {c}: {shown}")
+      rows.append(dict(c, time_s=t))
+      if best is None or t < best[1]:
+        best = (c, t)
+    except Exception as e:  # noqa: BLE001
+      print(f"  {c}: FAILED {type(e).__name__}: {str(e)[:200]}")
+      rows.append(dict(c, error=f"{type(e).__name__}: {str(e)[:300]}"))
+  return (best[0] if best else fallback), rows
+
+
 def tune_decode(args, timer, interpret):
   b, kv = 1, (32768 if not args.quick else 512)
   cands = [dict(block_k=bk, num_warps=w, num_stages=st, waves=wv)
@@ -293,24 +311,17 @@ def tune_decode(args, timer, interpret):
   if args.quick:
     cands = cands[:2]
   print(f"\n== tuning decode at batch {b}, kv {fmt_len(kv)} ==")
-  n_rot = n_rotations(decode_bytes(b, kv, True))
-  rots = decode_inputs(b, kv, n_rot)
-  best, rows = None, []
-  for c in cands:
+  nbytes = decode_bytes(b, kv, True)
+  rots = decode_inputs(b, kv, n_rotations(nbytes))
+
+  def time_one(c):
     cfg = dict(block_k=c["block_k"], num_warps=c["num_warps"], num_stages=c["num_stages"],
                num_splits=splits_for(b, kv, c["block_k"], c["waves"]))
-    fn = decode_methods(cfg, interpret)["ours_lora"][0]
-    try:
-      t, _ = timer(fn, rots, est_s=est_decode_s(decode_bytes(b, kv, True), args.quick))
-      gbs = decode_bytes(b, kv, True) / t / 1e9
-      print(f"  {c}: {t * 1e6:8.1f} us  {gbs:7.1f} GB/s")
-      rows.append(dict(c, time_s=t))
-      if best is None or t < best[1]:
-        best = (c, t)
-    except Exception as e:  # noqa: BLE001
-      print(f"  {c}: FAILED {type(e).__name__}: {str(e)[:200]}")
-      rows.append(dict(c, error=f"{type(e).__name__}: {str(e)[:300]}"))
-  return (best[0] if best else dict(block_k=128, num_warps=4, num_stages=2, waves=2)), rows
+    t, _ = timer(decode_methods(cfg, interpret)["ours_lora"][0], rots,
+                 est_s=est_decode_s(nbytes, args.quick))
+    return t, f"{t * 1e6:8.1f} us  {nbytes / t / 1e9:7.1f} GB/s"
+
+  return pick_fastest(cands, time_one, dict(block_k=128, num_warps=4, num_stages=2, waves=2))
 
 
 def bench_decode(args, timer, floors, interpret, tuned):
@@ -396,20 +407,12 @@ def tune_prefill(args, timer, interpret):
     cands = cands[:2]
   print(f"\n== tuning prefill at q = kv = {fmt_len(n)} ==")
   x = prefill_inputs(n, n)
-  best, rows = None, []
-  for c in cands:
-    fn = prefill_methods(c, interpret, n, n)["ours_lora"]
-    try:
-      t, _ = timer(fn, [x], calls=1)
-      tf = prefill_flops(n, n) / t / 1e12
-      print(f"  {c}: {t * 1e3:8.2f} ms  {tf:6.1f} TFLOP/s")
-      rows.append(dict(c, time_s=t))
-      if best is None or t < best[1]:
-        best = (c, t)
-    except Exception as e:  # noqa: BLE001
-      print(f"  {c}: FAILED {type(e).__name__}: {str(e)[:200]}")
-      rows.append(dict(c, error=f"{type(e).__name__}: {str(e)[:300]}"))
-  return (best[0] if best else dict(block_q=128, block_k=64, num_warps=8, num_stages=3)), rows
+
+  def time_one(c):
+    t, _ = timer(prefill_methods(c, interpret, n, n)["ours_lora"], [x], calls=1)
+    return t, f"{t * 1e3:8.2f} ms  {prefill_flops(n, n) / t / 1e12:6.1f} TFLOP/s"
+
+  return pick_fastest(cands, time_one, dict(block_q=128, block_k=64, num_warps=8, num_stages=3))
 
 
 def bench_prefill(args, timer, floors, interpret, tuned):

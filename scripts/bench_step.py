@@ -75,7 +75,7 @@ def tree_bytes(tree):
 
 def main(argv=None):
     from lragent_jax.cache import LoRAKV, AttnOptions
-    from lragent_jax.config import preset
+    from lragent_jax.config import ConfigError, preset
     from lragent_jax.engine import Engine
     from lragent_jax.lora import random_adapters
     from lragent_jax.model import Llama
@@ -99,8 +99,27 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    from lragent_jax.cli import UsageError, positive_int_list
+    from lragent_jax.model import MATMUL_IMPLS
 
-    cfg = preset(args.shape)
+    try:
+        batches = positive_int_list(args.batch, "--batch")
+        pads = [None] if args.min_matmul_rows is None else positive_int_list(args.min_matmul_rows,
+                                                                             "--min-matmul-rows")
+        impls = (args.matmul_impl or "xla").split(",")
+        if set(impls) - set(MATMUL_IMPLS):
+            raise UsageError(f"--matmul-impl: choose from {', '.join(MATMUL_IMPLS)}, got {args.matmul_impl!r}")
+        gemv_specs = []
+        for item in args.gemv.split(","):
+            parts = item.split(":")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in MATMUL_IMPLS):
+                raise UsageError(f"--gemv items are rows:padded_rows[:xla|triton], got {item!r}")
+            rows, min_rows = positive_int_list(f"{parts[0]},{parts[1]}", "--gemv rows")
+            gemv_specs.append((rows, min_rows, parts[2] if len(parts) == 3 else "xla"))
+        cfg = preset(args.shape)
+    except (UsageError, ConfigError) as e:
+        p.error(str(e))
+
     dtype = jnp.dtype(args.dtype or ("float32" if args.shape == "tiny" else "bfloat16"))
     if args.quick:
         args.context, args.new_tokens = min(args.context, 256), min(args.new_tokens, 16)
@@ -110,9 +129,7 @@ def main(argv=None):
     mm = matmul_rate(1024 if args.quick else 8192)
     print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
     gemv = {}
-    for item in args.gemv.split(","):
-        parts = item.split(":")
-        rows, min_rows, impl = int(parts[0]), int(parts[1]), (parts[2] if len(parts) > 2 else "xla")
+    for rows, min_rows, impl in gemv_specs:
         gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype, rows=rows, min_rows=min_rows, impl=impl)
         gemv[f"rows{rows}_min{min_rows}_{impl}"] = gv / 1e9
         print(f"  [{rows},{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] product ({impl})"
@@ -131,14 +148,12 @@ def main(argv=None):
     print(f"model {args.shape}: {weight_bytes / 1e9:.2f} GB weights, built in {time.perf_counter() - t:.0f} s",
           flush=True)
     rows = []
-    pads = [None] if args.min_matmul_rows is None else [int(v) for v in args.min_matmul_rows.split(",")]
-    impls = (args.matmul_impl or "xla").split(",")
     default_pad = model.min_matmul_rows
     for variant, pad, impl in [(v, pd, im) for v in args.variants.split(",") for pd in pads for im in impls]:
         model.min_matmul_rows = default_pad if pad is None else pad
         model.matmul_impl = impl
         engine = Engine(model, lora, layer_mode=variant)
-        for B in [int(b) for b in args.batch.split(",")]:
+        for B in batches:
             ctx = args.context
             max_len = ctx + args.new_tokens + 1
             cache = LoRAKV.create(cfg, B, max_len, 8, dtype, opts=AttnOptions(impl=args.attention))

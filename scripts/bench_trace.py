@@ -230,13 +230,10 @@ def parse_args(argv):
                    help="persistent JAX compilation cache (reused by later invocations)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/trace-<date>)")
 
-    from lragent_jax.cli import strict_parser
+    from lragent_jax.cli import check_model_and_adapters, strict_parser
 
     args = strict_parser(p).parse_args(argv)
-    if args.adapter and not args.model:
-        raise UsageError("--adapter needs --model (--shape makes its own random adapters)")
-    if args.model and not args.adapter:
-        raise UsageError("--model needs --adapter plan=... --adapter action=... --adapter reflect=...")
+    check_model_and_adapters(args.model, args.adapter, hint="--shape makes its own random adapters")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     if args.repeats < 1:

@@ -111,23 +111,27 @@ def check_concurrent(schemes=("full_shared", "base_lr_shared")) -> bool:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    from lragent_jax.schemes import SCHEMES
+
+    CHECKS = {"kernels": check_kernels, "end_to_end": check_end_to_end, "concurrent": check_concurrent}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checks", nargs="*", help="any of: " + " ".join(CHECKS) + " (default: all)")
+    ap.add_argument("--schemes", default="full_shared,base_lr_shared", help="schemes for the concurrent check")
+    args = ap.parse_args()
+    unknown = sorted(set(args.checks) - set(CHECKS))
+    if unknown:
+        ap.error(f"unknown checks {unknown}; choose from " + " ".join(CHECKS))
+    schemes = tuple(args.schemes.split(","))
+    if set(schemes) - set(SCHEMES):
+        ap.error(f"unknown schemes {sorted(set(schemes) - set(SCHEMES))}; choose from {', '.join(SCHEMES)}")
     # XLA's float32 GPU matmuls default to TF32; the comparison wants true float32 on both sides.
     jax.config.update("jax_default_matmul_precision", "highest")
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checks", nargs="*", help="any of: kernels end_to_end concurrent (default: all)")
-    ap.add_argument("--schemes", default="full_shared,base_lr_shared", help="schemes for the concurrent check")
-    args = ap.parse_args()
-    unknown = set(args.checks) - {"kernels", "end_to_end", "concurrent"}
-    if unknown:
-        ap.error(f"unknown checks {sorted(unknown)}; choose from kernels end_to_end concurrent")
     ok = True
-    checks = (("kernels", check_kernels), ("end_to_end", check_end_to_end),
-              ("concurrent", lambda: check_concurrent(tuple(args.schemes.split(",")))))
-    for name, fn in checks:
+    for name, fn in CHECKS.items():
         if not args.checks or name in args.checks:
-            ok &= fn()
+            ok &= fn(schemes) if name == "concurrent" else fn()
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)

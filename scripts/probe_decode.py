@@ -41,32 +41,40 @@ VARIANTS = {"plain": (0, None, True), "mma": (8, "mma", True), "fma": (8, "fma",
             "wide": (8, "wide", False)}
 
 
-def canon(q, k, v, lr, lb):
-  return canonicalize(q, k, v, lr, lb, lora_scale=2.0, kv_lengths=None, q_offsets=None,
-                      causal=True, sm_scale=None, layer=None)
-
-
-def split_fn(cfg, dot, pf, interpret, stage):
-  """The full decode, only its split pass, or only its merge (on given partials)."""
-  def full(q, k, v, lr, lb):
-    c = canon(q, k, v, lr, lb)
+def decode_fn(cfg, dot, prefetch, interpret, split_only):
+  """The decode kernel on public-layout inputs (lora scale 2): whole, or only its split pass."""
+  def run(q, k, v, lr, lb):
+    c = canonicalize(q, k, v, lr, lb, lora_scale=2.0)
     return tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
-                     causal=True, sm_scale=c.sm_scale, interpret=interpret,
-                     lr_prefetch=pf, **({"lora_dot": dot} if dot else {}), **cfg)
+                     causal=True, sm_scale=c.sm_scale, interpret=interpret, split_only=split_only,
+                     lora_dot=dot, lr_prefetch=prefetch, **cfg)
+  return run
 
-  def split(q, k, v, lr, lb):
-    c = canon(q, k, v, lr, lb)
-    return tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
-                     causal=True, sm_scale=c.sm_scale, interpret=interpret, split_only=True,
-                     lr_prefetch=pf, **({"lora_dot": dot} if dot else {}), **cfg)
-  return full if stage == "full" else split
+
+def parse_shapes(text):
+  """'1:16k,8:32k' -> [(1, 16384), (8, 32768)]."""
+  try:
+    out = [(int(b), bk.parse_lens(kv)[0]) for b, kv in (item.split(":") for item in text.split(","))]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected batch:kv items like 1:16k,8:32k, got {text!r}") from None
+  if any(b < 1 or kv < 1 for b, kv in out):
+    raise argparse.ArgumentTypeError(f"batch and kv must be >= 1, got {text!r}")
+  return out
+
+
+def parse_variants(text):
+  names = text.split(",")
+  bad = [n for n in names if n not in VARIANTS]
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown variants {bad}; choose from {','.join(VARIANTS)}")
+  return names
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--shapes", default=None, help="batch:kv list, e.g. 1:16k,8:32k")
-  ap.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+  ap.add_argument("--shapes", type=parse_shapes, default=None, help="batch:kv list, e.g. 1:16k,8:32k")
+  ap.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help="subset of " + ",".join(VARIANTS))
   ap.add_argument("--block-k", type=int, default=64)
   ap.add_argument("--num-warps", type=int, default=4)
   ap.add_argument("--num-stages", type=int, default=3)
@@ -74,9 +82,15 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=None)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
+  if args.block_k < 16 or args.block_k & (args.block_k - 1):
+    ap.error(f"--block-k must be a power of two >= 16, got {args.block_k}")
+  if args.num_warps not in (1, 2, 4, 8, 16):
+    ap.error(f"--num-warps must be one of 1, 2, 4, 8, 16, got {args.num_warps}")
+  for name in ("num_stages", "waves", "reps"):
+    if (getattr(args, name) or 1) < 1:
+      ap.error(f"--{name.replace('_', '-')} must be >= 1")
   interpret = jax.default_backend() == "cpu"
-  shapes = args.shapes or ("1:256,2:512" if args.quick else "1:16k,1:32k,8:32k,8:128k")
-  shapes = [(int(b), bk.parse_lens(kv)[0]) for b, kv in (s.split(":") for s in shapes.split(","))]
+  shapes = args.shapes or parse_shapes("1:256,2:512" if args.quick else "1:16k,1:32k,8:32k,8:128k")
   timer = bk.Timer(args.reps or (2 if args.quick else 15))
   print(f"device {bk.device_info()}", flush=True)
   recs = []
@@ -86,7 +100,7 @@ def main(argv=None):
     cfg = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages, num_splits=ns)
     n_rot = bk.n_rotations(bk.decode_bytes(b, kv, True))
     rots8 = bk.decode_inputs(b, kv, n_rot)
-    for name in args.variants.split(","):
+    for name in args.variants:
       rank, dot, pf = VARIANTS[name]
       if rank == 16:
         rots = [(q, k, v, jnp.concatenate([lr, lr], -1), jnp.concatenate([lb, lb], -2) * 0.5)
@@ -95,10 +109,10 @@ def main(argv=None):
         rots = [(q, k, v, lr if rank else None, lb if rank else None) for q, k, v, lr, lb in rots8]
       nbytes = bk.decode_bytes(b, kv, bool(rank))
       est = bk.est_decode_s(nbytes, args.quick)
-      t_full, _ = timer(split_fn(cfg, dot, pf, interpret, "full"), rots, est_s=est)
-      t_split, _ = timer(split_fn(cfg, dot, pf, interpret, "split"), rots, est_s=est)
+      t_full, _ = timer(decode_fn(cfg, dot, pf, interpret, False), rots, est_s=est)
+      t_split, _ = timer(decode_fn(cfg, dot, pf, interpret, True), rots, est_s=est)
       # Merge alone on this variant's partials.
-      parts = jax.jit(split_fn(cfg, dot, pf, interpret, "split"))(*rots[0])
+      parts = jax.jit(decode_fn(cfg, dot, pf, interpret, True))(*rots[0])
       opart, rpart, lse = parts
       lb = rots[0][4]
       hq = rots[0][0].shape[2]
