@@ -38,7 +38,7 @@ TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
 # num_splits only to decode).
 _TUNABLES = {
     "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits", "lora_dot",
-               "lr_prefetch"),
+               "lr_prefetch", "lr_width"),
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
     "xla": ("q_chunk",),
 }
@@ -83,6 +83,8 @@ def _check_tunables(backend, kw):
       raise ValueError(f"{key} must be a power of two >= 16 for the triton backend, got {val}.")
     if key in ("block_q", "block_k") and backend == "mosaic_tpu" and val % 16:
       raise ValueError(f"{key} must be a multiple of 16 for the mosaic_tpu backend, got {val}.")
+    if key == "lr_width" and (val < 16 or val & (val - 1)):
+      raise ValueError(f"lr_width must be a power of two >= 16 (triton decode), got {val}.")
     if key == "num_warps" and val not in (1, 2, 4, 8, 16):
       raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16), got {val}.")
 
@@ -122,6 +124,7 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **b
     kw.pop("num_splits", None)
     kw.pop("lora_dot", None)
     kw.pop("lr_prefetch", None)
+    kw.pop("lr_width", None)
   else:
     kw.pop("block_q", None)
   args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
@@ -161,7 +164,8 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     return_lse: python bool (static). Also return the log-sum-exp of each row.
     **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits,
       lora_dot ("mma" | "fma" | "wide": how decode forms P @ LR),
-      lr_prefetch (bool: decode loads LR one block ahead);
+      lr_prefetch (bool: decode loads LR one block ahead),
+      lr_width (decode's LR tile width for "mma"/"wide": a power of two >= 16);
       mosaic_tpu: block_q, block_k, num_splits; xla: q_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len.
 

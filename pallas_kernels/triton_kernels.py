@@ -617,7 +617,7 @@ def default_num_splits(batch, heads_kv, kv_len, block_k, sms=None):
 
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
            block_k=None, num_splits=None, num_warps=None, num_stages=None,
-           lora_dot=None, lr_prefetch=None, interpret=False, return_lse=False,
+           lora_dot=None, lr_prefetch=None, lr_width=None, interpret=False, return_lse=False,
            split_only=False):
   """Split-K Flash-LoRA decode. Canonical shapes; returns [B, Tq, Hq, D]
   (and the float32 lse [B, Tq, Hq] with return_lse).
@@ -631,6 +631,9 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   layout, at the price of a P @ V-sized dot). None -> DEFAULT_LORA_DOT.
   lr_prefetch: load each KV block's LR tile one iteration ahead (see
   _run_blocks). None -> DEFAULT_LR_PREFETCH.
+  lr_width: the LR tile's width inside the kernel for the tensor-core forms (a
+  power of two >= 16 and >= rank; columns past the rank are masked loads of
+  zeros). None -> 16 (or next_pow2(rank)) for "mma", the head dim for "wide".
   split_only: return the split pass's partials (opart, rpart or None, lse)
   instead of merging them (see merge(); for profiling the two passes apart).
   """
@@ -651,6 +654,13 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     rp = max(4, next_pow2(r))
   if has_lora and lora_dot == "wide":
     rp = max(rp, dp)
+  if has_lora and lr_width is not None:
+    if lora_dot == "fma":
+      raise ValueError("lr_width applies to the tensor-core forms (lora_dot 'mma' or 'wide'), not 'fma'.")
+    lr_width = int(lr_width)
+    if lr_width < max(16, next_pow2(r)) or lr_width & (lr_width - 1):
+      raise ValueError(f"lr_width must be a power of two >= max(16, rank {r}), got {lr_width}.")
+    rp = lr_width
   mp = max(16, next_pow2(tq * group))
   dflt = decode_defaults(mp, dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
                          jnp.dtype(lr.dtype).itemsize if has_lora else 0, s_len)

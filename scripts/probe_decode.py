@@ -12,6 +12,7 @@ inputs, median):
   rank wide) | mma16 (rank 16: a tensor-core dot with no masked columns);
   *_nopf: each LR tile loaded in its own iteration instead of one block ahead;
   wide (LR padded to the head dim: P @ LR in P @ V's MMA layout)
+  w32 / w64 (LR padded to 32 / 64 columns: lr_width)
 
 so the LoRA overhead splits into pass and cause by differences.
 
@@ -35,19 +36,20 @@ from pallas_kernels._args import canonicalize  # noqa: E402
 from scripts import bench_kernels as bk  # noqa: E402
 
 
-# name -> (rank of the LR it reads (0: no LoRA), lora_dot, lr_prefetch)
-VARIANTS = {"plain": (0, None, True), "mma": (8, "mma", True), "fma": (8, "fma", True),
-            "mma16": (16, "mma", True), "mma_nopf": (8, "mma", False), "fma_nopf": (8, "fma", False),
-            "wide": (8, "wide", False)}
+# name -> (rank of the LR it reads (0: no LoRA), lora_dot, lr_prefetch, lr_width)
+VARIANTS = {"plain": (0, None, True, None), "mma": (8, "mma", True, None), "fma": (8, "fma", True, None),
+            "mma16": (16, "mma", True, None), "mma_nopf": (8, "mma", False, None),
+            "fma_nopf": (8, "fma", False, None), "wide": (8, "wide", False, None),
+            "w32": (8, "mma", False, 32), "w64": (8, "mma", False, 64)}
 
 
-def decode_fn(cfg, dot, prefetch, interpret, split_only):
+def decode_fn(cfg, dot, prefetch, width, interpret, split_only):
   """The decode kernel on public-layout inputs (lora scale 2): whole, or only its split pass."""
   def run(q, k, v, lr, lb):
     c = canonicalize(q, k, v, lr, lb, lora_scale=2.0)
     return tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
                      causal=True, sm_scale=c.sm_scale, interpret=interpret, split_only=split_only,
-                     lora_dot=dot, lr_prefetch=prefetch, **cfg)
+                     lora_dot=dot, lr_prefetch=prefetch, lr_width=width, **cfg)
   return run
 
 
@@ -101,7 +103,7 @@ def main(argv=None):
     n_rot = bk.n_rotations(bk.decode_bytes(b, kv, True))
     rots8 = bk.decode_inputs(b, kv, n_rot)
     for name in args.variants:
-      rank, dot, pf = VARIANTS[name]
+      rank, dot, pf, width = VARIANTS[name]
       if rank == 16:
         rots = [(q, k, v, jnp.concatenate([lr, lr], -1), jnp.concatenate([lb, lb], -2) * 0.5)
                 for q, k, v, lr, lb in rots8]
@@ -109,10 +111,10 @@ def main(argv=None):
         rots = [(q, k, v, lr if rank else None, lb if rank else None) for q, k, v, lr, lb in rots8]
       nbytes = bk.decode_bytes(b, kv, bool(rank))
       est = bk.est_decode_s(nbytes, args.quick)
-      t_full, _ = timer(decode_fn(cfg, dot, pf, interpret, False), rots, est_s=est)
-      t_split, _ = timer(decode_fn(cfg, dot, pf, interpret, True), rots, est_s=est)
+      t_full, _ = timer(decode_fn(cfg, dot, pf, width, interpret, False), rots, est_s=est)
+      t_split, _ = timer(decode_fn(cfg, dot, pf, width, interpret, True), rots, est_s=est)
       # Merge alone on this variant's partials.
-      parts = jax.jit(decode_fn(cfg, dot, pf, interpret, True))(*rots[0])
+      parts = jax.jit(decode_fn(cfg, dot, pf, width, interpret, True))(*rots[0])
       opart, rpart, lse = parts
       lb = rots[0][4]
       hq = rots[0][0].shape[2]

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Where a decode step's time goes: every GPU kernel of a few decode steps, by name.
+
+Two halves, because the profiler runs on the GPU machine and the summary anywhere:
+
+  # on the GPU: the timed region is only the decode loop (compile and prefill excluded)
+  ncu --profile-from-start off --clock-control none --csv --print-units base \\
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum --log-file step.csv \\
+      python scripts/profile_step.py run --shape llama-3.1-8b --context 4096
+  # anywhere: per-kernel time per step, its share, and its read bandwidth
+  python scripts/profile_step.py summarize step.csv --steps 4
+
+`run` opens the profiler range (cuProfilerStart) around one decode call of
+--new-tokens steps on a warm, compiled engine; without ncu it just times that call.
+The summary shows how much of a step is weight-streaming products, attention,
+and the small element-wise kernels around them (launch-bound on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import ctypes
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def run(args):
+    import jax
+    import numpy as np
+    from flax import nnx
+    import jax.numpy as jnp
+
+    from lragent_jax.cache import AttnOptions, LoRAKV
+    from lragent_jax.config import preset
+    from lragent_jax.engine import Engine
+    from lragent_jax.lora import random_adapters
+    from lragent_jax.model import Llama
+    from lragent_jax.sampling import SamplingParams
+
+    cfg = preset(args.shape)
+    dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
+    model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    lora = random_adapters(cfg, rank=8, dtype=dtype)
+    engine = Engine(model, lora)
+    B, ctx, n = args.batch, args.context, args.new_tokens
+    ids = np.zeros((B,), np.int32)
+    prompt = [np.random.default_rng(b).integers(0, cfg.vocab_size, ctx).tolist() for b in range(B)]
+    sp = SamplingParams.make(B, greedy=True)
+
+    def fresh():
+        cache = LoRAKV.create(cfg, B, ctx + n + 1, 8, dtype, opts=AttnOptions(impl=args.attention))
+        logits, cache = engine.prefill(cache, prompt, np.zeros(B), ids)
+        return engine.sample(logits, sp, jax.random.key(0)), cache
+
+    def decode(first, cache):
+        toks, _, cache = engine.decode(cache, first, np.full(B, ctx), ids, sp, jax.random.key(1), max_new_tokens=n)
+        jax.block_until_ready(toks)
+
+    decode(*fresh())                     # compile
+    first, cache = fresh()
+    jax.block_until_ready(cache)
+    cuda = None
+    if jax.default_backend() == "gpu":
+        try:
+            cuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            cuda = None
+    if cuda is not None:
+        cuda.cuProfilerStart()
+    t = time.perf_counter()
+    decode(first, cache)
+    dt = time.perf_counter() - t
+    if cuda is not None:
+        cuda.cuProfilerStop()
+    print(f"decode of {n} tokens = {n - 1} steps (batch {B}, context {ctx}): {1e3 * dt:.2f} ms "
+          f"({1e3 * dt / (n - 1):.2f} ms per step; under a profiler this is not the speed)")
+
+
+def summarize(args):
+    """Group an ncu CSV (gpu__time_duration.sum [ns], dram__bytes_read.sum [byte]) by kernel."""
+    with open(args.csv) as f:
+        lines = f.readlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    per = collections.defaultdict(lambda: {"ns": 0.0, "bytes": 0.0, "n": 0})
+    seen = set()
+    for row in csv.DictReader(lines[start:]):
+        name = row["Kernel Name"]
+        key = (row["ID"], name)
+        val = float(row["Metric Value"].replace(",", "") or 0)
+        if row["Metric Name"] == "gpu__time_duration.sum":
+            per[name]["ns"] += val
+            if key not in seen:
+                per[name]["n"] += 1
+                seen.add(key)
+        elif row["Metric Name"] == "dram__bytes_read.sum":
+            per[name]["bytes"] += val
+    total = sum(v["ns"] for v in per.values())
+    steps = args.steps
+    print(f"{len(seen)} kernels, {total / 1e6 / steps:.3f} ms of kernel time per step "
+          f"({steps} steps)\n")
+    print(f"{'us/step':>9} {'share':>6} {'n/step':>7} {'GB/s':>7}  kernel")
+    rows = sorted(per.items(), key=lambda kv: -kv[1]["ns"])
+    for name, v in rows[: args.top]:
+        bw = v["bytes"] / v["ns"] if v["ns"] else 0.0
+        print(f"{v['ns'] / 1e3 / steps:9.1f} {100 * v['ns'] / total:5.1f}% {v['n'] / steps:7.1f} "
+              f"{bw:7.0f}  {name[:110]}")
+    rest = rows[args.top:]
+    if rest:
+        print(f"{sum(v['ns'] for _, v in rest) / 1e3 / steps:9.1f} "
+              f"{100 * sum(v['ns'] for _, v in rest) / total:5.1f}% {sum(v['n'] for _, v in rest) / steps:7.1f}"
+              f"          ({len(rest)} other kernels)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(steps=steps, total_ns_per_step=total / steps,
+                           kernels={k: v for k, v in rows}), f, indent=1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run decode steps inside the profiler range")
+    r.add_argument("--shape", default="tiny")
+    r.add_argument("--context", type=int, default=4096)
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--new-tokens", type=int, default=5, help="tokens; the first comes from prefill, so steps = this - 1")
+    r.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
+    s = sub.add_parser("summarize", help="group an ncu CSV by kernel name")
+    s.add_argument("csv")
+    s.add_argument("--steps", type=int, default=4, help="decode steps inside the profiled range (--new-tokens - 1)")
+    s.add_argument("--top", type=int, default=25)
+    s.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        if min(args.context, args.batch) < 1 or args.new_tokens < 2:
+            p.error("--context and --batch must be positive, --new-tokens at least 2")
+        run(args)
+    else:
+        if args.steps < 1:
+            p.error("--steps must be positive")
+        summarize(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""scripts/profile_step.py summarize: an ncu CSV grouped by kernel, per decode step."""
+import json
+
+import pytest
+
+from scripts import profile_step
+
+CSV = '''==PROF== Connected to process 1
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","1","python3","h","gemv_a","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","3,000,000"
+"0","1","python3","h","gemv_a","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","1,000"
+"1","1","python3","h","fusion_b","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","0"
+"1","1","python3","h","fusion_b","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","500"
+"2","1","python3","h","gemv_a","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","1,000,000"
+"2","1","python3","h","gemv_a","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","3,000"
+'''
+
+
+def test_summarize_groups_by_kernel(tmp_path, capsys):
+  src, out = tmp_path / "step.csv", tmp_path / "step.json"
+  src.write_text(CSV)
+  profile_step.main(["summarize", str(src), "--steps", "2", "--json", str(out)])
+  text = capsys.readouterr().out
+  assert "3 kernels, 0.002 ms of kernel time per step" in text
+  data = json.loads(out.read_text())
+  assert data["kernels"]["gemv_a"] == {"ns": 4000.0, "bytes": 4_000_000.0, "n": 2}
+  assert data["kernels"]["fusion_b"]["n"] == 1
+  assert data["total_ns_per_step"] == 2250.0
+  # the largest first; bandwidth = bytes / ns = GB/s
+  first = [ln for ln in text.splitlines() if "gemv_a" in ln][0]
+  assert first.split()[:2] == ["2.0", "88.9%"] and first.split()[3] == "1000"
+
+
+@pytest.mark.parametrize("argv", [["run", "--new-tokens", "1"], ["summarize", "x.csv", "--steps", "0"]])
+def test_bad_flags_exit_2(argv):
+  with pytest.raises(SystemExit) as e:
+    profile_step.main(argv)
+  assert e.value.code == 2
