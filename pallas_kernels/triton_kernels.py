@@ -593,6 +593,10 @@ def _merge_kernel(lse_ref, opart_ref, *refs, has_lora, per_q_head_b, num_splits,
 
 LORA_DOTS = ("mma", "fma", "wide")
 DEFAULT_LORA_DOT = "mma"
+# LR tile width of lora_dot="mma" when lr_width is None: 32 columns, not the 16 an MMA
+# needs, measured faster (H200, JAX 0.11.2: batch 8 at 32k 476.7 -> 360.6 us, 16 wide
+# spilled registers; docs/perf-notes.md section 4).
+DEFAULT_MMA_LR_WIDTH = 32
 DEFAULT_LR_PREFETCH = False  # measured neutral to -4% except +10% at batch 8, 128k (H200)
 
 
@@ -625,7 +629,7 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   Block sizes left as None get shared-memory-aware defaults (decode_defaults);
   num_splits None -> default_num_splits (about two waves of programs).
   lora_dot: how each KV block's P @ LR is formed: "mma" (tensor cores, LR
-  padded to 16 columns by masked loads), "fma" (CUDA cores on an LR tile of
+  padded to lr_width columns by masked loads), "fma" (CUDA cores on an LR tile of
   next_pow2(rank) columns; ranks below 16 only) or "wide" (tensor cores, LR
   padded to the head dim: the rank-wide accumulator then shares P @ V's MMA
   layout, at the price of a P @ V-sized dot). None -> DEFAULT_LORA_DOT.
@@ -633,7 +637,8 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   _run_blocks). None -> DEFAULT_LR_PREFETCH.
   lr_width: the LR tile's width inside the kernel for the tensor-core forms (a
   power of two >= 16 and >= rank; columns past the rank are masked loads of
-  zeros). None -> 16 (or next_pow2(rank)) for "mma", the head dim for "wide".
+  zeros). None -> max(DEFAULT_MMA_LR_WIDTH, next_pow2(rank)) for "mma", the head
+  dim for "wide".
   split_only: return the split pass's partials (opart, rpart or None, lse)
   instead of merging them (see merge(); for profiling the two passes apart).
   """
@@ -654,6 +659,8 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
     rp = max(4, next_pow2(r))
   if has_lora and lora_dot == "wide":
     rp = max(rp, dp)
+  if has_lora and lora_dot == "mma" and lr_width is None:
+    rp = max(rp, min(DEFAULT_MMA_LR_WIDTH, dp))
   if has_lora and lr_width is not None:
     if lora_dot == "fma":
       raise ValueError("lr_width applies to the tensor-core forms (lora_dot 'mma' or 'wide'), not 'fma'.")

@@ -37,8 +37,8 @@ from scripts import bench_kernels as bk  # noqa: E402
 
 
 # name -> (rank of the LR it reads (0: no LoRA), lora_dot, lr_prefetch, lr_width)
-VARIANTS = {"plain": (0, None, True, None), "mma": (8, "mma", True, None), "fma": (8, "fma", True, None),
-            "mma16": (16, "mma", True, None), "mma_nopf": (8, "mma", False, None),
+VARIANTS = {"plain": (0, None, True, None), "mma": (8, "mma", True, 16), "fma": (8, "fma", True, None),
+            "mma16": (16, "mma", True, 16), "mma_nopf": (8, "mma", False, 16),
             "fma_nopf": (8, "fma", False, None), "wide": (8, "wide", False, None),
             "w32": (8, "mma", False, 32), "w64": (8, "mma", False, 64)}
 
