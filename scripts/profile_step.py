@@ -9,6 +9,8 @@ Two halves, because the profiler runs on the GPU machine and the summary anywher
       python scripts/profile_step.py run --shape llama-3.1-8b --context 4096
   # anywhere: per-kernel time per step, its share, and its read bandwidth
   python scripts/profile_step.py summarize step.csv --steps 4
+  # no profiler: only the step's weight products, timed (the rest of a step is the difference)
+  python scripts/profile_step.py products --shape llama-3.1-8b
 
 `run` opens the profiler range (cuProfilerStart) around one decode call of
 --new-tokens steps on a warm, compiled engine; without ncu it just times that call.
@@ -82,6 +84,49 @@ def run(args):
           f"({1e3 * dt / (n - 1):.2f} ms per step; under a profiler this is not the speed)")
 
 
+def products(args):
+    """Time only a step's weight products: every layer's q, k, v, o, gate, up, down and the
+    LM head on one token row (padded as the model pads), unrolled like the GPU engine."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from lragent_jax.config import preset
+    from lragent_jax.model import LAYER_PARAMS, Llama, _matmul
+
+    cfg = preset(args.shape)
+    dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
+    model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    layers = [{n: getattr(model.layers, n)[...][i] for n in LAYER_PARAMS} for i in range(cfg.num_layers)]
+    head = model.lm_head[...] if model.lm_head is not None else model.embed[...].T
+    rows = model.min_matmul_rows
+
+    @jax.jit
+    def all_products(x, layers, head):
+        for w in layers:
+            q = _matmul(x, w["wq"], rows)
+            k = _matmul(x, w["wk"], rows)
+            v = _matmul(x, w["wv"], rows)
+            x = x + _matmul(q + 0 * (k.sum() + v.sum()), w["wo"], rows)   # keep k, v live
+            g = _matmul(x, w["w_gate"], rows)
+            u = _matmul(x, w["w_up"], rows)
+            x = x + _matmul(g * u, w["w_down"], rows)
+        return _matmul(x, head, rows, out_dtype=jnp.float32)
+
+    x = jnp.ones((args.batch, cfg.hidden_size), dtype) * 0.01
+    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves((layers, head)))
+    jax.block_until_ready(all_products(x, layers, head))
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        jax.block_until_ready(all_products(x, layers, head))
+        ts.append(time.perf_counter() - t)
+    dt = float(np.median(ts))
+    print(f"weight products of one step (batch {args.batch}, padded to {rows} rows): {1e3 * dt:.2f} ms, "
+          f"{nbytes / 1e9:.2f} GB at {nbytes / dt / 1e9:.0f} GB/s")
+
+
 def summarize(args):
     """Group an ncu CSV (gpu__time_duration.sum [ns], dram__bytes_read.sum [byte]) by kernel."""
     with open(args.csv) as f:
@@ -130,13 +175,20 @@ def main(argv=None):
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--new-tokens", type=int, default=5, help="tokens; the first comes from prefill, so steps = this - 1")
     r.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
+    m = sub.add_parser("products", help="time only the step's weight products")
+    m.add_argument("--shape", default="tiny")
+    m.add_argument("--batch", type=int, default=1)
     s = sub.add_parser("summarize", help="group an ncu CSV by kernel name")
     s.add_argument("csv")
     s.add_argument("--steps", type=int, default=4, help="decode steps inside the profiled range (--new-tokens - 1)")
     s.add_argument("--top", type=int, default=25)
     s.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.cmd == "run":
+    if args.cmd == "products":
+        if args.batch < 1:
+            p.error("--batch must be positive")
+        products(args)
+    elif args.cmd == "run":
         if min(args.context, args.batch) < 1 or args.new_tokens < 2:
             p.error("--context and --batch must be positive, --new-tokens at least 2")
         run(args)

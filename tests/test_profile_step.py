@@ -36,3 +36,8 @@ def test_bad_flags_exit_2(argv):
   with pytest.raises(SystemExit) as e:
     profile_step.main(argv)
   assert e.value.code == 2
+
+
+def test_products_runs_on_tiny(capsys):
+  profile_step.main(["products", "--shape", "tiny"])
+  assert "weight products of one step (batch 1" in capsys.readouterr().out
