@@ -176,6 +176,7 @@ def main(argv=None):
             jax.block_until_ready(toks)
             cache = LoRAKV.create(cfg, B, max_len, 8, dtype, opts=AttnOptions(impl=args.attention))
             logits, cache = engine.prefill(cache, prompt, np.zeros(B), ids)
+            jax.block_until_ready((logits, cache))  # else the timed decode includes this prefill
             t = time.perf_counter()
             toks, counts, cache = engine.decode(cache, first, np.full(B, ctx), ids, sp, jax.random.key(1),
                                                 max_new_tokens=n)
