@@ -223,13 +223,18 @@ def test_triton_decode_many_splits_chunked_merge():
     Case(tq=1, d=64, r=16, hq=4, hkv=1, dtype="bfloat16", kw=(("num_splits", 1), ("lora_dot", "wide"))),
     Case(tq=4, d=64, r=3, hq=8, hkv=2, q_off="early", kw=(("num_splits", 1), ("block_k", 16),
                                                           ("lora_dot", "fma"), ("lr_prefetch", True))),
+    Case(tq=1, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 16), ("lr_width", 64))),
+    Case(tq=2, d=64, r=3, hq=8, hkv=2, per_q_head_b=True, dtype="bfloat16",
+         kw=(("num_splits", 2), ("lr_width", 16))),
+    Case(tq=1, d=64, r=32, hq=4, hkv=2, kw=(("num_splits", 2), ("block_k", 16))),
 ], ids=str)
 def test_triton_decode_lora_variants(case):
   """The decode kernel's LoRA variants == float64: lora_dot="fma" (P @ LR on
   CUDA cores, LR tile next_pow2(rank) wide) with splits, one split (the fused
   epilogue) and rank 16 (falls back to the tensor-core form); lr_prefetch=True
   (the LR tile carried one block ahead, incl. a row that sees no key) and False
-  (the default: loaded in its own iteration)."""
+  (the default: loaded in its own iteration); lr_width 64 and 16 (the default is 32),
+  and rank 32 (the default width grows to the rank)."""
   out, x = run(case, "triton")
   check(case, out, x)
 
@@ -353,6 +358,11 @@ def _x(**over):
     (dict(tile=3), "unknown keyword"),
     (dict(lora_dot="wmma"), "lora_dot must be"),
     (dict(lr_prefetch=1), "lr_prefetch must be a bool"),
+    (dict(lr_width=24), "lr_width must be a power of two"),
+    (dict(lr_width=8), "lr_width must be a power of two"),
+    (dict(lora_dot="fma", lr_width=32), "lr_width applies to the tensor-core forms"),
+    (dict(lr=jnp.zeros((2, 32, 32)), lora_b=jnp.zeros((2, 2, 32, 64)), lr_width=16),
+     r"lr_width must be a power of two >= max\(16, rank 32\)"),
     (dict(return_lse="yes"), "return_lse must be a python bool"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, match):
