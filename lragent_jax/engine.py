@@ -64,14 +64,22 @@ class Engine:
         "per_layer" weights split into one array per layer once (no slicing at run time),
                     layers unrolled: what decode on an accelerator wants.
         "auto"      "scan" on CPU, "per_layer" on GPU/TPU.
+      fuse_projections: per_layer only: hold q|k|v and gate|up as one wider weight per
+        layer (release_to_per_layer), two weight products instead of five per layer.
+        Same results up to float rounding order (none: each output column is the same dot).
     """
 
     def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
-                 prefill_buckets=DEFAULT_PREFILL_BUCKETS, layer_mode: str = "auto"):
+                 prefill_buckets=DEFAULT_PREFILL_BUCKETS, layer_mode: str = "auto",
+                 fuse_projections: bool = False):
         if layer_mode not in LAYER_MODES:
             raise ValueError(f"layer_mode={layer_mode!r}; allowed: {LAYER_MODES}")
         if layer_mode == "auto":
             layer_mode = "scan" if jax.default_backend() == "cpu" else "per_layer"
+        if fuse_projections and layer_mode != "per_layer":
+            raise ValueError(f"fuse_projections needs layer_mode='per_layer' (got {layer_mode!r}): "
+                             "the stacked weights stay unfused")
+        self.fuse_projections = bool(fuse_projections)
         self.layer_mode = layer_mode
         self.config = model.config
         self.dtype = model.dtype
@@ -81,7 +89,7 @@ class Engine:
             raise ValueError(f"prefill_buckets must be positive integers, got {prefill_buckets!r}")
         self.prefill_buckets = buckets
         if layer_mode == "per_layer":
-            self.layer_weights = release_to_per_layer(model)
+            self.layer_weights = release_to_per_layer(model, self.fuse_projections)
         else:
             ensure_stacked(model)
             self.layer_weights = None
@@ -284,28 +292,65 @@ class Engine:
 _PER_LAYER: dict = {}
 
 
-def release_to_per_layer(model: Llama) -> list:
+# Fused per-layer weights: name -> the LAYER_PARAMS it concatenates along the output dim.
+FUSED_PARAMS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
     """Split the model's stacked layer weights into one array per layer, once.
 
     The model's stacked Params are replaced by empty placeholders (so the weights are held
     once); every per_layer Engine over this model shares the split arrays. ensure_stacked()
     undoes it (e.g. before saving the model or building a "scan" Engine).
+
+    fuse_projections: hold q|k|v and gate|up as one wider matrix per layer ("wqkv",
+    "w_gate_up"; FUSED_PARAMS), so a step runs two weight products where it ran five. The
+    shared split arrays are converted in place (one layer at a time) to the form asked
+    for last; the model's forward accepts both forms.
     """
     key = id(model)
-    if key in _PER_LAYER:
-        return _PER_LAYER[key]
-    L = model.config.num_layers
-    per_layer = [dict() for _ in range(L)]
-    for name in LAYER_PARAMS:  # one tensor at a time: peak memory is one extra tensor
-        var = getattr(model.layers, name)
-        arr = var.get_value()
-        for i in range(L):
-            per_layer[i][name] = arr[i]
-        var.set_value(jnp.zeros((0,), arr.dtype))
-        del arr
-    _PER_LAYER[key] = per_layer
-    weakref.finalize(model, _PER_LAYER.pop, key, None)
+    if key not in _PER_LAYER:
+        L = model.config.num_layers
+        per_layer = [dict() for _ in range(L)]
+        for name in LAYER_PARAMS:  # one tensor at a time: peak memory is one extra tensor
+            var = getattr(model.layers, name)
+            arr = var.get_value()
+            for i in range(L):
+                per_layer[i][name] = arr[i]
+            var.set_value(jnp.zeros((0,), arr.dtype))
+            del arr
+        _PER_LAYER[key] = per_layer
+        weakref.finalize(model, _PER_LAYER.pop, key, None)
+    per_layer = _PER_LAYER[key]
+    for lw in per_layer:
+        if fuse_projections:
+            _fuse_layer(lw)
+        else:
+            _unfuse_layer(lw, model.config)
     return per_layer
+
+
+def fused_widths(config) -> dict:
+    """Output widths of the parts of each fused matrix, in FUSED_PARAMS order."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    f = config.intermediate_size
+    return {"wqkv": (q, kv, kv), "w_gate_up": (f, f)}
+
+
+def _fuse_layer(lw: dict) -> None:
+    for fused, parts in FUSED_PARAMS.items():
+        if fused not in lw:
+            lw[fused] = jnp.concatenate([lw.pop(p) for p in parts], axis=-1)
+
+
+def _unfuse_layer(lw: dict, config) -> None:
+    widths = fused_widths(config)
+    for fused, parts in FUSED_PARAMS.items():
+        if fused in lw:
+            w = lw.pop(fused)
+            offs = np.cumsum((0,) + widths[fused])
+            for p, a, b in zip(parts, offs[:-1], offs[1:]):
+                lw[p] = w[..., int(a):int(b)]
 
 
 def ensure_stacked(model: Llama) -> None:
@@ -313,6 +358,8 @@ def ensure_stacked(model: Llama) -> None:
     per_layer = _PER_LAYER.pop(id(model), None)
     if per_layer is None:
         return
+    for lw in per_layer:
+        _unfuse_layer(lw, model.config)
     for name in LAYER_PARAMS:
         getattr(model.layers, name).set_value(jnp.stack([lw[name] for lw in per_layer]))
 

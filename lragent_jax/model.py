@@ -204,7 +204,8 @@ class Llama(nnx.Module):
         a lax.fori_loop (compile time independent of depth); scan=False unrolls them with
         static layer indices (longer compiles; lets XLA see each layer's weights statically).
         layer_weights: optional per-layer dicts {name: array} (LAYER_PARAMS) used instead of the
-        stacked weights, so no layer slice is ever copied (requires scan=False).
+        stacked weights, so no layer slice is ever copied (requires scan=False); a dict may
+        hold q|k|v as "wqkv" and gate|up as "w_gate_up" (engine.FUSED_PARAMS) instead.
         """
         cfg = self.config
         start, stop = layers if layers is not None else (0, cfg.num_layers)
@@ -223,11 +224,13 @@ class Llama(nnx.Module):
         # A cache view may declare it needs no new K / V_base (it only writes LR): skip them.
         needs_kv = getattr(cache, "needs_new_kv", True)
 
+        def with_lora(name, layer, h, y):
+            return y if lp[name] is None else y + lp[name].delta(layer, h, ids)
+
         def proj(name, layer, h, weight):
-            y = _matmul(h, weight, self.min_matmul_rows, impl=self.matmul_impl)
-            if lp[name] is not None:
-                y = y + lp[name].delta(layer, h, ids)
-            return y
+            return with_lora(name, layer, h, _matmul(h, weight, self.min_matmul_rows, impl=self.matmul_impl))
+
+        q_dim, kv_dim, ff = cfg.q_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
 
         def body(layer, carry):
             x, cache = carry
@@ -236,12 +239,23 @@ class Llama(nnx.Module):
             else:
                 lw = {name: getattr(w, name)[...][layer] for name in LAYER_PARAMS}
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
-            q = proj("q", layer, h, lw["wq"]).reshape(B, S, cfg.num_heads, cfg.head_dim)
+            if "wqkv" in lw:  # fused per-layer weights (Engine(fuse_projections=True)): one product
+                qkv = _matmul(h, lw["wqkv"], self.min_matmul_rows, impl=self.matmul_impl)
+                q, k, v_base = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
+                q, k = with_lora("q", layer, h, q), with_lora("k", layer, h, k)
+                if not needs_kv:
+                    k = v_base = None
+            else:
+                q = proj("q", layer, h, lw["wq"])
+                if needs_kv:
+                    k = proj("k", layer, h, lw["wk"])
+                    v_base = _matmul(h, lw["wv"], self.min_matmul_rows, impl=self.matmul_impl)
+                else:  # the cache already holds these tokens' K and V_base (base_shared catch-up)
+                    k = v_base = None
+            q = q.reshape(B, S, cfg.num_heads, cfg.head_dim)
             if needs_kv:
-                k = proj("k", layer, h, lw["wk"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
-                v_base = _matmul(h, lw["wv"], self.min_matmul_rows, impl=self.matmul_impl).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
-            else:  # the cache already holds these tokens' K and V_base (base_shared catch-up)
-                k = v_base = None
+                k = k.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+                v_base = v_base.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
             if lp["v"] is not None:
                 pv = lp["v"]
                 values = ValueParts(
@@ -257,8 +271,13 @@ class Llama(nnx.Module):
             attn, cache = cache.update_and_attend(layer, q, k, values, step)
             x = x + proj("o", layer, attn.reshape(B, S, cfg.q_dim), lw["wo"])
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
-            gate = proj("gate", layer, h, lw["w_gate"])
-            up = proj("up", layer, h, lw["w_up"])
+            if "w_gate_up" in lw:
+                gate, up = jnp.split(_matmul(h, lw["w_gate_up"], self.min_matmul_rows, impl=self.matmul_impl),
+                                     [ff], axis=-1)
+                gate, up = with_lora("gate", layer, h, gate), with_lora("up", layer, h, up)
+            else:
+                gate = proj("gate", layer, h, lw["w_gate"])
+                up = proj("up", layer, h, lw["w_up"])
             x = x + proj("down", layer, jax.nn.silu(gate) * up, lw["w_down"])
             return x, cache
 

@@ -94,6 +94,8 @@ def main(argv=None):
     p.add_argument("--gemv-only", action="store_true", help="only the floors and the projection microbenchmark")
     p.add_argument("--matmul-impl", default=None,
                    help="comma list of Llama(matmul_impl=) values to compare: xla, triton (default: xla)")
+    p.add_argument("--fuse-projections", default="0",
+                   help="comma list of 0/1: Engine(fuse_projections=) values to compare (per_layer only)")
     p.add_argument("--min-matmul-rows", default=None,
                    help="comma list of Llama(min_matmul_rows=) values to compare (default: the model's default)")
     p.add_argument("--quick", action="store_true")
@@ -107,6 +109,10 @@ def main(argv=None):
         pads = [None] if args.min_matmul_rows is None else positive_int_list(args.min_matmul_rows,
                                                                              "--min-matmul-rows")
         impls = (args.matmul_impl or "xla").split(",")
+        fuses = args.fuse_projections.split(",")
+        if set(fuses) - {"0", "1"}:
+            raise UsageError(f"--fuse-projections: a comma list of 0 and 1, got {args.fuse_projections!r}")
+        fuses = [f == "1" for f in fuses]
         if set(impls) - set(MATMUL_IMPLS):
             raise UsageError(f"--matmul-impl: choose from {', '.join(MATMUL_IMPLS)}, got {args.matmul_impl!r}")
         gemv_specs = []
@@ -149,10 +155,15 @@ def main(argv=None):
           flush=True)
     rows = []
     default_pad = model.min_matmul_rows
-    for variant, pad, impl in [(v, pd, im) for v in args.variants.split(",") for pd in pads for im in impls]:
+    for variant, pad, impl, fuse in [(v, pd, im, fu) for v in args.variants.split(",") for pd in pads
+                                     for im in impls for fu in fuses]:
         model.min_matmul_rows = default_pad if pad is None else pad
         model.matmul_impl = impl
-        engine = Engine(model, lora, layer_mode=variant)
+        try:
+            engine = Engine(model, lora, layer_mode=variant, fuse_projections=fuse)
+        except ValueError as e:  # fused weights need the per_layer mode
+            print(f"{variant:>9} fuse={int(fuse)}: skipped ({e})", flush=True)
+            continue
         for B in batches:
             ctx = args.context
             max_len = ctx + args.new_tokens + 1
@@ -189,13 +200,13 @@ def main(argv=None):
             tokens = B * ctx
             flops = 2 * (weight_bytes / dtype.itemsize) * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
             prefill_floor = flops / mm
-            row = dict(variant=engine.layer_mode, min_matmul_rows=model.min_matmul_rows,
+            row = dict(variant=engine.layer_mode, fuse_projections=fuse, min_matmul_rows=model.min_matmul_rows,
                        matmul_impl=model.matmul_impl, batch=B, context=ctx, step_ms=1e3 * step_s,
                        decode_floor_ms=1e3 * decode_floor, decode_vs_floor=step_s / decode_floor,
                        prefill_s=prefill_s, prefill_floor_s=prefill_floor, prefill_vs_floor=prefill_s / prefill_floor,
                        prefill_tflops=flops / prefill_s / 1e12)
             rows.append(row)
-            print(f"{variant:>9} {model.matmul_impl} pad{model.min_matmul_rows} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
+            print(f"{variant:>9} {model.matmul_impl} pad{model.min_matmul_rows}{' fused' if fuse else ''} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
                   f"(floor {row['decode_floor_ms']:.2f}, x{row['decode_vs_floor']:.2f})  prefill {prefill_s:7.3f} s "
                   f"(floor {prefill_floor:.3f}, x{row['prefill_vs_floor']:.2f}, {row['prefill_tflops']:.0f} TFLOP/s)",
                   flush=True)

@@ -208,6 +208,8 @@ def parse_args(argv):
                    help="add base_shared+naive and base_lr_shared+naive rows (V expanded before attention)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--batch", type=int, default=1, help="independent trajectories per jitted step")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="Engine(fuse_projections=True): q|k|v and gate|up as one weight per layer (per_layer mode)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights and caches (default bfloat16; float32 for tiny)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per point; the median end-to-end run is "
@@ -298,6 +300,8 @@ def build_engine(args):
     from lragent_jax.engine import Engine
 
     kw = {"prefill_buckets": args.buckets} if args.buckets else {}
+    if args.fuse_projections:
+        kw.update(layer_mode="per_layer", fuse_projections=True)
     if args.shape:
         from lragent_jax.config import preset
         from lragent_jax.lora import random_adapters

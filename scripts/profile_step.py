@@ -102,15 +102,27 @@ def products(args):
     head = model.lm_head[...] if model.lm_head is not None else model.embed[...].T
     rows = model.min_matmul_rows
 
+    if args.fused:  # Engine(fuse_projections=True)'s layout: q|k|v and gate|up as one matrix
+        from lragent_jax.engine import _fuse_layer
+        for w in layers:
+            _fuse_layer(w)
+    q_dim, f = cfg.num_heads * cfg.head_dim, cfg.intermediate_size
+
     @jax.jit
     def all_products(x, layers, head):
         for w in layers:
-            q = _matmul(x, w["wq"], rows)
-            k = _matmul(x, w["wk"], rows)
-            v = _matmul(x, w["wv"], rows)
-            x = x + _matmul(q + 0 * (k.sum() + v.sum()), w["wo"], rows)   # keep k, v live
-            g = _matmul(x, w["w_gate"], rows)
-            u = _matmul(x, w["w_up"], rows)
+            if "wqkv" in w:
+                qkv = _matmul(x, w["wqkv"], rows)
+                q, kv = qkv[:, :q_dim], qkv[:, q_dim:]
+            else:
+                q = _matmul(x, w["wq"], rows)
+                kv = jnp.concatenate([_matmul(x, w["wk"], rows), _matmul(x, w["wv"], rows)], -1)
+            x = x + _matmul(q + 0 * kv.sum(), w["wo"], rows)   # keep k, v live
+            if "w_gate_up" in w:
+                gu = _matmul(x, w["w_gate_up"], rows)
+                g, u = gu[:, :f], gu[:, f:]
+            else:
+                g, u = _matmul(x, w["w_gate"], rows), _matmul(x, w["w_up"], rows)
             x = x + _matmul(g * u, w["w_down"], rows)
         return _matmul(x, head, rows, out_dtype=jnp.float32)
 
@@ -123,7 +135,8 @@ def products(args):
         jax.block_until_ready(all_products(x, layers, head))
         ts.append(time.perf_counter() - t)
     dt = float(np.median(ts))
-    print(f"weight products of one step (batch {args.batch}, padded to {rows} rows): {1e3 * dt:.2f} ms, "
+    print(f"weight products of one step ({'fused' if args.fused else 'unfused'}, batch {args.batch}, "
+          f"padded to {rows} rows): {1e3 * dt:.2f} ms, "
           f"{nbytes / 1e9:.2f} GB at {nbytes / dt / 1e9:.0f} GB/s")
 
 
@@ -178,6 +191,7 @@ def main(argv=None):
     m = sub.add_parser("products", help="time only the step's weight products")
     m.add_argument("--shape", default="tiny")
     m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--fused", action="store_true", help="q|k|v and gate|up as one matrix per layer")
     s = sub.add_parser("summarize", help="group an ncu CSV by kernel name")
     s.add_argument("csv")
     s.add_argument("--steps", type=int, default=4, help="decode steps inside the profiled range (--new-tokens - 1)")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lragent_jax.cache import DenseKV
+from lragent_jax.cache import DenseKV, LoRAKV
 from lragent_jax.config import preset
 from lragent_jax.engine import Engine
 from lragent_jax.lora import random_adapters
@@ -177,3 +177,35 @@ def test_triton_skinny_matmul_impl_generates_the_same_tokens():
     assert out["xla"] == out["triton"]
     with pytest.raises(ValueError, match="matmul_impl"):
         Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3), matmul_impl="cublas")
+
+
+def test_fused_projections_match_and_unfuse_exactly():
+    """Engine(fuse_projections=True) holds q|k|v and gate|up as one matrix per layer: the
+    same logits as unfused (LoRA on every projection), and ensure_stacked restores the
+    original weights bit for bit; a stacked layer mode refuses the knob."""
+    from lragent_jax.engine import ensure_stacked
+
+    cfg = preset("tiny")
+    model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    wq0, wup0 = np.asarray(model.layers.wq[...]), np.asarray(model.layers.w_up[...])
+    lora = random_adapters(cfg, seed=4, b_std=0.2, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    prompt = list(range(10, 31))
+    ids = np.zeros(1, np.int32)
+
+    def logits(engine):
+        out, _ = engine.prefill(LoRAKV.create(cfg, 1, 64, 8, jnp.float32), [prompt], np.zeros(1), ids)
+        return np.asarray(out)
+
+    plain = Engine(model, lora, layer_mode="per_layer")
+    ref, ref_tokens = logits(plain), greedy_generate(plain, prompt, "plan", 6)
+    fused = Engine(model, lora, layer_mode="per_layer", fuse_projections=True)
+    lw = fused.layer_weights[0]
+    assert set(lw) >= {"wqkv", "w_gate_up"} and not {"wq", "wk", "wv", "w_gate", "w_up"} & set(lw)
+    assert lw["wqkv"].shape == (cfg.hidden_size, cfg.q_dim + 2 * cfg.num_kv_heads * cfg.head_dim)
+    np.testing.assert_allclose(logits(fused), ref, rtol=1e-5, atol=1e-5)
+    assert greedy_generate(fused, prompt, "plan", 6) == ref_tokens
+    ensure_stacked(model)
+    np.testing.assert_array_equal(np.asarray(model.layers.wq[...]), wq0)
+    np.testing.assert_array_equal(np.asarray(model.layers.w_up[...]), wup0)
+    with pytest.raises(ValueError, match="fuse_projections needs layer_mode='per_layer'"):
+        Engine(model, lora, layer_mode="scan", fuse_projections=True)
