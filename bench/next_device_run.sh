@@ -1,16 +1,15 @@
-# Ready for the next session's device time (one call, ~9 min; H100 or H200, note the card).
-# 1. #5: skinny Pallas product vs XLA (micro, then the batch-1 step).
-# 2. #5: base_lr_shared at Lctx 16384 (its session-2 row had a compile inside the timing).
-# 3. #6: the 131k concurrent point.
-# 4. #4: lora_dot='wide' (one MMA layout for both accumulators); ncu stall reasons of the decode split pass, plain vs LoRA, at a small shape.
-python3 -c "import jax; print(jax.__version__, jax.devices())"
-timeout 150 python3 scripts/bench_step.py --shape llama-3.1-8b --context 4096 --batch 1 --gemv 1:1,1:2,1:1:triton,2:2:triton --matmul-impl xla,triton --out $OUT 2>&1 | grep -v Warn | tee $OUT/step.log
-timeout 200 python3 scripts/bench_trace.py --shape llama-3.1-8b --lctx 256,16384 --schemes full_shared,base_lr_shared --max-len 66560 --prefill-buckets 64,1024 --attention pallas --no-progress --out $OUT/trace 2>&1 | grep -v Warn | tee $OUT/trace.log
-timeout 120 python3 scripts/bench_concurrent.py --shape llama-3.1-8b --context 131072 --agents 1,4,8 --no-sequential --out $OUT 2>&1 | grep -v Warn | tee $OUT/concurrent.log
-timeout 80 python3 scripts/probe_decode.py --shapes 1:32k,8:32k --variants plain,mma,wide,mma_nopf --out $OUT 2>&1 | grep -v Warn | tee $OUT/probe.log
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-for v in plain mma; do
-  timeout 60 ncu --clock-control none -k regex:split -c 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-    python3 scripts/probe_decode.py --shapes 8:4k --variants $v --reps 1 > $OUT/ncu_$v.txt 2>&1
-  grep -v "^==PROF\|^$" $OUT/ncu_$v.txt | tail -40
-done
+# Ready for the next session's device time (H100 or H200; note the card). One call, ~8 min.
+# Every step writes under /tmp/r and the tarball is refreshed after each, so a step that
+# runs long loses only itself. Never pipe ncu: a killed ncu leaves its child holding the pipe.
+R=/tmp/r; mkdir -p $R
+python3 -c "import jax; print(jax.__version__, jax.devices())" > $R/env.txt 2>&1
+snap() { tar czf $OUT/r.tgz -C $R .; }
+# 1. #5: fused q|k|v and gate|up (prediction: products 5.13 -> ~4.9 ms, step 5.86 -> ~5.5 ms on H200)
+timeout -k 5 60 python3 scripts/profile_step.py products --shape llama-3.1-8b > $R/products.log 2>&1
+timeout -k 5 60 python3 scripts/profile_step.py products --shape llama-3.1-8b --fused >> $R/products.log 2>&1
+timeout -k 5 150 python3 scripts/bench_step.py --shape llama-3.1-8b --context 4096 --batch 1,8 --gemv 1:2 --fuse-projections 0,1 --out $R > $R/step.log 2>&1; snap
+# 2. #4: decode re-tuned with the 32-wide LR tile, and prefill (LoRA overhead, % of matmul rate)
+timeout -k 5 200 python3 scripts/bench_kernels.py --check --kv-lens 4k,16k,32k,128k --out $R/kernels > $R/kernels.log 2>&1; snap
+# 3. #5: base_lr_shared vs full_shared with the fused projections, 1.9k and 66.4k tokens
+timeout -k 5 170 python3 scripts/bench_trace.py --shape llama-3.1-8b --lctx 256,16384 --schemes full_shared,base_lr_shared --fuse-projections --max-len 66560 --prefill-buckets 64,1024 --attention pallas --no-progress --out $R/trace > $R/trace.log 2>&1; snap
+grep -hv Warn $R/products.log $R/step.log | tail -8; grep -v Warn $R/kernels.log | tail -30; grep -v Warn $R/trace.log | tail -8
