@@ -9,6 +9,7 @@ whole multi-agent trajectory compiles a handful of programs (see `trace_counts`)
 from __future__ import annotations
 
 import collections
+import warnings
 import weakref
 
 import jax
@@ -79,7 +80,7 @@ class Engine:
         if fuse_projections and layer_mode != "per_layer":
             raise ValueError(f"fuse_projections needs layer_mode='per_layer' (got {layer_mode!r}): "
                              "the stacked weights stay unfused")
-        self.fuse_projections = bool(fuse_projections)
+        self._fuse_asked = bool(fuse_projections)
         self.layer_mode = layer_mode
         self.config = model.config
         self.dtype = model.dtype
@@ -89,7 +90,8 @@ class Engine:
             raise ValueError(f"prefill_buckets must be positive integers, got {prefill_buckets!r}")
         self.prefill_buckets = buckets
         if layer_mode == "per_layer":
-            self.layer_weights = release_to_per_layer(model, self.fuse_projections)
+            self.layer_weights = release_to_per_layer(model, self._fuse_asked)
+            _PER_LAYER_ENGINES[id(model)] += 1
         else:
             ensure_stacked(model)
             self.layer_weights = None
@@ -101,6 +103,12 @@ class Engine:
                                 donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("buffer",), donate_argnames=("cache",))
         self._sample = jax.jit(self._sample_impl)
+
+    @property
+    def fuse_projections(self) -> bool:
+        """Whether this Engine's per-layer weights are fused now (the model's per-layer
+        arrays are shared: the last Engine built over it decides; release_to_per_layer)."""
+        return bool(self.layer_weights) and "wqkv" in self.layer_weights[0]
 
     @property
     def max_chunk(self) -> int:
@@ -290,6 +298,7 @@ class Engine:
 # Models whose stacked layer weights were split into per-layer arrays (keyed by id(model)):
 # the stacked copy is released so the weights exist once on the device.
 _PER_LAYER: dict = {}
+_PER_LAYER_ENGINES: collections.Counter = collections.Counter()  # model id -> Engines built over it
 
 
 # Fused per-layer weights: name -> the LAYER_PARAMS it concatenates along the output dim.
@@ -305,8 +314,9 @@ def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
 
     fuse_projections: hold q|k|v and gate|up as one wider matrix per layer ("wqkv",
     "w_gate_up"; FUSED_PARAMS), so a step runs two weight products where it ran five. The
-    shared split arrays are converted in place (one layer at a time) to the form asked
-    for last; the model's forward accepts both forms.
+    split arrays are shared by every per_layer Engine over this model, so they have one
+    form: asking for the other converts them in place (one layer at a time, with a
+    warning), and Engines built earlier then run (and retrace for) that form too.
     """
     key = id(model)
     if key not in _PER_LAYER:
@@ -320,8 +330,12 @@ def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
             var.set_value(jnp.zeros((0,), arr.dtype))
             del arr
         _PER_LAYER[key] = per_layer
-        weakref.finalize(model, _PER_LAYER.pop, key, None)
+        weakref.finalize(model, _forget, key)
     per_layer = _PER_LAYER[key]
+    if per_layer and ("wqkv" in per_layer[0]) != bool(fuse_projections) and _PER_LAYER_ENGINES[key]:
+        warnings.warn(f"converting this model's per-layer weights to the "
+                      f"{'fused' if fuse_projections else 'unfused'} form: Engines built earlier "
+                      "over it share them and will retrace for that form", stacklevel=3)
     for lw in per_layer:
         if fuse_projections:
             _fuse_layer(lw)
@@ -332,9 +346,8 @@ def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
 
 def fused_widths(config) -> dict:
     """Output widths of the parts of each fused matrix, in FUSED_PARAMS order."""
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     f = config.intermediate_size
-    return {"wqkv": (q, kv, kv), "w_gate_up": (f, f)}
+    return {"wqkv": (config.q_dim, config.kv_dim, config.kv_dim), "w_gate_up": (f, f)}
 
 
 def _fuse_layer(lw: dict) -> None:
@@ -353,8 +366,14 @@ def _unfuse_layer(lw: dict, config) -> None:
                 lw[p] = w[..., int(a):int(b)]
 
 
+def _forget(key) -> None:
+    _PER_LAYER.pop(key, None)
+    _PER_LAYER_ENGINES.pop(key, None)
+
+
 def ensure_stacked(model: Llama) -> None:
     """Restore stacked layer weights on a model released by release_to_per_layer()."""
+    _PER_LAYER_ENGINES.pop(id(model), None)
     per_layer = _PER_LAYER.pop(id(model), None)
     if per_layer is None:
         return

@@ -239,12 +239,13 @@ class Llama(nnx.Module):
             else:
                 lw = {name: getattr(w, name)[...][layer] for name in LAYER_PARAMS}
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
-            if "wqkv" in lw:  # fused per-layer weights (Engine(fuse_projections=True)): one product
+            if "wqkv" in lw and needs_kv:  # fused weights (Engine(fuse_projections=True)): one product
                 qkv = _matmul(h, lw["wqkv"], self.min_matmul_rows, impl=self.matmul_impl)
                 q, k, v_base = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
                 q, k = with_lora("q", layer, h, q), with_lora("k", layer, h, k)
-                if not needs_kv:
-                    k = v_base = None
+            elif "wqkv" in lw:  # catch-up: only q's columns (K and V_base are cached already)
+                q = proj("q", layer, h, lw["wqkv"][:, :q_dim])
+                k = v_base = None
             else:
                 q = proj("q", layer, h, lw["wq"])
                 if needs_kv:

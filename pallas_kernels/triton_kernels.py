@@ -637,8 +637,8 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   _run_blocks). None -> DEFAULT_LR_PREFETCH.
   lr_width: the LR tile's width inside the kernel for the tensor-core forms (a
   power of two >= 16 and >= rank; columns past the rank are masked loads of
-  zeros). None -> max(DEFAULT_MMA_LR_WIDTH, next_pow2(rank)) for "mma", the head
-  dim for "wide".
+  zeros). None -> max(16, next_pow2(rank), min(DEFAULT_MMA_LR_WIDTH, padded head
+  dim)) for "mma" (32 for ranks <= 32), the padded head dim for "wide". Not for "fma".
   split_only: return the split pass's partials (opart, rpart or None, lse)
   instead of merging them (see merge(); for profiling the two passes apart).
   """

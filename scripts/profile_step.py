@@ -49,7 +49,8 @@ def run(args):
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
     model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     lora = random_adapters(cfg, rank=8, dtype=dtype)
-    engine = Engine(model, lora)
+    engine = Engine(model, lora, **({"layer_mode": "per_layer", "fuse_projections": True}
+                                    if args.fuse_projections else {}))
     B, ctx, n = args.batch, args.context, args.new_tokens
     ids = np.zeros((B,), np.int32)
     prompt = [np.random.default_rng(b).integers(0, cfg.vocab_size, ctx).tolist() for b in range(B)]
@@ -93,19 +94,17 @@ def products(args):
     from flax import nnx
 
     from lragent_jax.config import preset
-    from lragent_jax.model import LAYER_PARAMS, Llama, _matmul
+    from lragent_jax.engine import release_to_per_layer
+    from lragent_jax.model import Llama, _matmul
 
     cfg = preset(args.shape)
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
     model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
-    layers = [{n: getattr(model.layers, n)[...][i] for n in LAYER_PARAMS} for i in range(cfg.num_layers)]
+    # the per_layer Engine's arrays (the stacked copy is released: weights held once), fused
+    # as Engine(fuse_projections=True) holds them with --fused
+    layers = release_to_per_layer(model, fuse_projections=args.fused)
     head = model.lm_head[...] if model.lm_head is not None else model.embed[...].T
     rows = model.min_matmul_rows
-
-    if args.fused:  # Engine(fuse_projections=True)'s layout: q|k|v and gate|up as one matrix
-        from lragent_jax.engine import _fuse_layer
-        for w in layers:
-            _fuse_layer(w)
     q_dim, f = cfg.num_heads * cfg.head_dim, cfg.intermediate_size
 
     @jax.jit
@@ -140,17 +139,27 @@ def products(args):
           f"{nbytes / 1e9:.2f} GB at {nbytes / dt / 1e9:.0f} GB/s")
 
 
+UNIT_SCALE = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9, "ns": 1.0, "us": 1e3,
+              "ms": 1e6, "s": 1e9, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+
+
 def summarize(args):
     """Group an ncu CSV (gpu__time_duration.sum [ns], dram__bytes_read.sum [byte]) by kernel."""
     with open(args.csv) as f:
         lines = f.readlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise SystemExit(f"{args.csv}: no ncu CSV header (\"ID\",...) found; run ncu with --csv")
     per = collections.defaultdict(lambda: {"ns": 0.0, "bytes": 0.0, "n": 0})
     seen = set()
     for row in csv.DictReader(lines[start:]):
         name = row["Kernel Name"]
         key = (row["ID"], name)
         val = float(row["Metric Value"].replace(",", "") or 0)
+        unit = row.get("Metric Unit", "")
+        if unit not in UNIT_SCALE:
+            raise SystemExit(f"{args.csv}: unknown unit {unit!r} of {row['Metric Name']}")
+        val *= UNIT_SCALE[unit]   # to nanoseconds and bytes
         if row["Metric Name"] == "gpu__time_duration.sum":
             per[name]["ns"] += val
             if key not in seen:
@@ -188,6 +197,7 @@ def main(argv=None):
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--new-tokens", type=int, default=5, help="tokens; the first comes from prefill, so steps = this - 1")
     r.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
+    r.add_argument("--fuse-projections", action="store_true", help="Engine(fuse_projections=True)")
     m = sub.add_parser("products", help="time only the step's weight products")
     m.add_argument("--shape", default="tiny")
     m.add_argument("--batch", type=int, default=1)

@@ -28,7 +28,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-LR_SCHEMES = ("base_lr_shared",)
+# schemes whose attention also reads the agent's LR (rank values per token and layer)
+LR_SCHEMES = ("base_lr_shared", "base_shared")
 
 
 def model_counts(cfg, itemsize=2):
@@ -54,7 +55,7 @@ def row_floors(row, cfg, copy_bps, flops_per_s, rank=8, itemsize=2):
     for st in row["steps"]:
         n = st["new_tokens"] // B      # prefill tokens per row (catch-up and carried token too)
         flops = B * (2 * mult * n + attn * n * (pos + n / 2) + 2 * head)
-        pbytes = wbytes + B * per_tok_cache * (2 * pos + n)  # weights, cache read, new cache written
+        pbytes = wbytes + B * per_tok_cache * (pos + n)  # weights, earlier cache read, new cache written
         prefill_s += max(flops / flops_per_s, pbytes / copy_bps)
         pos += n
         # decode passes: each feeds one sampled token and reads it with all before it; the
@@ -65,20 +66,43 @@ def row_floors(row, cfg, copy_bps, flops_per_s, rank=8, itemsize=2):
     return prefill_s, dbytes / copy_bps
 
 
-def main(argv=None):
-    from lragent_jax.config import preset
+def jnp_itemsize(dtype: str) -> int:
+    import numpy as np
+    import ml_dtypes  # noqa: F401  (bfloat16 as a numpy dtype)
 
+    return np.dtype(getattr(ml_dtypes, dtype, dtype)).itemsize
+
+
+def run_config(data, shape, parser):
+    """The model config of a bench_trace run: --shape, the run's preset, or its checkpoint."""
+    from lragent_jax.config import ConfigError, ModelConfig, preset
+
+    name = shape or (data.get("args") or {}).get("shape")
+    try:
+        if name:
+            return preset(name)
+        from lragent_jax.loading import resolve_path
+
+        return ModelConfig.from_pretrained(resolve_path(data["model"], allow_patterns=("config.json",)))
+    except (ConfigError, OSError, KeyError, ValueError) as e:
+        parser.error(f"cannot tell the run's model config ({e}); pass --shape")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="bench_trace results.json")
     p.add_argument("--copy-gbps", type=float, required=True, help="measured copy bandwidth, GB/s")
     p.add_argument("--tflops", type=float, required=True, help="measured bf16 matmul rate, TFLOP/s")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the run (LR bytes)")
+    p.add_argument("--shape", default=None,
+                   help="preset shape of the model (default: the run's --shape, or its checkpoint's config.json)")
     args = p.parse_args(argv)
     if args.copy_gbps <= 0 or args.tflops <= 0 or args.rank < 1:
         p.error("--copy-gbps, --tflops and --rank must be positive")
     with open(args.results) as f:
         data = json.load(f)
-    cfg = preset(data["model"] if data.get("random_weights") else data["args"]["shape"])
+    cfg = run_config(data, args.shape, p)
+    itemsize = jnp_itemsize(data.get("dtype", "bfloat16"))
     print(f"{data['card']}, jax {data['jax_version']}, {data['date'][:10]}; floors: copy "
           f"{args.copy_gbps:.0f} GB/s, matmul {args.tflops:.1f} TFLOP/s")
     print(f"{'scheme':<22} {'Lctx':>6} {'batch':>5} {'TTFT s':>8} {'floor':>7} {'x':>5} "
@@ -87,7 +111,7 @@ def main(argv=None):
     for row in data["results"]:
         if row.get("status", "ok") != "ok":
             continue
-        pf, df = row_floors(row, cfg, args.copy_gbps * 1e9, args.tflops * 1e12, args.rank)
+        pf, df = row_floors(row, cfg, args.copy_gbps * 1e9, args.tflops * 1e12, args.rank, itemsize)
         rec = dict(scheme=row["label"], lctx=row["lctx"], batch=row.get("batch", 1),
                    ttft_s=row["ttft_s"], prefill_floor_s=pf, ttft_vs_floor=row["ttft_s"] / pf,
                    e2e_s=row["end_to_end_s"], e2e_floor_s=pf + df,

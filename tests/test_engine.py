@@ -192,18 +192,29 @@ def test_fused_projections_match_and_unfuse_exactly():
     prompt = list(range(10, 31))
     ids = np.zeros(1, np.int32)
 
+    def _base_shared_turns(engine):  # a second agent catches up on the first's turn
+        s = Session(engine, "base_shared", max_len=128, stop_ids=())
+        s.append(prompt)
+        return [s.generate(a, 5, greedy=True) for a in ("plan", "action", "plan")]
+
+    base_shared_ref = _base_shared_turns(Engine(model, lora, layer_mode="scan"))
+
     def logits(engine):
         out, _ = engine.prefill(LoRAKV.create(cfg, 1, 64, 8, jnp.float32), [prompt], np.zeros(1), ids)
         return np.asarray(out)
 
     plain = Engine(model, lora, layer_mode="per_layer")
     ref, ref_tokens = logits(plain), greedy_generate(plain, prompt, "plan", 6)
-    fused = Engine(model, lora, layer_mode="per_layer", fuse_projections=True)
+    assert not plain.fuse_projections
+    with pytest.warns(UserWarning, match="Engines built earlier over it share them"):
+        fused = Engine(model, lora, layer_mode="per_layer", fuse_projections=True)
+    assert fused.fuse_projections and plain.fuse_projections  # one shared form
     lw = fused.layer_weights[0]
     assert set(lw) >= {"wqkv", "w_gate_up"} and not {"wq", "wk", "wv", "w_gate", "w_up"} & set(lw)
     assert lw["wqkv"].shape == (cfg.hidden_size, cfg.q_dim + 2 * cfg.num_kv_heads * cfg.head_dim)
     np.testing.assert_allclose(logits(fused), ref, rtol=1e-5, atol=1e-5)
     assert greedy_generate(fused, prompt, "plan", 6) == ref_tokens
+    assert _base_shared_turns(fused) == base_shared_ref   # catch-up: q-only product
     ensure_stacked(model)
     np.testing.assert_array_equal(np.asarray(model.layers.wq[...]), wq0)
     np.testing.assert_array_equal(np.asarray(model.layers.w_up[...]), wup0)

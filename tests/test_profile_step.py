@@ -31,6 +31,19 @@ def test_summarize_groups_by_kernel(tmp_path, capsys):
   assert first.split()[:2] == ["2.0", "88.9%"] and first.split()[3] == "1000"
 
 
+def test_summarize_units_and_bad_csv(tmp_path, capsys):
+  src = tmp_path / "step.csv"
+  src.write_text(CSV.replace('"nsecond","1,000"', '"usecond","1"').replace('"byte","3,000,000"', '"Mbyte","3"'))
+  profile_step.main(["summarize", str(src), "--steps", "2"])
+  assert "3 kernels, 0.002 ms of kernel time per step" in capsys.readouterr().out
+  src.write_text("==PROF== nothing profiled\n")
+  with pytest.raises(SystemExit, match="no ncu CSV header"):
+    profile_step.main(["summarize", str(src)])
+  src.write_text(CSV.replace('"nsecond","500"', '"fortnight","500"'))
+  with pytest.raises(SystemExit, match="unknown unit"):
+    profile_step.main(["summarize", str(src)])
+
+
 @pytest.mark.parametrize("argv", [["run", "--new-tokens", "1"], ["summarize", "x.csv", "--steps", "0"]])
 def test_bad_flags_exit_2(argv):
   with pytest.raises(SystemExit) as e:
