@@ -97,19 +97,19 @@ def _fmt(v, spec):
 
 
 def print_table(rows, *, peak_note=""):
-    head = (f"{'scheme':<22} {'Lctx':>6} {'total':>7} {'tput tok/s':>11} {'TTFT s':>8} {'e2e s':>8} "
+    head = (f"{'scheme':<22} {'Lctx':>6} {'batch':>5} {'total':>7} {'tput tok/s':>11} {'TTFT s':>8} {'e2e s':>8} "
             f"{'cache MiB':>10} {'peak MiB':>10} {'catch-up':>9}")
     log(head)
     log("-" * len(head))
     for r in rows:
         if r.get("status") != "ok":
-            log(f"{r['label']:<22} {r['lctx']:>6} {r['tokens_per_row']:>7} {r['status']:>11}"
+            log(f"{r['label']:<22} {r['lctx']:>6} {r.get('batch', 1):>5} {r['tokens_per_row']:>7} {r['status']:>11}"
                 + (f"  ({r.get('error', '')[:60]})" if r.get("status") == "ERROR" else ""))
             continue
         peak = _fmt(mib(r.get("peak_bytes")), ".0f")
         if r.get("peak_bytes") is not None and r.get("peak_is_own") is False:
             peak = "<=" + peak
-        log(f"{r['label']:<22} {r['lctx']:>6} {r['tokens_per_row']:>7} {r['throughput_tok_s']:>11.1f} "
+        log(f"{r['label']:<22} {r['lctx']:>6} {r.get('batch', 1):>5} {r['tokens_per_row']:>7} {r['throughput_tok_s']:>11.1f} "
             f"{r['ttft_s']:>8.3f} {r['end_to_end_s']:>8.3f} {mib(r.get('cache_bytes_trajectory', r['cache_bytes'])):>10.2f} {peak:>10} "
             f"{r['catch_up_tokens']:>9}")
     if peak_note:
@@ -117,13 +117,13 @@ def print_table(rows, *, peak_note=""):
 
 
 def ratios(rows, ref="non_shared", ours="base_lr_shared"):
-    """Per Lctx where both ran: TTFT ref/ours and throughput ours/ref."""
-    by = {(r["label"], r["lctx"]): r for r in rows if r.get("status") == "ok"}
+    """Per (Lctx, batch) where both ran: TTFT ref/ours and throughput ours/ref."""
+    by = {(r["label"], r["lctx"], r.get("batch", 1)): r for r in rows if r.get("status") == "ok"}
     out = []
-    for lctx in sorted({r["lctx"] for r in rows}):
-        a, b = by.get((ref, lctx)), by.get((ours, lctx))
+    for lctx, batch in sorted({(r["lctx"], r.get("batch", 1)) for r in rows}):
+        a, b = by.get((ref, lctx, batch)), by.get((ours, lctx, batch))
         if a and b and b["ttft_s"] > 0 and a["throughput_tok_s"] > 0:
-            out.append({"lctx": lctx, "tokens_per_row": a["tokens_per_row"],
+            out.append({"lctx": lctx, "batch": batch, "tokens_per_row": a["tokens_per_row"],
                         "ttft_ratio": a["ttft_s"] / b["ttft_s"],
                         "throughput_ratio": b["throughput_tok_s"] / a["throughput_tok_s"]})
     return out
@@ -137,7 +137,7 @@ def print_ratios(rs, ref="non_shared", ours="base_lr_shared"):
     log(f"\nratios (paper, Llama-3.1-8B on an A6000 at Lctx {PAPER_RATIO_LCTX} = 33.7k tokens, "
         f"{ours.removeprefix('hf_')} vs non_shared: TTFT {p_ttft:.2f}x, throughput {p_tput:.2f}x)")
     for r in rs:
-        log(f"  Lctx {r['lctx']:>6} ({r['tokens_per_row']} tokens): TTFT {ref}/{ours} = {r['ttft_ratio']:.2f}x "
+        log(f"  Lctx {r['lctx']:>6} batch {r.get('batch', 1)} ({r['tokens_per_row']} tokens): TTFT {ref}/{ours} = {r['ttft_ratio']:.2f}x "
             f"(paper {p_ttft:.2f}x), throughput {ours}/{ref} = {r['throughput_ratio']:.2f}x "
             f"(paper {p_tput:.2f}x)")
 
@@ -181,6 +181,39 @@ def plot(rows, path, title):
     return path
 
 
+def plot_batches(rows, path, title):
+    """Throughput (all rows' tokens / s) and TTFT against batch, one line per (scheme, Lctx)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    batches = sorted({r["batch"] for r in rows})
+    for label, lctx in dict.fromkeys((r["label"], r["lctx"]) for r in rows):
+        pts = sorted((r["batch"], r) for r in rows
+                     if r["label"] == label and r["lctx"] == lctx and r.get("status") == "ok")
+        if pts:
+            xs = [p[0] for p in pts]
+            axes[0].plot(xs, [p[1]["throughput_tok_s"] for p in pts], marker="o", label=f"{label} Lctx {lctx}")
+            axes[1].plot(xs, [p[1]["ttft_s"] for p in pts], marker="o", label=f"{label} Lctx {lctx}")
+    for ax, name in zip(axes, ("throughput (tokens of all rows / s)", "TTFT, sum over 17 steps (s)")):
+        ax.set_xlabel("independent trajectories per step (batch)")
+        ax.set_ylabel(name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_json(path, payload):
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
@@ -207,7 +240,9 @@ def parse_args(argv):
     p.add_argument("--naive-expansion", action="store_true",
                    help="add base_shared+naive and base_lr_shared+naive rows (V expanded before attention)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
-    p.add_argument("--batch", type=int, default=1, help="independent trajectories per jitted step")
+    p.add_argument("--batch", default="1",
+                   help="independent trajectories per jitted step; a comma list (1,4,16) sweeps it "
+                        "and adds a throughput-against-batch plot")
     p.add_argument("--fuse-projections", action="store_true",
                    help="Engine(fuse_projections=True): q|k|v and gate|up as one weight per layer (per_layer mode)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
@@ -236,8 +271,9 @@ def parse_args(argv):
 
     args = strict_parser(p).parse_args(argv)
     check_model_and_adapters(args.model, args.adapter, hint="--shape makes its own random adapters")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    from lragent_jax.cli import positive_int_list
+
+    args.batches = list(dict.fromkeys(positive_int_list(args.batch, "--batch")))
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if not args.scale > 0:
@@ -322,12 +358,12 @@ def build_engine(args):
     return Engine(model, lora, **kw), dtype
 
 
-def run_point(engine, scheme, naive, lctx, args, scale, critical, model_name):
+def run_point(engine, scheme, naive, lctx, batch, args, scale, critical, model_name):
     from lragent_jax.trace import run_trace
 
     reps = []
     for _ in range(args.repeats):
-        reps.append(run_trace(engine, scheme, lctx, batch=args.batch, seed=args.seed, attention=args.attention,
+        reps.append(run_trace(engine, scheme, lctx, batch=batch, seed=args.seed, attention=args.attention,
                               naive_expansion=naive, critical_layers=critical, model_name=model_name,
                               progress=not args.no_progress, warmup=not args.no_warmup, scale=scale,
                               max_len=args.max_len))
@@ -380,7 +416,7 @@ def main(argv=None):
         return 2
     model_name = model_name_of(args)
     log(f"model ready in {time.perf_counter() - t0:.1f} s ({dtype}); schemes "
-        f"{[s + ('+naive' if n else '') for s, n in runs]}; Lctx {lctxs}; scale {scale}; batch {args.batch}; "
+        f"{[s + ('+naive' if n else '') for s, n in runs]}; Lctx {lctxs}; scale {scale}; batch {args.batches}; "
         f"compile {'excluded (warm-up replay)' if not args.no_warmup else 'INCLUDED (--no-warmup)'}")
     if scale != 1.0:
         log(f"NOTE: --scale {scale}: fixed step sizes shrunk; this is not the paper's trace")
@@ -388,34 +424,33 @@ def main(argv=None):
     order = sorted(runs, key=lambda r: (_MEMORY_ORDER.index(r[0]), r[1]))
     results = []
     failed = False
-    for lctx in lctxs:
-        for scheme, naive in order:
-            label = scheme + ("+naive" if naive else "")
-            total = trace_total_tokens(lctx, scale=scale)
-            log(f"[{time.perf_counter() - t_start:7.1f}s] {label} Lctx={lctx} ({total} tokens/row) ...")
-            base = {"scheme": scheme, "label": label, "naive_expansion": naive, "lctx": lctx, "batch": args.batch,
-                    "scale": scale, "tokens_per_row": total, "total_tokens": total * args.batch}
-            try:
-                res = run_point(engine, scheme, naive, lctx, args, scale, critical, model_name)
-                res["status"] = "ok"
-                log(f"    {res['throughput_tok_s']:.1f} tok/s, TTFT {res['ttft_s']:.3f} s, e2e "
-                    f"{res['end_to_end_s']:.3f} s, warm-up {res['warmup_s']:.1f} s, compiles during timing "
-                    f"{res['compiles_during_timing']}")
-            except Exception as e:  # noqa: BLE001 - one failed point must not end the sweep
-                if is_oom(e):
-                    res = {**base, "status": "OOM", "error": str(e).splitlines()[0][:300]}
-                    log(f"    OOM: {res['error'][:160]}")
-                else:
-                    failed = True
-                    res = {**base, "status": "ERROR", "error": f"{type(e).__name__}: {e}"[:1000]}
-                    log(f"    ERROR: {res['error'][:300]}")
-                    traceback.print_exc()
-                    sys.stderr.flush()
-            results.append(res)
-            gc.collect()
+    for batch, lctx, (scheme, naive) in [(b, lc, r) for b in args.batches for lc in lctxs for r in order]:
+        label = scheme + ("+naive" if naive else "")
+        total = trace_total_tokens(lctx, scale=scale)
+        log(f"[{time.perf_counter() - t_start:7.1f}s] {label} Lctx={lctx} batch={batch} ({total} tokens/row) ...")
+        base = {"scheme": scheme, "label": label, "naive_expansion": naive, "lctx": lctx, "batch": batch,
+                "scale": scale, "tokens_per_row": total, "total_tokens": total * batch}
+        try:
+            res = {**base, **run_point(engine, scheme, naive, lctx, batch, args, scale, critical, model_name)}
+            res["status"] = "ok"
+            log(f"    {res['throughput_tok_s']:.1f} tok/s, TTFT {res['ttft_s']:.3f} s, e2e "
+                f"{res['end_to_end_s']:.3f} s, warm-up {res['warmup_s']:.1f} s, compiles during timing "
+                f"{res['compiles_during_timing']}")
+        except Exception as e:  # noqa: BLE001 - one failed point must not end the sweep
+            if is_oom(e):
+                res = {**base, "status": "OOM", "error": str(e).splitlines()[0][:300]}
+                log(f"    OOM: {res['error'][:160]}")
+            else:
+                failed = True
+                res = {**base, "status": "ERROR", "error": f"{type(e).__name__}: {e}"[:1000]}
+                log(f"    ERROR: {res['error'][:300]}")
+                traceback.print_exc()
+                sys.stderr.flush()
+        results.append(res)
+        gc.collect()
 
     pos = {(s + ("+naive" if n else "")): i for i, (s, n) in enumerate(runs)}
-    results.sort(key=lambda r: (pos[r["label"]], r["lctx"]))
+    results.sort(key=lambda r: (r["batch"], pos[r["label"]], r["lctx"]))
     log("")
     note = ("peak MiB: device allocator's peak since process start; '<=' = not above earlier runs' peak"
             if any(r.get("peak_bytes") is not None for r in results) else
@@ -449,9 +484,12 @@ def main(argv=None):
     }
     jpath = os.path.join(out, "results.json")
     write_json(jpath, payload)
-    ppath = plot(results, os.path.join(out, "trace.png"),
-                 f"trace: {args.shape or args.model} ({dtype}, batch {args.batch}) on {card}, "
-                 f"jax {jax.__version__}")
+    what = f"{args.shape or args.model} ({dtype}) on {card}, jax {jax.__version__}"
+    ppath = plot([r for r in results if r["batch"] == args.batches[0]], os.path.join(out, "trace.png"),
+                 f"trace: {what}, batch {args.batches[0]}")
+    if len(args.batches) > 1:
+        bpath = plot_batches(results, os.path.join(out, "trace_batch.png"), f"trace against batch: {what}")
+        ppath = f"{ppath} and {bpath}" if ppath and bpath else ppath
     log(f"\nwrote {jpath}" + (f" and {ppath}" if ppath else "") + f" in {time.perf_counter() - t_start:.1f} s")
     return 1 if failed else 0
 

@@ -148,8 +148,8 @@ def test_bench_trace_records_oom_and_goes_on(tmp_path, monkeypatch, capsys):
 
     calls = []
 
-    def fake_point(engine, scheme, naive, lctx, args, scale, critical, model_name):
-        calls.append((scheme, lctx))
+    def fake_point(engine, scheme, naive, lctx, batch, args, scale, critical, model_name):
+        calls.append((scheme, lctx, batch))
         if scheme == "non_shared" and lctx == 32:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
         return {"scheme": scheme, "label": scheme, "lctx": lctx, "tokens_per_row": trace_total_tokens(lctx, scale=scale),
@@ -159,13 +159,16 @@ def test_bench_trace_records_oom_and_goes_on(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(bench_trace, "run_point", fake_point)
     rc = bench_trace.main(["--shape", "tiny", "--quick", "--schemes", "ns,blr", "--no-progress",
-                           "--out", str(tmp_path)])
+                           "--batch", "1,2", "--out", str(tmp_path)])
     assert rc == 0
-    assert len(calls) == 4
+    assert len(calls) == 8 and {c[2] for c in calls} == {1, 2}
     data = json.loads((tmp_path / "results.json").read_text())
-    status = {(r["label"], r["lctx"]): r["status"] for r in data["results"]}
-    assert status[("non_shared", 32)] == "OOM" and status[("non_shared", 16)] == "ok"
-    assert data["ratios"] == [{"lctx": 16, "tokens_per_row": SMALL_TOTAL, "ttft_ratio": 4.0, "throughput_ratio": 2.5}]
+    status = {(r["label"], r["lctx"], r["batch"]): r["status"] for r in data["results"]}
+    assert status[("non_shared", 32, 2)] == "OOM" and status[("non_shared", 16, 2)] == "ok"
+    assert data["ratios"] == [{"lctx": 16, "batch": b, "tokens_per_row": SMALL_TOTAL, "ttft_ratio": 4.0,
+                               "throughput_ratio": 2.5} for b in (1, 2)]
+    assert (tmp_path / "trace_batch.png").stat().st_size > 1000   # throughput against batch
+    assert bench_trace.main(["--shape", "tiny", "--quick", "--batch", "1,0"]) == 2
     out = capsys.readouterr().out
     assert "OOM" in out and "4.23x" in out and "2.46x" in out
 
