@@ -29,7 +29,6 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +37,7 @@ sys.path.insert(0, HERE)
 
 from bench_trace import (  # noqa: E402
     DEFAULT_LCTX, DEFAULT_LCTX_LARGE, PAPER_AT_33K, PAPER_LCTX, QUICK_LCTX, QUICK_SCALE, SHAPES, UsageError, default_out,
-    is_oom, log, parse_adapters, parse_int_list, plot, print_ratios, print_table, ratios, write_json,
+    failed_point, log, parse_adapters, parse_int_list, plot, print_ratios, print_table, ratios, write_json,
 )
 
 VARIANTS = ("non_shared", "full_shared")
@@ -317,14 +316,8 @@ def main(argv=None):
                            end_to_end_s_stdev=statistics.stdev(e2e) if len(e2e) > 1 else 0.0)
                 log(f"    {res['throughput_tok_s']:.1f} tok/s, TTFT {res['ttft_s']:.3f} s, e2e {res['end_to_end_s']:.3f} s")
             except Exception as e:  # noqa: BLE001
-                if is_oom(e):
-                    res = {**base, "status": "OOM", "error": str(e).splitlines()[0][:300]}
-                    log(f"    OOM: {res['error'][:160]}")
-                else:
-                    failed = True
-                    res = {**base, "status": "ERROR", "error": f"{type(e).__name__}: {e}"[:1000]}
-                    log(f"    ERROR: {res['error'][:300]}")
-                    traceback.print_exc()
+                res = failed_point(e, base)
+                failed |= res["status"] == "ERROR"
             results.append(res)
             gc.collect()
             if device.type == "cuda":

@@ -88,6 +88,20 @@ def is_oom(exc: BaseException) -> bool:
     return any(s in text for s in ("resource_exhausted", "resource exhausted", "outofmemory", "out of memory"))
 
 
+def failed_point(exc: BaseException, base: dict) -> dict:
+    """The result row of a point that raised: OOM (the sweep goes on) or ERROR (logged with
+    its traceback; the script's exit code becomes 1)."""
+    if is_oom(exc):
+        res = {**base, "status": "OOM", "error": str(exc).splitlines()[0][:300]}
+        log(f"    OOM: {res['error'][:160]}")
+    else:
+        res = {**base, "status": "ERROR", "error": f"{type(exc).__name__}: {exc}"[:1000]}
+        log(f"    ERROR: {res['error'][:300]}")
+        traceback.print_exc()
+        sys.stderr.flush()
+    return res
+
+
 def mib(x):
     return None if x is None else x / 2**20
 
@@ -170,9 +184,16 @@ def plot(rows, path, title):
         if lengths and lengths[-1] > 2 * lengths[0]:
             ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [f"{n / 1000:.1f}k" if n >= 1000 else str(n) for n in lengths])
+    axes[1].set_yscale("log")
+    return _save(fig, axes, path, title)
+
+
+def _save(fig, axes, path, title):
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.minorticks_off()
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -204,14 +225,7 @@ def plot_batches(rows, path, title):
         ax.set_ylabel(name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path, title)
 
 
 def write_json(path, payload):
@@ -437,15 +451,8 @@ def main(argv=None):
                 f"{res['end_to_end_s']:.3f} s, warm-up {res['warmup_s']:.1f} s, compiles during timing "
                 f"{res['compiles_during_timing']}")
         except Exception as e:  # noqa: BLE001 - one failed point must not end the sweep
-            if is_oom(e):
-                res = {**base, "status": "OOM", "error": str(e).splitlines()[0][:300]}
-                log(f"    OOM: {res['error'][:160]}")
-            else:
-                failed = True
-                res = {**base, "status": "ERROR", "error": f"{type(e).__name__}: {e}"[:1000]}
-                log(f"    ERROR: {res['error'][:300]}")
-                traceback.print_exc()
-                sys.stderr.flush()
+            res = failed_point(e, base)
+            failed |= res["status"] == "ERROR"
         results.append(res)
         gc.collect()
 
