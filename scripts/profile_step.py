@@ -145,8 +145,11 @@ UNIT_SCALE = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9, "ns
 
 def summarize(args):
     """Group an ncu CSV (gpu__time_duration.sum [ns], dram__bytes_read.sum [byte]) by kernel."""
-    with open(args.csv) as f:
-        lines = f.readlines()
+    try:
+        with open(args.csv) as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise SystemExit(f"{args.csv}: {e.strerror}") from None
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
     if start is None:
         raise SystemExit(f"{args.csv}: no ncu CSV header (\"ID\",...) found; run ncu with --csv")

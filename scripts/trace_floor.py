@@ -99,8 +99,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.copy_gbps <= 0 or args.tflops <= 0 or args.rank < 1:
         p.error("--copy-gbps, --tflops and --rank must be positive")
-    with open(args.results) as f:
-        data = json.load(f)
+    try:
+        with open(args.results) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise ValueError("no 'results' list")
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        p.error(f"{args.results}: not a readable bench_trace results.json ({e})")
     cfg = run_config(data, args.shape, p)
     itemsize = jnp_itemsize(data.get("dtype", "bfloat16"))
     print(f"{data['card']}, jax {data['jax_version']}, {data['date'][:10]}; floors: copy "

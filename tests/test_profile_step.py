@@ -36,6 +36,8 @@ def test_summarize_units_and_bad_csv(tmp_path, capsys):
   src.write_text(CSV.replace('"nsecond","1,000"', '"usecond","1"').replace('"byte","3,000,000"', '"Mbyte","3"'))
   profile_step.main(["summarize", str(src), "--steps", "2"])
   assert "3 kernels, 0.002 ms of kernel time per step" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="No such file"):
+    profile_step.main(["summarize", str(tmp_path / "missing.csv")])
   src.write_text("==PROF== nothing profiled\n")
   with pytest.raises(SystemExit, match="no ncu CSV header"):
     profile_step.main(["summarize", str(src)])

@@ -67,6 +67,12 @@ def test_cli_table(tmp_path, capsys):
   assert len(out) == 1 and out[0]["e2e_vs_floor"] == pytest.approx(2.0 / out[0]["e2e_floor_s"])
   with pytest.raises(SystemExit):
     trace_floor.main([str(path), "--copy-gbps", "0", "--tflops", "1"])
+  for bad in (tmp_path / "missing.json", tmp_path / "notjson.json"):
+    if bad.name == "notjson.json":
+      bad.write_text("not json")
+    with pytest.raises(SystemExit) as e:
+      trace_floor.main([str(bad), "--copy-gbps", "1", "--tflops", "1"])
+    assert e.value.code == 2 and "not a readable bench_trace results.json" in capsys.readouterr().err
   # a checkpoint run: the config comes from --shape (here the path does not exist)
   data = json.loads(path.read_text())
   data.update(random_weights=False, model=str(tmp_path / "missing"), args=dict(shape=None), dtype="float32")
