@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from .cache import DroidSpeakKV
 from .lora import LoraWeights
-from .model import LAYER_PARAMS, Llama, StepInputs
+from .model import FUSED_PARAMS, LAYER_PARAMS, Llama, StepInputs, fused_split_points
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
@@ -80,7 +80,6 @@ class Engine:
         if fuse_projections and layer_mode != "per_layer":
             raise ValueError(f"fuse_projections needs layer_mode='per_layer' (got {layer_mode!r}): "
                              "the stacked weights stay unfused")
-        self._fuse_asked = bool(fuse_projections)
         self.layer_mode = layer_mode
         self.config = model.config
         self.dtype = model.dtype
@@ -90,7 +89,7 @@ class Engine:
             raise ValueError(f"prefill_buckets must be positive integers, got {prefill_buckets!r}")
         self.prefill_buckets = buckets
         if layer_mode == "per_layer":
-            self.layer_weights = release_to_per_layer(model, self._fuse_asked)
+            self.layer_weights = release_to_per_layer(model, bool(fuse_projections))
             _PER_LAYER_ENGINES[id(model)] += 1
         else:
             ensure_stacked(model)
@@ -301,9 +300,6 @@ _PER_LAYER: dict = {}
 _PER_LAYER_ENGINES: collections.Counter = collections.Counter()  # model id -> Engines built over it
 
 
-# Fused per-layer weights: name -> the LAYER_PARAMS it concatenates along the output dim.
-FUSED_PARAMS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
-
 
 def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
     """Split the model's stacked layer weights into one array per layer, once.
@@ -344,12 +340,6 @@ def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
     return per_layer
 
 
-def fused_widths(config) -> dict:
-    """Output widths of the parts of each fused matrix, in FUSED_PARAMS order."""
-    f = config.intermediate_size
-    return {"wqkv": (config.q_dim, config.kv_dim, config.kv_dim), "w_gate_up": (f, f)}
-
-
 def _fuse_layer(lw: dict) -> None:
     for fused, parts in FUSED_PARAMS.items():
         if fused not in lw:
@@ -357,13 +347,10 @@ def _fuse_layer(lw: dict) -> None:
 
 
 def _unfuse_layer(lw: dict, config) -> None:
-    widths = fused_widths(config)
+    splits = fused_split_points(config)
     for fused, parts in FUSED_PARAMS.items():
         if fused in lw:
-            w = lw.pop(fused)
-            offs = np.cumsum((0,) + widths[fused])
-            for p, a, b in zip(parts, offs[:-1], offs[1:]):
-                lw[p] = w[..., int(a):int(b)]
+            lw.update(zip(parts, jnp.split(lw.pop(fused), splits[fused], axis=-1)))
 
 
 def _forget(key) -> None:

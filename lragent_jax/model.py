@@ -120,6 +120,15 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+# Fused per-layer weights (Engine(fuse_projections=True)): name -> the LAYER_PARAMS it
+# concatenates along the output dim.
+FUSED_PARAMS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fused_split_points(config: ModelConfig) -> dict:
+    """Where each fused matrix splits into its parts (jnp.split indices, last axis)."""
+    q, kv, f = config.q_dim, config.kv_dim, config.intermediate_size
+    return {"wqkv": [q, q + kv], "w_gate_up": [f]}
 
 
 class DecoderLayers(nnx.Module):
@@ -205,7 +214,7 @@ class Llama(nnx.Module):
         static layer indices (longer compiles; lets XLA see each layer's weights statically).
         layer_weights: optional per-layer dicts {name: array} (LAYER_PARAMS) used instead of the
         stacked weights, so no layer slice is ever copied (requires scan=False); a dict may
-        hold q|k|v as "wqkv" and gate|up as "w_gate_up" (engine.FUSED_PARAMS) instead.
+        hold q|k|v as "wqkv" and gate|up as "w_gate_up" (FUSED_PARAMS) instead.
         """
         cfg = self.config
         start, stop = layers if layers is not None else (0, cfg.num_layers)
@@ -227,10 +236,13 @@ class Llama(nnx.Module):
         def with_lora(name, layer, h, y):
             return y if lp[name] is None else y + lp[name].delta(layer, h, ids)
 
-        def proj(name, layer, h, weight):
-            return with_lora(name, layer, h, _matmul(h, weight, self.min_matmul_rows, impl=self.matmul_impl))
+        def mm(h, weight):
+            return _matmul(h, weight, self.min_matmul_rows, impl=self.matmul_impl)
 
-        q_dim, kv_dim, ff = cfg.q_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        def proj(name, layer, h, weight):
+            return with_lora(name, layer, h, mm(h, weight))
+
+        splits = fused_split_points(cfg)
 
         def body(layer, carry):
             x, cache = carry
@@ -240,17 +252,16 @@ class Llama(nnx.Module):
                 lw = {name: getattr(w, name)[...][layer] for name in LAYER_PARAMS}
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
             if "wqkv" in lw and needs_kv:  # fused weights (Engine(fuse_projections=True)): one product
-                qkv = _matmul(h, lw["wqkv"], self.min_matmul_rows, impl=self.matmul_impl)
-                q, k, v_base = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
+                q, k, v_base = jnp.split(mm(h, lw["wqkv"]), splits["wqkv"], axis=-1)
                 q, k = with_lora("q", layer, h, q), with_lora("k", layer, h, k)
             elif "wqkv" in lw:  # catch-up: only q's columns (K and V_base are cached already)
-                q = proj("q", layer, h, lw["wqkv"][:, :q_dim])
+                q = proj("q", layer, h, lw["wqkv"][:, :cfg.q_dim])
                 k = v_base = None
             else:
                 q = proj("q", layer, h, lw["wq"])
                 if needs_kv:
                     k = proj("k", layer, h, lw["wk"])
-                    v_base = _matmul(h, lw["wv"], self.min_matmul_rows, impl=self.matmul_impl)
+                    v_base = mm(h, lw["wv"])
                 else:  # the cache already holds these tokens' K and V_base (base_shared catch-up)
                     k = v_base = None
             q = q.reshape(B, S, cfg.num_heads, cfg.head_dim)
@@ -273,8 +284,7 @@ class Llama(nnx.Module):
             x = x + proj("o", layer, attn.reshape(B, S, cfg.q_dim), lw["wo"])
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
             if "w_gate_up" in lw:
-                gate, up = jnp.split(_matmul(h, lw["w_gate_up"], self.min_matmul_rows, impl=self.matmul_impl),
-                                     [ff], axis=-1)
+                gate, up = jnp.split(mm(h, lw["w_gate_up"]), splits["w_gate_up"], axis=-1)
                 gate, up = with_lora("gate", layer, h, gate), with_lora("up", layer, h, up)
             else:
                 gate = proj("gate", layer, h, lw["w_gate"])

@@ -74,8 +74,10 @@ def _check_tunables(backend, kw):
         raise ValueError(f"lr_prefetch must be a bool (triton decode), got {val!r}.")
       continue
     if key == "lora_dot":
-      if val not in ("mma", "fma", "wide"):
-        raise ValueError(f"lora_dot must be 'mma', 'fma' or 'wide' (triton decode), got {val!r}.")
+      from pallas_kernels.triton_kernels import LORA_DOTS
+
+      if val not in LORA_DOTS:
+        raise ValueError(f"lora_dot must be one of {LORA_DOTS} (triton decode), got {val!r}.")
       continue
     if not isinstance(val, numbers.Integral) or val < 1:
       raise ValueError(f"{key} must be a positive int, got {val!r}.")

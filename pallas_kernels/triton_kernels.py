@@ -600,6 +600,27 @@ DEFAULT_MMA_LR_WIDTH = 32
 DEFAULT_LR_PREFETCH = False  # measured neutral to -4% except +10% at batch 8, 128k (H200)
 
 
+def lr_tile_width(r, dp, lora_dot=None, lr_width=None) -> int:
+  """Columns of the LR tile inside the decode kernel (columns past rank r are masked
+  loads of zeros): "fma" next_pow2(r) (at least 4; CUDA cores need no padding to 16);
+  "wide" the padded head dim dp, so P @ LR has P @ V's MMA shape and layout; "mma"
+  DEFAULT_MMA_LR_WIDTH (capped at dp); never under 16 or next_pow2(r) for the
+  tensor-core forms. lr_width overrides the tensor-core forms' width."""
+  lora_dot = DEFAULT_LORA_DOT if lora_dot is None else lora_dot
+  if lora_dot not in LORA_DOTS:
+    raise ValueError(f"lora_dot must be one of {LORA_DOTS}, got {lora_dot!r}.")
+  least = max(16, next_pow2(r))
+  if lr_width is not None:
+    if lora_dot == "fma":
+      raise ValueError("lr_width applies to the tensor-core forms (lora_dot 'mma' or 'wide'), not 'fma'.")
+    if int(lr_width) < least or int(lr_width) & (int(lr_width) - 1):
+      raise ValueError(f"lr_width must be a power of two >= max(16, rank {r}), got {lr_width}.")
+    return int(lr_width)
+  if lora_dot == "fma":
+    return max(4, next_pow2(r))
+  return max(least, dp if lora_dot == "wide" else min(DEFAULT_MMA_LR_WIDTH, dp))
+
+
 def num_sms() -> int:
   try:
     dev = jax.devices()[0]
@@ -649,25 +670,7 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   per_q_head_b = has_lora and lora_b.shape[1] != hkv
   dp = next_pow2(d)
   r = lr.shape[-1] if has_lora else 0
-  lora_dot = DEFAULT_LORA_DOT if lora_dot is None else lora_dot
-  if lora_dot not in LORA_DOTS:
-    raise ValueError(f"lora_dot must be one of {LORA_DOTS}, got {lora_dot!r}.")
-  # LR tile width inside the kernel: the "fma" form needs no padding to 16; the "wide"
-  # form pads to the head dim, so P @ LR has P @ V's MMA shape and layout.
-  rp = max(16, next_pow2(r)) if has_lora else 16
-  if has_lora and lora_dot == "fma" and next_pow2(r) < 16:
-    rp = max(4, next_pow2(r))
-  if has_lora and lora_dot == "wide":
-    rp = max(rp, dp)
-  if has_lora and lora_dot == "mma" and lr_width is None:
-    rp = max(rp, min(DEFAULT_MMA_LR_WIDTH, dp))
-  if has_lora and lr_width is not None:
-    if lora_dot == "fma":
-      raise ValueError("lr_width applies to the tensor-core forms (lora_dot 'mma' or 'wide'), not 'fma'.")
-    lr_width = int(lr_width)
-    if lr_width < max(16, next_pow2(r)) or lr_width & (lr_width - 1):
-      raise ValueError(f"lr_width must be a power of two >= max(16, rank {r}), got {lr_width}.")
-    rp = lr_width
+  rp = lr_tile_width(r, dp, lora_dot, lr_width) if has_lora else 16
   mp = max(16, next_pow2(tq * group))
   dflt = decode_defaults(mp, dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
                          jnp.dtype(lr.dtype).itemsize if has_lora else 0, s_len)

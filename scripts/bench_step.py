@@ -14,6 +14,7 @@ Prints a table; writes JSON (+ PNG when matplotlib is there) to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -69,6 +70,47 @@ def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1, impl="xla"):
     return n * d * f * jnp.dtype(dtype).itemsize / median_time(g, x, w, reps=reps)
 
 
+def prefill_time(engine, new_cache, prompt, ids):
+    """Seconds of a prefill of `prompt` (rows of token lists) into a fresh cache from
+    new_cache(): the first pass compiles, the second is timed."""
+    for _ in range(2):
+        cache = new_cache()
+        t = time.perf_counter()
+        logits, cache = engine.prefill(cache, prompt, np.zeros(len(prompt)), ids)
+        jax.block_until_ready(logits)
+        dt = time.perf_counter() - t
+        del cache
+    return dt
+
+
+def decode_step_time(engine, new_cache, prompt, ids, n, around=contextlib.nullcontext):
+    """Seconds per step of an n-token greedy decode after `prompt` (n - 1 forward steps; the
+    first token comes from the prefill). The first run compiles; the second is timed inside
+    `around()` (e.g. a profiler range), after its prefill has finished."""
+    from lragent_jax.sampling import SamplingParams
+
+    B, ctx = len(prompt), len(prompt[0])
+    sp = SamplingParams.make(B, greedy=True)
+
+    def run(timed):
+        logits, cache = engine.prefill(new_cache(), prompt, np.zeros(B), ids)
+        first = engine.sample(logits, sp, jax.random.key(0))
+        jax.block_until_ready((first, cache))  # else the timed decode includes this prefill
+        with around() if timed else contextlib.nullcontext():
+            t = time.perf_counter()
+            toks, _, cache = engine.decode(cache, first, np.full(B, ctx), ids, sp, jax.random.key(1),
+                                           max_new_tokens=n)
+            jax.block_until_ready(toks)
+            return time.perf_counter() - t
+
+    run(False)
+    return run(True) / (n - 1)
+
+
+def random_prompt(cfg, batch, length):
+    return [np.random.default_rng(b).integers(0, cfg.vocab_size, length).tolist() for b in range(batch)]
+
+
 def tree_bytes(tree):
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
@@ -79,7 +121,6 @@ def main(argv=None):
     from lragent_jax.engine import Engine
     from lragent_jax.lora import random_adapters
     from lragent_jax.model import Llama
-    from lragent_jax.sampling import SamplingParams
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="tiny")
@@ -123,6 +164,8 @@ def main(argv=None):
             rows, min_rows = positive_int_list(f"{parts[0]},{parts[1]}", "--gemv rows")
             gemv_specs.append((rows, min_rows, parts[2] if len(parts) == 3 else "xla"))
         cfg = preset(args.shape)
+        if args.context < 1 or args.new_tokens < 2:
+            raise UsageError("--context must be >= 1 and --new-tokens >= 2 (the step time divides by new tokens - 1)")
     except (UsageError, ConfigError) as e:
         p.error(str(e))
 
@@ -165,35 +208,15 @@ def main(argv=None):
             print(f"{variant:>9} fuse={int(fuse)}: skipped ({e})", flush=True)
             continue
         for B in batches:
-            ctx = args.context
-            max_len = ctx + args.new_tokens + 1
-            cache = LoRAKV.create(cfg, B, max_len, 8, dtype, opts=AttnOptions(impl=args.attention))
+            ctx, n = args.context, args.new_tokens
             ids = np.zeros((B,), np.int32)
-            prompt = [np.random.default_rng(b).integers(0, cfg.vocab_size, ctx).tolist() for b in range(B)]
-            # prefill (first call compiles; time a second identical pass over a fresh cache)
-            logits, cache = engine.prefill(cache, prompt, np.zeros(B), ids)
-            jax.block_until_ready(logits)
-            cache2 = LoRAKV.create(cfg, B, max_len, 8, dtype, opts=AttnOptions(impl=args.attention))
-            t = time.perf_counter()
-            logits, cache2 = engine.prefill(cache2, prompt, np.zeros(B), ids)
-            jax.block_until_ready(logits)
-            prefill_s = time.perf_counter() - t
-            del cache2
-            sp = SamplingParams.make(B, greedy=True)
-            first = engine.sample(logits, sp, jax.random.key(0))
-            n = args.new_tokens
-            toks, counts, cache = engine.decode(cache, first, np.full(B, ctx), ids, sp, jax.random.key(1),
-                                                max_new_tokens=n)  # compile
-            jax.block_until_ready(toks)
-            cache = LoRAKV.create(cfg, B, max_len, 8, dtype, opts=AttnOptions(impl=args.attention))
-            logits, cache = engine.prefill(cache, prompt, np.zeros(B), ids)
-            jax.block_until_ready((logits, cache))  # else the timed decode includes this prefill
-            t = time.perf_counter()
-            toks, counts, cache = engine.decode(cache, first, np.full(B, ctx), ids, sp, jax.random.key(1),
-                                                max_new_tokens=n)
-            jax.block_until_ready(toks)
-            step_s = (time.perf_counter() - t) / (n - 1)
-            del cache
+            prompt = random_prompt(cfg, B, ctx)
+
+            def new_cache(B=B):
+                return LoRAKV.create(cfg, B, ctx + n + 1, 8, dtype, opts=AttnOptions(impl=args.attention))
+
+            prefill_s = prefill_time(engine, new_cache, prompt, ids)
+            step_s = decode_step_time(engine, new_cache, prompt, ids, n)
             L, Hkv, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
             cache_read = B * L * (ctx + n // 2) * (2 * Hkv * D + 8) * dtype.itemsize
             decode_floor = (read_bytes + cache_read) / bw

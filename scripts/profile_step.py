@@ -21,13 +21,13 @@ and the small element-wise kernels around them (launch-bound on a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import collections
 import csv
 import ctypes
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -43,7 +43,7 @@ def run(args):
     from lragent_jax.engine import Engine
     from lragent_jax.lora import random_adapters
     from lragent_jax.model import Llama
-    from lragent_jax.sampling import SamplingParams
+    from scripts.bench_step import decode_step_time, random_prompt
 
     cfg = preset(args.shape)
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
@@ -52,37 +52,30 @@ def run(args):
     engine = Engine(model, lora, **({"layer_mode": "per_layer", "fuse_projections": True}
                                     if args.fuse_projections else {}))
     B, ctx, n = args.batch, args.context, args.new_tokens
-    ids = np.zeros((B,), np.int32)
-    prompt = [np.random.default_rng(b).integers(0, cfg.vocab_size, ctx).tolist() for b in range(B)]
-    sp = SamplingParams.make(B, greedy=True)
 
-    def fresh():
-        cache = LoRAKV.create(cfg, B, ctx + n + 1, 8, dtype, opts=AttnOptions(impl=args.attention))
-        logits, cache = engine.prefill(cache, prompt, np.zeros(B), ids)
-        return engine.sample(logits, sp, jax.random.key(0)), cache
+    def new_cache():
+        return LoRAKV.create(cfg, B, ctx + n + 1, 8, dtype, opts=AttnOptions(impl=args.attention))
 
-    def decode(first, cache):
-        toks, _, cache = engine.decode(cache, first, np.full(B, ctx), ids, sp, jax.random.key(1), max_new_tokens=n)
-        jax.block_until_ready(toks)
-
-    decode(*fresh())                     # compile
-    first, cache = fresh()
-    jax.block_until_ready(cache)
-    cuda = None
-    if jax.default_backend() == "gpu":
+    @contextlib.contextmanager
+    def profiler_range():  # what ncu --profile-from-start off profiles; nothing off a GPU
+        cuda = None
+        if jax.default_backend() == "gpu":
+            try:
+                cuda = ctypes.CDLL("libcuda.so.1")
+            except OSError:
+                pass
+        if cuda is not None:
+            cuda.cuProfilerStart()
         try:
-            cuda = ctypes.CDLL("libcuda.so.1")
-        except OSError:
-            cuda = None
-    if cuda is not None:
-        cuda.cuProfilerStart()
-    t = time.perf_counter()
-    decode(first, cache)
-    dt = time.perf_counter() - t
-    if cuda is not None:
-        cuda.cuProfilerStop()
-    print(f"decode of {n} tokens = {n - 1} steps (batch {B}, context {ctx}): {1e3 * dt:.2f} ms "
-          f"({1e3 * dt / (n - 1):.2f} ms per step; under a profiler this is not the speed)")
+            yield
+        finally:
+            if cuda is not None:
+                cuda.cuProfilerStop()
+
+    step_s = decode_step_time(engine, new_cache, random_prompt(cfg, B, ctx), np.zeros((B,), np.int32), n,
+                              around=profiler_range)
+    print(f"decode of {n} tokens = {n - 1} steps (batch {B}, context {ctx}): {1e3 * step_s * (n - 1):.2f} ms "
+          f"({1e3 * step_s:.2f} ms per step; under a profiler this is not the speed)")
 
 
 def products(args):
@@ -90,12 +83,12 @@ def products(args):
     LM head on one token row (padded as the model pads), unrolled like the GPU engine."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from lragent_jax.config import preset
     from lragent_jax.engine import release_to_per_layer
     from lragent_jax.model import Llama, _matmul
+    from scripts.bench_step import median_time
 
     cfg = preset(args.shape)
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
@@ -127,13 +120,7 @@ def products(args):
 
     x = jnp.ones((args.batch, cfg.hidden_size), dtype) * 0.01
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves((layers, head)))
-    jax.block_until_ready(all_products(x, layers, head))
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(all_products(x, layers, head))
-        ts.append(time.perf_counter() - t)
-    dt = float(np.median(ts))
+    dt = median_time(all_products, x, layers, head)
     print(f"weight products of one step ({'fused' if args.fused else 'unfused'}, batch {args.batch}, "
           f"padded to {rows} rows): {1e3 * dt:.2f} ms, "
           f"{nbytes / 1e9:.2f} GB at {nbytes / dt / 1e9:.0f} GB/s")

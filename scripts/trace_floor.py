@@ -35,12 +35,12 @@ LR_SCHEMES = ("base_lr_shared", "base_shared")
 def model_counts(cfg, itemsize=2):
     """(weights multiplied per token excluding the LM head, LM head size, bytes a decode pass
     reads for weights, cache bytes per cached token without LR, LR bytes per token per rank)."""
-    L, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    L, d, f, qd, kvd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim
     per_layer = d * qd + 2 * d * kvd + qd * d + 3 * d * f
     head = d * cfg.vocab_size
-    # norms are read too (tiny); the embedding table is not (one row gathered)
-    weight_bytes = (L * (per_layer + 2 * d) + d + head) * itemsize
+    # every weight (norms too) but the embedding table, which a step gathers one row of
+    # unless it doubles as the LM head
+    weight_bytes = (cfg.num_params() - (0 if cfg.tie_word_embeddings else head)) * itemsize
     return L * per_layer, head, weight_bytes, 2 * L * kvd * itemsize, L * itemsize
 
 
