@@ -59,7 +59,7 @@ _SMEM_BY_CC = {"7.5": 64 * 1024, "8.0": 163 * 1024, "8.6": 99 * 1024, "8.7": 163
                "8.9": 99 * 1024, "9.0": 227 * 1024}
 
 
-def smem_budget() -> int:
+def _smem_per_block() -> int:
   cc = None
   try:
     dev = jax.devices()[0]
@@ -67,7 +67,11 @@ def smem_budget() -> int:
       cc = str(getattr(dev, "compute_capability", None))
   except Exception:  # pragma: no cover
     pass
-  return int(0.7 * _SMEM_BY_CC.get(cc, 227 * 1024))
+  return _SMEM_BY_CC.get(cc, 227 * 1024)
+
+
+def smem_budget() -> int:
+  return int(0.7 * _smem_per_block())
 
 
 def _tiles_smem(rows, block_k, stages, dp, rp, itemsize, lr_itemsize):
@@ -93,13 +97,33 @@ def prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len):
   return dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
 
 
+def decode_smem(mp, block_k, stages, dp, rp, itemsize, lr_itemsize):
+  """Shared memory (bytes) of one decode program as Triton lays it out: the q
+  tile, stages - 1 buffers of the K / V / LR tiles, and 32 bytes of scratch per
+  key of the block. Fits ncu's figures exactly on H200 (head dim 128, 16 q rows):
+  71,680 plain at block_k 64 / 3 stages, 79,872 LR-32 at 64 / 3, 81,920 at 128 / 2."""
+  tiles = block_k * (2 * dp * itemsize + rp * lr_itemsize)
+  return mp * dp * itemsize + max(1, stages - 1) * tiles + 32 * block_k
+
+
 def decode_defaults(mp, dp, rp, itemsize, lr_itemsize, s_len):
-  bk = min(128, max(16, next_pow2(s_len)))
-  stages = 2
+  # block_k 64 / 3 stages: on H200 at batch 8 and 4k it beats 128 / 2 by 6-7% (plain and
+  # LoRA) and ties it at 32k (bench/results/2026-11-28-s4-h200/call4).
+  bk = min(64, max(16, next_pow2(s_len)))
+  stages = 3
   budget = smem_budget()
-  while bk > 16 and _tiles_smem(mp, bk, stages, dp, rp, itemsize, lr_itemsize) > budget:
+  while bk > 16 and decode_smem(mp, bk, stages, dp, rp, itemsize, lr_itemsize) > budget:
     bk //= 2
   return dict(block_k=bk, num_warps=4, num_stages=stages)
+
+
+def resident_programs_per_sm(smem_bytes, num_warps, most=2):
+  """How many decode programs one SM holds at once, by shared memory (1 KB per
+  block is the driver's) and by worst-case registers (255 a thread), capped at
+  `most`: more than two resident programs measured no faster on H200."""
+  by_smem = (_smem_per_block() + 1024) // (smem_bytes + 1024)
+  by_regs = 65536 // (255 * 32 * num_warps)
+  return int(max(1, min(most, by_smem, by_regs)))
 
 
 def _compiler_params(num_warps, num_stages):
@@ -631,11 +655,14 @@ def num_sms() -> int:
   return 132  # H100 SXM
 
 
-def default_num_splits(batch, heads_kv, kv_len, block_k, sms=None):
-  """Enough (batch, KV head, split) programs to cover every SM about twice,
-  but at least two KV blocks per split on a full cache."""
+def default_num_splits(batch, heads_kv, kv_len, block_k, per_sm=2, sms=None):
+  """As many (batch, KV head, split) programs as the GPU holds at once (per_sm
+  resident programs on each SM), never more: a partial second wave costs as much
+  as a full one (H200, batch 8: 5 splits = 320 programs over 264 slots ran
+  +22% with the LoRA tile, 4 splits +3%). At least two KV blocks per split on a
+  full cache."""
   sms = num_sms() if sms is None else sms
-  want = pl.cdiv(2 * sms, batch * heads_kv)
+  want = (per_sm * sms) // (batch * heads_kv)
   most = max(1, pl.cdiv(kv_len, block_k) // 2)
   return int(max(1, min(want, most)))
 
@@ -648,7 +675,7 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   (and the float32 lse [B, Tq, Hq] with return_lse).
 
   Block sizes left as None get shared-memory-aware defaults (decode_defaults);
-  num_splits None -> default_num_splits (about two waves of programs).
+  num_splits None -> default_num_splits (one wave of resident programs).
   lora_dot: how each KV block's P @ LR is formed: "mma" (tensor cores, LR
   padded to lr_width columns by masked loads), "fma" (CUDA cores on an LR tile of
   next_pow2(rank) columns; ranks below 16 only) or "wide" (tensor cores, LR
@@ -677,7 +704,12 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   block_k = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
   num_warps = num_warps or dflt["num_warps"]
   num_stages = num_stages or dflt["num_stages"]
-  ns = default_num_splits(b, hkv, s_len, block_k) if num_splits is None else int(num_splits)
+  if num_splits is None:
+    smem = decode_smem(mp, block_k, num_stages, dp, rp if has_lora else 0,
+                       jnp.dtype(q.dtype).itemsize, jnp.dtype(lr.dtype).itemsize if has_lora else 0)
+    ns = default_num_splits(b, hkv, s_len, block_k, resident_programs_per_sm(smem, num_warps))
+  else:
+    ns = int(num_splits)
   if ns < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
   lr_prefetch = DEFAULT_LR_PREFETCH if lr_prefetch is None else bool(lr_prefetch)

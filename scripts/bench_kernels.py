@@ -237,9 +237,15 @@ def run_checks(args, interpret):
 # decode
 # ----------------------------------------------------------------------------
 HQ, HKV, D, R = 32, 8, 128, 8
+# None = the kernel's own defaults (what users get); --tune may pick another.
+DEFAULT_DECODE_CFG = dict(block_k=None, num_warps=None, num_stages=None, waves=None)
 
 
 def splits_for(b, kv, block_k, waves):
+  """Split count for `waves` programs per SM (rounded up); waves None -> None, the
+  kernel's own default (one wave of resident programs)."""
+  if waves is None:
+    return None
   sms = triton_kernels.num_sms()
   want = math.ceil(waves * sms / (b * HKV))
   return int(max(1, min(want, max(1, kv // block_k // 2))))
@@ -307,7 +313,7 @@ def tune_decode(args, timer, interpret):
   b, kv = 1, (32768 if not args.quick else 512)
   cands = [dict(block_k=bk, num_warps=w, num_stages=st, waves=wv)
            for (bk, w, st) in [(64, 4, 3), (128, 4, 2), (128, 4, 3), (256, 8, 2)]
-           for wv in (2, 4)]
+           for wv in (None, 2, 4)]
   if args.quick:
     cands = cands[:2]
   print(f"\n== tuning decode at batch {b}, kv {fmt_len(kv)} ==")
@@ -321,7 +327,7 @@ def tune_decode(args, timer, interpret):
                  est_s=est_decode_s(nbytes, args.quick))
     return t, f"{t * 1e6:8.1f} us  {nbytes / t / 1e9:7.1f} GB/s"
 
-  return pick_fastest(cands, time_one, dict(block_k=128, num_warps=4, num_stages=2, waves=2))
+  return pick_fastest(cands, time_one, DEFAULT_DECODE_CFG)
 
 
 def bench_decode(args, timer, floors, interpret, tuned):
@@ -564,7 +570,7 @@ def main(argv=None):
   floors = measure_floors(args, timer)
   result["floors"] = floors
 
-  dec_cfg = dict(block_k=128, num_warps=4, num_stages=2, waves=2)
+  dec_cfg = DEFAULT_DECODE_CFG
   pre_cfg = dict(block_q=128, block_k=64, num_warps=8, num_stages=3)
   if tune:
     if args.only != "prefill":

@@ -81,6 +81,8 @@ def main(argv=None):
   ap.add_argument("--num-warps", type=int, default=4)
   ap.add_argument("--num-stages", type=int, default=3)
   ap.add_argument("--waves", type=int, default=2)
+  ap.add_argument("--num-splits", default=None,
+                  help="comma list of split counts to sweep (overrides --waves), e.g. 3,4,5")
   ap.add_argument("--reps", type=int, default=None)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
@@ -88,6 +90,12 @@ def main(argv=None):
     ap.error(f"--block-k must be a power of two >= 16, got {args.block_k}")
   if args.num_warps not in (1, 2, 4, 8, 16):
     ap.error(f"--num-warps must be one of 1, 2, 4, 8, 16, got {args.num_warps}")
+  try:
+    split_list = [int(x) for x in args.num_splits.split(",")] if args.num_splits else [None]
+  except ValueError:
+    ap.error(f"--num-splits must be a comma list of integers, got {args.num_splits!r}")
+  if any(n is not None and n < 1 for n in split_list):
+    ap.error("--num-splits values must be >= 1")
   for name in ("num_stages", "waves", "reps"):
     if (getattr(args, name) or 1) < 1:
       ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -96,13 +104,13 @@ def main(argv=None):
   timer = bk.Timer(args.reps or (2 if args.quick else 15))
   print(f"device {bk.device_info()}", flush=True)
   recs = []
-  print(f"{'batch':>5} {'kv':>6} {'variant':>7} {'full us':>9} {'split us':>9} {'merge us':>9} {'GB/s':>7}")
+  print(f"{'batch':>5} {'kv':>6} {'splits':>6} {'variant':>7} {'full us':>9} {'split us':>9} {'merge us':>9} {'GB/s':>7}")
   for b, kv in shapes:
-    ns = bk.splits_for(b, kv, args.block_k, args.waves)
-    cfg = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages, num_splits=ns)
     n_rot = bk.n_rotations(bk.decode_bytes(b, kv, True))
     rots8 = bk.decode_inputs(b, kv, n_rot)
-    for name in args.variants:
+    for ns, name in [(n, v) for n in split_list for v in args.variants]:
+      ns = ns or bk.splits_for(b, kv, args.block_k, args.waves)
+      cfg = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages, num_splits=ns)
       rank, dot, pf, width = VARIANTS[name]
       if rank == 16:
         rots = [(q, k, v, jnp.concatenate([lr, lr], -1), jnp.concatenate([lb, lb], -2) * 0.5)
@@ -127,7 +135,7 @@ def main(argv=None):
       rec = dict(batch=b, kv_len=kv, variant=name, num_splits=ns, full_s=t_full, split_s=t_split,
                  merge_s=t_merge, bytes=nbytes, config=cfg)
       recs.append(rec)
-      print(f"{b:5d} {bk.fmt_len(kv):>6} {name:>7} {t_full * 1e6:9.1f} {t_split * 1e6:9.1f} "
+      print(f"{b:5d} {bk.fmt_len(kv):>6} {ns:6d} {name:>7} {t_full * 1e6:9.1f} {t_split * 1e6:9.1f} "
             f"{t_merge * 1e6:9.1f} {nbytes / t_full / 1e9:7.1f}", flush=True)
     del rots8, rots
   if args.out:

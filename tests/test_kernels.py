@@ -417,3 +417,29 @@ def test_random_sweep(case, backend):
     case = dataclasses.replace(case, kv="ragged")
   out, x = run(case, backend)
   check(case, out, x)
+
+
+def test_triton_decode_splits_fill_one_wave():
+  """The default split count never launches more programs than the GPU holds at
+  once (a partial second wave measured +22% on H200), keeps >= 1 split and two KV
+  blocks per split; the shared-memory estimate reproduces ncu's figures (H200) and
+  the LoRA tile's extra bytes drop the resident count when the SM cannot hold them."""
+  from pallas_kernels import triton_kernels as tk
+
+  # ncu, H200 (bench/results/2026-11-28-s4-h200/call4 and run2): head dim 128, 16 q rows, bf16.
+  assert tk.decode_smem(16, 64, 3, 128, 0, 2, 0) == 71_680
+  assert tk.decode_smem(16, 64, 3, 128, 32, 2, 2) == 79_872
+  assert tk.decode_smem(16, 128, 2, 128, 32, 2, 2) == 81_920
+  for b in (1, 2, 3, 5, 8, 16, 31, 64):
+    for kv in (16, 300, 4096, 131072):
+      for per_sm in (1, 2):
+        ns = tk.default_num_splits(b, 8, kv, 64, per_sm, sms=132)
+        assert ns >= 1
+        assert ns == 1 or b * 8 * ns <= per_sm * 132
+        assert ns == 1 or ns <= -(-kv // 64) // 2
+  assert tk.default_num_splits(8, 8, 32768, 64, 2, sms=132) == 4  # 256 programs of 264 slots
+  assert tk.default_num_splits(1, 8, 32768, 64, 2, sms=132) == 33
+  big = tk.decode_smem(16, 64, 3, 256, 64, 2, 2)  # head dim 256: one program per SM
+  assert tk.resident_programs_per_sm(big, 4) == 1
+  assert tk.resident_programs_per_sm(tk.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 2
+  assert tk.resident_programs_per_sm(1024, 8) == 1  # worst-case registers of 8 warps
