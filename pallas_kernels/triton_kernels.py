@@ -79,8 +79,22 @@ def _tiles_smem(rows, block_k, stages, dp, rp, itemsize, lr_itemsize):
 
 
 def prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len):
-  """block_q / block_k / num_warps / num_stages for the prefill kernel."""
+  """block_q / block_k / num_warps / num_stages for the prefill kernel (rp 0: no LoRA).
+
+  Measured on H200 at q = kv = 8k, head dim 128 (bench/results/2026-11-28-s4-h200/call6):
+  the LoRA kernel is fastest with 128 x 128 tiles, 2 stages, 8 warps (1.83 ms; 2.22 ms at
+  128 x 64 / 3 / 8, 2.39-2.87 ms with 4 warps); the plain kernel with 64 x 64 tiles,
+  3 stages, 4 warps (1.50 ms; 1.90-1.94 ms with 8 warps). Each is taken where its tiles
+  fit (`_tiles_smem` matches Triton's request exactly); otherwise 64-key tiles within
+  ~70% of the block's shared memory."""
   bq = min(128 if dp <= 128 else 64, max(16, next_pow2(tq)))
+  big_k = min(128, max(16, next_pow2(s_len)))
+  if rp and bq == 128 and _tiles_smem(bq, big_k, 2, dp, rp, itemsize, lr_itemsize) <= 0.95 * _smem_per_block():
+    return dict(block_q=bq, block_k=big_k, num_warps=8, num_stages=2)
+  if not rp and dp <= 128:
+    bq64, bk64 = min(64, bq), min(64, big_k)
+    if _tiles_smem(bq64, bk64, 3, dp, 0, itemsize, 0) <= smem_budget():
+      return dict(block_q=bq64, block_k=bk64, num_warps=4, num_stages=3)
   bk = min(64, max(16, next_pow2(s_len)))
   stages = 3 if dp <= 128 else 2
   budget = smem_budget()
