@@ -443,3 +443,21 @@ def test_triton_decode_splits_fill_one_wave():
   assert tk.resident_programs_per_sm(big, 4) == 1
   assert tk.resident_programs_per_sm(tk.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 2
   assert tk.resident_programs_per_sm(1024, 8) == 1  # worst-case registers of 8 warps
+
+
+def test_triton_prefill_defaults_per_variant(monkeypatch):
+  """Prefill defaults: the measured fastest tiles per variant where they fit (LoRA
+  128x128 / 2 stages / 8 warps, plain 64x64 / 3 / 4 on Hopper); on a card whose shared
+  memory cannot hold them, tiles that fit its budget; Triton's own request for the
+  failing tuner config (241,664 B, H200) is what the estimate gives."""
+  from pallas_kernels import triton_kernels as tk
+
+  assert tk._tiles_smem(128, 128, 3, 128, 16, 2, 2) == 241_664
+  monkeypatch.setattr(tk, "_smem_per_block", lambda: 227 * 1024)
+  assert tk.prefill_defaults(128, 16, 2, 2, 8192, 8192) == dict(block_q=128, block_k=128, num_warps=8, num_stages=2)
+  assert tk.prefill_defaults(128, 0, 2, 0, 8192, 8192) == dict(block_q=64, block_k=64, num_warps=4, num_stages=3)
+  for per_block in (163 * 1024, 99 * 1024, 64 * 1024):  # A100, L4, T4
+    monkeypatch.setattr(tk, "_smem_per_block", lambda pb=per_block: pb)
+    for dp, rp in ((64, 16), (128, 16), (128, 0), (256, 16), (256, 0)):
+      c = tk.prefill_defaults(dp, rp, 2, 2 if rp else 0, 4096, 4096)
+      assert tk._tiles_smem(c["block_q"], c["block_k"], c["num_stages"], dp, rp, 2, 2) <= per_block, (per_block, dp, rp, c)
