@@ -111,6 +111,24 @@ def prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len):
   return dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
 
 
+def prefill_config(*, tq, s_len, d, r, itemsize, lr_itemsize, block_q=None, block_k=None,
+                   num_warps=None, num_stages=None):
+  """The prefill kernel's block sizes: the given ones, the rest from prefill_defaults;
+  a stage count left unset drops until the tiles fit the block's shared memory (so
+  num_stages need not be given with a larger block_k). r: the LoRA rank, 0 without."""
+  dp = next_pow2(d)
+  rp = max(16, next_pow2(r)) if r else 0
+  dflt = prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len)
+  bq = min(block_q or dflt["block_q"], max(16, next_pow2(tq)))
+  bk = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
+  warps = num_warps or dflt["num_warps"]
+  stages = num_stages or dflt["num_stages"]
+  if num_stages is None:
+    while stages > 1 and _tiles_smem(bq, bk, stages, dp, rp, itemsize, lr_itemsize) > _smem_per_block():
+      stages -= 1
+  return dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+
+
 def decode_smem(mp, block_k, stages, dp, rp, itemsize, lr_itemsize):
   """Shared memory (bytes) of one decode program as Triton lays it out: the q
   tile, stages - 1 buffers of the K / V / LR tiles, and 32 bytes of scratch per
@@ -338,12 +356,10 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   dp = next_pow2(d)
   r = lr.shape[-1] if has_lora else 0
   rp = max(16, next_pow2(r)) if has_lora else 16
-  dflt = prefill_defaults(dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
-                          jnp.dtype(lr.dtype).itemsize if has_lora else 0, tq, s_len)
-  block_q = min(block_q or dflt["block_q"], max(16, next_pow2(tq)))
-  block_k = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
-  num_warps = num_warps or dflt["num_warps"]
-  num_stages = num_stages or dflt["num_stages"]
+  cfg = prefill_config(tq=tq, s_len=s_len, d=d, r=r, itemsize=jnp.dtype(q.dtype).itemsize,
+                       lr_itemsize=jnp.dtype(lr.dtype).itemsize if has_lora else 0, block_q=block_q,
+                       block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+  block_q, block_k, num_warps, num_stages = (cfg[n] for n in ("block_q", "block_k", "num_warps", "num_stages"))
   nq = pl.cdiv(tq, block_q)
   kernel = functools.partial(
       _prefill_kernel, has_lora=has_lora, causal=causal,
@@ -681,6 +697,31 @@ def default_num_splits(batch, heads_kv, kv_len, block_k, per_sm=2, sms=None):
   return int(max(1, min(want, most)))
 
 
+def decode_config(*, batch, tq, group, heads_kv, s_len, d, rp, itemsize, lr_itemsize,
+                  block_k=None, num_warps=None, num_stages=None, num_splits=None):
+  """The decode kernel's launch configuration: the given block sizes, the rest from
+  decode_defaults; a stage count left unset drops until the tiles fit the block's
+  shared memory (so block_k=256 alone still compiles); num_splits None -> one wave
+  of resident programs. rp: the LR tile's width (lr_tile_width), 0 without LoRA."""
+  dp = next_pow2(d)
+  mp = max(16, next_pow2(tq * group))
+  dflt = decode_defaults(mp, dp, rp, itemsize, lr_itemsize, s_len)
+  bk = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
+  warps = num_warps or dflt["num_warps"]
+  stages = num_stages or dflt["num_stages"]
+  if num_stages is None:
+    while stages > 2 and decode_smem(mp, bk, stages, dp, rp, itemsize, lr_itemsize) > _smem_per_block():
+      stages -= 1
+  if num_splits is None:
+    smem = decode_smem(mp, bk, stages, dp, rp, itemsize, lr_itemsize)
+    ns = default_num_splits(batch, heads_kv, s_len, bk, resident_programs_per_sm(smem, warps))
+  else:
+    ns = int(num_splits)
+    if ns < 1:
+      raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+  return dict(block_k=bk, num_warps=warps, num_stages=stages, num_splits=ns)
+
+
 def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
            block_k=None, num_splits=None, num_warps=None, num_stages=None,
            lora_dot=None, lr_prefetch=None, lr_width=None, interpret=False, return_lse=False,
@@ -713,19 +754,11 @@ def decode(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale
   r = lr.shape[-1] if has_lora else 0
   rp = lr_tile_width(r, dp, lora_dot, lr_width) if has_lora else 16
   mp = max(16, next_pow2(tq * group))
-  dflt = decode_defaults(mp, dp, rp if has_lora else 0, jnp.dtype(q.dtype).itemsize,
-                         jnp.dtype(lr.dtype).itemsize if has_lora else 0, s_len)
-  block_k = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
-  num_warps = num_warps or dflt["num_warps"]
-  num_stages = num_stages or dflt["num_stages"]
-  if num_splits is None:
-    smem = decode_smem(mp, block_k, num_stages, dp, rp if has_lora else 0,
-                       jnp.dtype(q.dtype).itemsize, jnp.dtype(lr.dtype).itemsize if has_lora else 0)
-    ns = default_num_splits(b, hkv, s_len, block_k, resident_programs_per_sm(smem, num_warps))
-  else:
-    ns = int(num_splits)
-  if ns < 1:
-    raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+  cfg = decode_config(batch=b, tq=tq, group=group, heads_kv=hkv, s_len=s_len, d=d,
+                      rp=rp if has_lora else 0, itemsize=jnp.dtype(q.dtype).itemsize,
+                      lr_itemsize=jnp.dtype(lr.dtype).itemsize if has_lora else 0, block_k=block_k,
+                      num_warps=num_warps, num_stages=num_stages, num_splits=num_splits)
+  block_k, num_warps, num_stages, ns = (cfg[n] for n in ("block_k", "num_warps", "num_stages", "num_splits"))
   lr_prefetch = DEFAULT_LR_PREFETCH if lr_prefetch is None else bool(lr_prefetch)
   statics = dict(has_lora=has_lora, per_q_head_b=per_q_head_b, num_splits=ns,
                  fused=ns == 1 and not split_only,

@@ -80,7 +80,8 @@ def main(argv=None):
   ap.add_argument("--block-k", type=int, default=64)
   ap.add_argument("--num-warps", type=int, default=4)
   ap.add_argument("--num-stages", type=int, default=3)
-  ap.add_argument("--waves", type=int, default=2)
+  ap.add_argument("--waves", type=int, default=None,
+                  help="programs per SM, rounded up to whole splits (default: the kernel's own split count)")
   ap.add_argument("--num-splits", default=None,
                   help="comma list of split counts to sweep (overrides --waves), e.g. 3,4,5")
   ap.add_argument("--reps", type=int, default=None)
@@ -109,9 +110,14 @@ def main(argv=None):
     n_rot = bk.n_rotations(bk.decode_bytes(b, kv, True))
     rots8 = bk.decode_inputs(b, kv, n_rot)
     for ns, name in [(n, v) for n in split_list for v in args.variants]:
-      ns = ns or bk.splits_for(b, kv, args.block_k, args.waves)
-      cfg = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages, num_splits=ns)
       rank, dot, pf, width = VARIANTS[name]
+      ns = ns or bk.splits_for(b, kv, args.block_k, args.waves)
+      if ns is None:  # the kernel's own split count for this variant's tiles
+        rp = tk.lr_tile_width(rank, bk.D, dot, width) if rank else 0
+        ns = tk.decode_config(batch=b, tq=1, group=bk.HQ // bk.HKV, heads_kv=bk.HKV, s_len=kv, d=bk.D, rp=rp,
+                              itemsize=2, lr_itemsize=2 if rank else 0, block_k=args.block_k,
+                              num_warps=args.num_warps, num_stages=args.num_stages)["num_splits"]
+      cfg = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages, num_splits=ns)
       if rank == 16:
         rots = [(q, k, v, jnp.concatenate([lr, lr], -1), jnp.concatenate([lb, lb], -2) * 0.5)
                 for q, k, v, lr, lb in rots8]

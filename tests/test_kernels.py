@@ -419,14 +419,15 @@ def test_random_sweep(case, backend):
   check(case, out, x)
 
 
-def test_triton_decode_splits_fill_one_wave():
+def test_triton_decode_splits_fill_one_wave(monkeypatch):
   """The default split count never launches more programs than the GPU holds at
   once (a partial second wave measured +22% on H200), keeps >= 1 split and two KV
   blocks per split; the shared-memory estimate reproduces ncu's figures (H200) and
   the LoRA tile's extra bytes drop the resident count when the SM cannot hold them."""
   from pallas_kernels import triton_kernels as tk
 
-  # ncu, H200 (bench/results/2026-11-28-s4-h200/call4 and run2): head dim 128, 16 q rows, bf16.
+  monkeypatch.setattr(tk, "_smem_per_block", lambda: 227 * 1024)  # Hopper, on any machine
+  # ncu, H200 (bench/results/2026-11-28-s4-h200/call4 and call3): head dim 128, 16 q rows, bf16.
   assert tk.decode_smem(16, 64, 3, 128, 0, 2, 0) == 71_680
   assert tk.decode_smem(16, 64, 3, 128, 32, 2, 2) == 79_872
   assert tk.decode_smem(16, 128, 2, 128, 32, 2, 2) == 81_920
@@ -443,6 +444,49 @@ def test_triton_decode_splits_fill_one_wave():
   assert tk.resident_programs_per_sm(big, 4) == 1
   assert tk.resident_programs_per_sm(tk.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 2
   assert tk.resident_programs_per_sm(1024, 8) == 1  # worst-case registers of 8 warps
+  monkeypatch.setattr(tk, "_smem_per_block", lambda: 99 * 1024)  # L4: one LoRA program per SM
+  assert tk.resident_programs_per_sm(tk.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 1
+
+
+def test_triton_block_size_overrides_still_fit(monkeypatch):
+  """A caller who sets only block_k gets a stage count that fits the block's shared
+  memory (the defaults' 3 stages with block_k 256 would not); explicit stages are kept."""
+  from pallas_kernels import triton_kernels as tk
+
+  monkeypatch.setattr(tk, "_smem_per_block", lambda: 227 * 1024)
+  kw = dict(batch=1, tq=1, group=4, heads_kv=8, s_len=32768, d=128, rp=32, itemsize=2, lr_itemsize=2)
+  c = tk.decode_config(block_k=256, **kw)
+  assert c["block_k"] == 256 and c["num_stages"] == 2
+  assert tk.decode_smem(16, 256, c["num_stages"], 128, 32, 2, 2) <= 227 * 1024
+  assert tk.decode_config(block_k=256, num_stages=3, **kw)["num_stages"] == 3
+  assert tk.decode_config(num_splits=7, **kw)["num_splits"] == 7
+  with pytest.raises(ValueError, match="num_splits"):
+    tk.decode_config(num_splits=0, **kw)
+  p = tk.prefill_config(tq=8192, s_len=8192, d=128, r=8, itemsize=2, lr_itemsize=2, num_stages=None, block_k=128)
+  assert p["block_k"] == 128 and tk._tiles_smem(p["block_q"], 128, p["num_stages"], 128, 16, 2, 2) <= 227 * 1024
+  p = tk.prefill_config(tq=8192, s_len=8192, d=128, r=0, itemsize=2, lr_itemsize=0, block_k=128)
+  assert p["num_stages"] == 3 and tk._tiles_smem(p["block_q"], 128, 3, 128, 0, 2, 0) <= 227 * 1024
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_triton_decode_launches_the_configured_splits(lora):
+  """decode() with num_splits None launches decode_config's split count (the rule the
+  benchmarks measured), read back from the split pass's partials."""
+  from pallas_kernels import triton_kernels as tk
+  from pallas_kernels._args import canonicalize
+
+  rng = np.random.default_rng(1)
+  b, s, hq, hkv, d, r = 2, 1024, 8, 2, 64, 8
+  q, k, v = (jnp.asarray(rng.normal(size=sh), jnp.float32) for sh in ((b, 1, hq, d), (b, s, hkv, d), (b, s, hkv, d)))
+  lr = jnp.asarray(rng.normal(size=(b, s, r)), jnp.float32) if lora else None
+  lb = jnp.asarray(rng.normal(size=(b, hkv, r, d)), jnp.float32) if lora else None
+  c = canonicalize(q, k, v, lr, lb, lora_scale=2.0)
+  opart, _, _ = tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale, causal=True,
+                          sm_scale=c.sm_scale, interpret=True, split_only=True)
+  rp = tk.lr_tile_width(r, d, None, None) if lora else 0
+  want = tk.decode_config(batch=b, tq=1, group=hq // hkv, heads_kv=hkv, s_len=s, d=d, rp=rp, itemsize=4,
+                          lr_itemsize=4 if lora else 0)["num_splits"]
+  assert want > 1 and opart.shape[2] == want  # [B, Hkv, splits, rows, D]
 
 
 def test_triton_prefill_defaults_per_variant(monkeypatch):
