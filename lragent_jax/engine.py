@@ -9,6 +9,7 @@ whole multi-agent trajectory compiles a handful of programs (see `trace_counts`)
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 import weakref
 
@@ -23,15 +24,43 @@ from .model import FUSED_PARAMS, LAYER_PARAMS, Llama, StepInputs, fused_split_po
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
+# Tokens at which a prefill chunk's matmuls take as long as one read of the weights
+# (bf16: 2 bytes and 2 FLOPs a weight, so matmul rate / bandwidth): ~200 on H100 and H200
+# (600-700 TFLOP/s over 3-3.4 TB/s), ~160 on A100, ~240 on TPU v5e.
+DEFAULT_WEIGHT_READ_TOKENS = 200
+CALL_OVERHEAD = 0.25  # a prefill call's launch and host work, in weight reads (~1 ms of ~5 ms at 8B)
 LAYER_MODES = ("auto", "scan", "unrolled", "per_layer")
 BASE_AGENT = "base"  # agent name of the plain model (adapter id -1) unless an adapter is so named
 
 
-def _bucket(n: int, buckets) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    return buckets[-1]
+@functools.lru_cache(maxsize=4096)
+def plan_chunks(n: int, buckets: tuple, weight_read_tokens: int) -> tuple:
+    """How to prefill n tokens in bucketed calls: ((tokens, bucket), ...), largest first.
+
+    A call costs max(1, bucket / weight_read_tokens) reads of the weights (below that
+    many tokens it is bound by reading the weights, above by its padded matmuls) plus
+    CALL_OVERHEAD for its launch and host work; the plan minimizes the sum (ties: the
+    smaller bucket). So 264 tokens with buckets 16/64/256/1024 run as 256 + 8 (about 2.8)
+    rather than padded to 1024 (5.4); with buckets 64/1024 they stay one 1024 call (five
+    64-token calls would cost 6.25). Full chunks of the largest bucket come first.
+    """
+    if n <= 0:
+        return ()
+    top = buckets[-1]
+    full, rest = divmod(n, top)
+    cost = lambda b: max(1.0, b / weight_read_tokens) + CALL_OVERHEAD  # noqa: E731
+    best = [(0.0, 0)] + [None] * rest  # best[m] = (cost, first bucket) for m tokens
+    for m in range(1, rest + 1):
+        best[m] = min((cost(b) + best[max(0, m - b)][0], b) for b in buckets)
+    sizes, m = [top] * full, rest
+    while m > 0:
+        sizes.append(best[m][1])
+        m -= min(m, best[m][1])
+    plan, m = [], n
+    for b in sorted(sizes, reverse=True):  # fill the largest buckets first
+        plan.append((min(m, b), b))
+        m -= min(m, b)
+    return tuple(plan)
 
 
 def _pow2(n: int, minimum: int = 8) -> int:
@@ -57,7 +86,10 @@ class Engine:
       model: a `Llama` (its parameters are split out once).
       lora: stacked adapters or None (base model only).
       prefill_buckets: padded chunk lengths; longer inputs are processed in chunks of the
-        largest bucket.
+        largest bucket. A remainder is padded to a bucket or split over smaller ones,
+        whichever reads the weights fewer times (plan_chunks).
+      weight_read_tokens: tokens at which a chunk's matmuls cost one read of the weights
+        (matmul rate / bandwidth for bf16; DEFAULT_WEIGHT_READ_TOKENS); plan_chunks' cost model.
       layer_mode: how layers run (LAYER_MODES):
         "scan"      lax.fori_loop over the stacked weights: compile time independent of depth;
                     XLA may copy each layer's weight slice per step (costly for decode on GPU).
@@ -72,7 +104,7 @@ class Engine:
 
     def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
                  prefill_buckets=DEFAULT_PREFILL_BUCKETS, layer_mode: str = "auto",
-                 fuse_projections: bool = False):
+                 fuse_projections: bool = False, weight_read_tokens: int = DEFAULT_WEIGHT_READ_TOKENS):
         if layer_mode not in LAYER_MODES:
             raise ValueError(f"layer_mode={layer_mode!r}; allowed: {LAYER_MODES}")
         if layer_mode == "auto":
@@ -88,6 +120,9 @@ class Engine:
         if not buckets or any(int(b) != b or b < 1 for b in buckets):
             raise ValueError(f"prefill_buckets must be positive integers, got {prefill_buckets!r}")
         self.prefill_buckets = buckets
+        if int(weight_read_tokens) != weight_read_tokens or weight_read_tokens < 1:
+            raise ValueError(f"weight_read_tokens must be a positive integer, got {weight_read_tokens!r}")
+        self.weight_read_tokens = int(weight_read_tokens)
         if layer_mode == "per_layer":
             self.layer_weights = release_to_per_layer(model, bool(fuse_projections))
             _PER_LAYER_ENGINES[id(model)] += 1
@@ -249,13 +284,13 @@ class Engine:
         B = len(rows)
         logits = None
         per_row = [[] for _ in range(B)]
-        while any(remaining):
-            S = _bucket(max(len(r) for r in remaining), self.prefill_buckets)
+        plan = plan_chunks(max(len(r) for r in remaining), self.prefill_buckets, self.weight_read_tokens)
+        for take, S in plan:
             tokens = np.zeros((B, S), np.int32)
-            n_valid = np.array([min(len(r), S) for r in remaining], np.int32)
+            n_valid = np.array([min(len(r), take) for r in remaining], np.int32)
             for b, r in enumerate(remaining):
                 tokens[b, : n_valid[b]] = r[: n_valid[b]]
-            finishing = np.array([0 < len(r) <= S for r in remaining])
+            finishing = np.array([0 < len(r) <= take for r in remaining])
             mode = "all" if want_logits == "all" else (bool(want_logits) and bool(finishing.any()))
             out, cache = self.forward(cache, tokens, start, n_valid, adapter_ids, layers=layers, want_logits=mode)
             if mode == "all":

@@ -115,6 +115,53 @@ def test_long_prompt_and_catch_up_reuse_the_short_prompt_program():
     assert np.abs(np.asarray(short) - np.asarray(ref)).max() > 1e-3  # the check can fail
 
 
+def test_plan_chunks_pads_or_splits_by_weight_reads():
+    """A remainder below the largest bucket is padded to one bucket or split over smaller
+    ones, whichever costs fewer weight reads (+ a per-call overhead); every token is
+    planned once, largest buckets first."""
+    from lragent_jax.engine import plan_chunks
+
+    b4 = (16, 64, 256, 1024)
+    assert plan_chunks(264, b4, 200) == ((256, 256), (8, 16))  # not padded to 1024
+    assert plan_chunks(8, b4, 200) == ((8, 16),)
+    assert plan_chunks(900, b4, 200) == ((900, 1024),)
+    assert plan_chunks(2056, b4, 200) == ((1024, 1024), (1024, 1024), (8, 16))
+    assert plan_chunks(264, (64, 1024), 200) == ((264, 1024),)  # five 64-token calls cost more
+    assert plan_chunks(264, b4, 10_000) == ((264, 1024),)  # weight-bound up to 10k tokens: pad
+    assert plan_chunks(0, b4, 200) == ()
+    for buckets in (b4, (64, 1024), (8, 16), (256,), (3, 5, 7)):
+        for n in (1, 7, 63, 65, 264, 300, 777, 1025, 4100):
+            plan = plan_chunks(n, buckets, 200)
+            assert sum(t for t, _ in plan) == n
+            assert all(0 < t <= b and b in buckets for t, b in plan)
+            assert [b for _, b in plan] == sorted((b for _, b in plan), reverse=True)
+
+
+def test_prefill_split_over_buckets_matches_one_padded_call():
+    """264 tokens planned as 256 + 8 (default buckets) give the logits and cache of one
+    call padded to 1024; rows of different lengths finish in different chunks."""
+    cfg = preset("tiny")
+    model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5))
+    lora = random_adapters(cfg, seed=6, b_std=0.2)
+    split = Engine(model, lora)
+    padded = Engine(model, lora, prefill_buckets=(1024,))
+    ids = split.adapter_ids(["plan", "action"])
+    rng = np.random.default_rng(2)
+    rows = [rng.integers(0, 256, 264).tolist(), rng.integers(0, 256, 100).tolist()]
+    out = {}
+    for name, eng in (("split", split), ("padded", padded)):
+        before = eng.trace_counts["forward"]
+        logits, cache = eng.prefill(DenseKV.create(cfg, 2, 512, jnp.float32), rows, np.zeros(2), ids)
+        k = np.asarray(cache.k)
+        valid = np.concatenate([k[:, 0, :264], k[:, 1, :100]], axis=1)  # slots past a row's tokens are scratch
+        out[name] = (np.asarray(logits), valid, eng.trace_counts["forward"] - before)
+    assert out["split"][2] == 2 and out["padded"][2] == 1  # programs compiled: buckets 256 and 16 vs 1024
+    np.testing.assert_allclose(out["split"][0], out["padded"][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["split"][1], out["padded"][1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="weight_read_tokens"):
+        Engine(model, lora, weight_read_tokens=0)
+
+
 def test_per_layer_mode_holds_weights_once_and_matches_scan():
     from lragent_jax.engine import ensure_stacked
 
