@@ -111,22 +111,28 @@ def prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len):
   return dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
 
 
+def _fill_block_sizes(given, dflt, caps, smem_of, least_stages):
+  """The given block sizes (capped by `caps`), the rest from `dflt`; a stage count left
+  unset drops (not below least_stages) until smem_of(config) fits the block's shared
+  memory, so a larger block_k alone still compiles."""
+  cfg = {k: min(given[k], caps[k]) if given.get(k) and k in caps else (given.get(k) or dflt[k]) for k in dflt}
+  if given.get("num_stages") is None:
+    while cfg["num_stages"] > least_stages and smem_of(cfg) > _smem_per_block():
+      cfg["num_stages"] -= 1
+  return cfg
+
+
 def prefill_config(*, tq, s_len, d, r, itemsize, lr_itemsize, block_q=None, block_k=None,
                    num_warps=None, num_stages=None):
-  """The prefill kernel's block sizes: the given ones, the rest from prefill_defaults;
-  a stage count left unset drops until the tiles fit the block's shared memory (so
-  num_stages need not be given with a larger block_k). r: the LoRA rank, 0 without."""
+  """The prefill kernel's block sizes: the given ones, the rest from prefill_defaults
+  (_fill_block_sizes). r: the LoRA rank, 0 without."""
   dp = next_pow2(d)
   rp = max(16, next_pow2(r)) if r else 0
-  dflt = prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len)
-  bq = min(block_q or dflt["block_q"], max(16, next_pow2(tq)))
-  bk = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
-  warps = num_warps or dflt["num_warps"]
-  stages = num_stages or dflt["num_stages"]
-  if num_stages is None:
-    while stages > 1 and _tiles_smem(bq, bk, stages, dp, rp, itemsize, lr_itemsize) > _smem_per_block():
-      stages -= 1
-  return dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+  return _fill_block_sizes(
+      dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages),
+      prefill_defaults(dp, rp, itemsize, lr_itemsize, tq, s_len),
+      dict(block_q=max(16, next_pow2(tq)), block_k=max(16, next_pow2(s_len))),
+      lambda c: _tiles_smem(c["block_q"], c["block_k"], c["num_stages"], dp, rp, itemsize, lr_itemsize), 1)
 
 
 def decode_smem(mp, block_k, stages, dp, rp, itemsize, lr_itemsize):
@@ -700,18 +706,15 @@ def default_num_splits(batch, heads_kv, kv_len, block_k, per_sm=2, sms=None):
 def decode_config(*, batch, tq, group, heads_kv, s_len, d, rp, itemsize, lr_itemsize,
                   block_k=None, num_warps=None, num_stages=None, num_splits=None):
   """The decode kernel's launch configuration: the given block sizes, the rest from
-  decode_defaults; a stage count left unset drops until the tiles fit the block's
-  shared memory (so block_k=256 alone still compiles); num_splits None -> one wave
-  of resident programs. rp: the LR tile's width (lr_tile_width), 0 without LoRA."""
+  decode_defaults (_fill_block_sizes); num_splits None -> one wave of resident
+  programs. rp: the LR tile's width (lr_tile_width), 0 without LoRA."""
   dp = next_pow2(d)
   mp = max(16, next_pow2(tq * group))
-  dflt = decode_defaults(mp, dp, rp, itemsize, lr_itemsize, s_len)
-  bk = min(block_k or dflt["block_k"], max(16, next_pow2(s_len)))
-  warps = num_warps or dflt["num_warps"]
-  stages = num_stages or dflt["num_stages"]
-  if num_stages is None:
-    while stages > 2 and decode_smem(mp, bk, stages, dp, rp, itemsize, lr_itemsize) > _smem_per_block():
-      stages -= 1
+  cfg = _fill_block_sizes(
+      dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages),
+      decode_defaults(mp, dp, rp, itemsize, lr_itemsize, s_len), dict(block_k=max(16, next_pow2(s_len))),
+      lambda c: decode_smem(mp, c["block_k"], c["num_stages"], dp, rp, itemsize, lr_itemsize), 2)
+  bk, warps, stages = cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
   if num_splits is None:
     smem = decode_smem(mp, bk, stages, dp, rp, itemsize, lr_itemsize)
     ns = default_num_splits(batch, heads_kv, s_len, bk, resident_programs_per_sm(smem, warps))
