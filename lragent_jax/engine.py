@@ -335,7 +335,6 @@ _PER_LAYER: dict = {}
 _PER_LAYER_ENGINES: collections.Counter = collections.Counter()  # model id -> Engines built over it
 
 
-
 def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
     """Split the model's stacked layer weights into one array per layer, once.
 

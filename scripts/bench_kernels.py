@@ -243,21 +243,12 @@ DEFAULT_DECODE_CFG = dict(block_k=None, num_warps=None, num_stages=None)
 DEFAULT_PREFILL_CFG = dict(block_q=None, block_k=None, num_warps=None, num_stages=None)
 
 
-def splits_for(b, kv, block_k, waves):
-  """Split count for `waves` programs per SM (rounded up; probe_decode's --waves);
-  waves None -> None, the kernel's own default."""
-  if waves is None:
-    return None
-  sms = triton_kernels.num_sms()
-  want = math.ceil(waves * sms / (b * HKV))
-  return int(max(1, min(want, max(1, -(-kv // block_k) // 2))))
-
-
-def resolved_decode_cfg(b, kv, cfg, lora):
-  """The launch configuration the decode kernel will use for cfg (Nones filled in)."""
-  rp = triton_kernels.lr_tile_width(R, D, None, None) if lora else 0
+def resolved_decode_cfg(b, kv, cfg, rank, lora_dot=None, lr_width=None):
+  """The launch configuration the decode kernel will use for cfg (Nones filled in) at
+  LoRA rank `rank` (0: the plain kernel)."""
+  rp = triton_kernels.lr_tile_width(rank, D, lora_dot, lr_width) if rank else 0
   return triton_kernels.decode_config(batch=b, tq=1, group=HQ // HKV, heads_kv=HKV, s_len=kv, d=D, rp=rp,
-                                      itemsize=2, lr_itemsize=2 if lora else 0, **cfg)
+                                      itemsize=2, lr_itemsize=2 if rank else 0, **cfg)
 
 
 def resolved_prefill_cfg(tq, kv, cfg, lora):
@@ -362,7 +353,7 @@ def bench_decode(args, timer, floors, interpret, tuned):
         nbytes = decode_bytes(b, kv, lora)
         ours = name.startswith("ours") or name == "naive"
         rec = dict(kind="decode", batch=b, kv_len=kv, q_len=1, method=name, bytes=nbytes,
-                   config=resolved_decode_cfg(b, kv, tuned, name == "ours_lora") if ours else None)
+                   config=resolved_decode_cfg(b, kv, tuned, R if name == "ours_lora" else 0) if ours else None)
         try:
           t, calls = timer(fn, rots, est_s=est_decode_s(nbytes, args.quick))
           rec.update(time_s=t, calls_per_exec=calls, rotations=n_rot,

@@ -118,7 +118,7 @@ def tree_bytes(tree):
 def main(argv=None):
     from lragent_jax.cache import LoRAKV, AttnOptions
     from lragent_jax.config import ConfigError, preset
-    from lragent_jax.engine import Engine
+    from lragent_jax.engine import LAYER_MODES, Engine
     from lragent_jax.lora import random_adapters
     from lragent_jax.model import Llama
 
@@ -154,14 +154,17 @@ def main(argv=None):
         if set(fuses) - {"0", "1"}:
             raise UsageError(f"--fuse-projections: a comma list of 0 and 1, got {args.fuse_projections!r}")
         fuses = [f == "1" for f in fuses]
+        if set(args.variants.split(",")) - set(LAYER_MODES):
+            raise UsageError(f"--variants: choose from {', '.join(LAYER_MODES)}, got {args.variants!r}")
         if set(impls) - set(MATMUL_IMPLS):
             raise UsageError(f"--matmul-impl: choose from {', '.join(MATMUL_IMPLS)}, got {args.matmul_impl!r}")
         gemv_specs = []
         for item in args.gemv.split(","):
             parts = item.split(":")
-            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in MATMUL_IMPLS):
-                raise UsageError(f"--gemv items are rows:padded_rows[:xla|triton], got {item!r}")
-            rows, min_rows = positive_int_list(f"{parts[0]},{parts[1]}", "--gemv rows")
+            ok = len(parts) in (2, 3) and all(x.isdigit() and int(x) >= 1 for x in parts[:2])
+            if not ok or (len(parts) == 3 and parts[2] not in MATMUL_IMPLS):
+                raise UsageError(f"--gemv items are rows:padded_rows[:xla|triton] with rows >= 1, got {item!r}")
+            rows, min_rows = int(parts[0]), int(parts[1])
             gemv_specs.append((rows, min_rows, parts[2] if len(parts) == 3 else "xla"))
         cfg = preset(args.shape)
         if args.context < 1 or args.new_tokens < 2:
@@ -205,6 +208,8 @@ def main(argv=None):
         try:
             engine = Engine(model, lora, layer_mode=variant, fuse_projections=fuse)
         except ValueError as e:  # fused weights need the per_layer mode
+            if not fuse:
+                raise
             print(f"{variant:>9} fuse={int(fuse)}: skipped ({e})", flush=True)
             continue
         for B in batches:

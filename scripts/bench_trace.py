@@ -55,7 +55,7 @@ def paper_ratios(ours: str) -> tuple[float, float]:
     return f_ns / f, t / t_ns
 
 
-from lragent_jax.cli import UsageError  # noqa: E402  (no jax at import: bench_hf_peft reuses this file)
+from lragent_jax.cli import UsageError, positive_int_list  # noqa: E402  (no jax at import: bench_hf_peft reuses this file)
 
 
 def log(*a):
@@ -63,14 +63,7 @@ def log(*a):
 
 
 # ---- shared reporting helpers (bench_hf_peft.py imports these; keep them free of jax) ---------
-def parse_int_list(text, what):
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise UsageError(f"{what} must be positive integers, got {text!r}")
-    return vals
+parse_int_list = positive_int_list  # '4,8' -> [4, 8]; a UsageError naming the flag otherwise
 
 
 def parse_adapters(specs):
@@ -285,8 +278,6 @@ def parse_args(argv):
 
     args = strict_parser(p).parse_args(argv)
     check_model_and_adapters(args.model, args.adapter, hint="--shape makes its own random adapters")
-    from lragent_jax.cli import positive_int_list
-
     args.batches = list(dict.fromkeys(positive_int_list(args.batch, "--batch")))
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")

@@ -113,7 +113,9 @@ def check_concurrent(schemes=("full_shared", "base_lr_shared")) -> bool:
 if __name__ == "__main__":
     import argparse
 
-    from lragent_jax.schemes import SCHEMES
+    import functools
+
+    from lragent_jax.schemes import canonical_scheme
 
     CHECKS = {"kernels": check_kernels, "end_to_end": check_end_to_end, "concurrent": check_concurrent}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -123,15 +125,17 @@ if __name__ == "__main__":
     unknown = sorted(set(args.checks) - set(CHECKS))
     if unknown:
         ap.error(f"unknown checks {unknown}; choose from " + " ".join(CHECKS))
-    schemes = tuple(args.schemes.split(","))
-    if set(schemes) - set(SCHEMES):
-        ap.error(f"unknown schemes {sorted(set(schemes) - set(SCHEMES))}; choose from {', '.join(SCHEMES)}")
+    try:
+        schemes = tuple(canonical_scheme(s) for s in args.schemes.split(","))
+    except ValueError as e:
+        ap.error(str(e))
+    CHECKS["concurrent"] = functools.partial(check_concurrent, schemes)
     # XLA's float32 GPU matmuls default to TF32; the comparison wants true float32 on both sides.
     jax.config.update("jax_default_matmul_precision", "highest")
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     ok = True
     for name, fn in CHECKS.items():
         if not args.checks or name in args.checks:
-            ok &= fn(schemes) if name == "concurrent" else fn()
+            ok &= fn()
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import triton_kernels as tk  # noqa: E402
 from pallas_kernels._args import canonicalize  # noqa: E402
+from lragent_jax.cli import UsageError, positive_int_list  # noqa: E402
 from scripts import bench_kernels as bk  # noqa: E402
 
 
@@ -51,6 +53,14 @@ def decode_fn(cfg, dot, prefetch, width, interpret, split_only):
                      causal=True, sm_scale=c.sm_scale, interpret=interpret, split_only=split_only,
                      lora_dot=dot, lr_prefetch=prefetch, lr_width=width, **cfg)
   return run
+
+
+def splits_for(b, kv, block_k, waves):
+  """Split count for `waves` programs per SM (rounded up); waves None -> None."""
+  if waves is None:
+    return None
+  want = math.ceil(waves * tk.num_sms() / (b * bk.HKV))
+  return int(max(1, min(want, max(1, -(-kv // block_k) // 2))))
 
 
 def parse_shapes(text):
@@ -92,13 +102,11 @@ def main(argv=None):
   if args.num_warps not in (1, 2, 4, 8, 16):
     ap.error(f"--num-warps must be one of 1, 2, 4, 8, 16, got {args.num_warps}")
   try:
-    split_list = [int(x) for x in args.num_splits.split(",")] if args.num_splits else [None]
-  except ValueError:
-    ap.error(f"--num-splits must be a comma list of integers, got {args.num_splits!r}")
-  if any(n is not None and n < 1 for n in split_list):
-    ap.error("--num-splits values must be >= 1")
+    split_list = positive_int_list(args.num_splits, "--num-splits") if args.num_splits is not None else [None]
+  except UsageError as e:
+    ap.error(str(e))
   for name in ("num_stages", "waves", "reps"):
-    if (getattr(args, name) or 1) < 1:
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       ap.error(f"--{name.replace('_', '-')} must be >= 1")
   interpret = jax.default_backend() == "cpu"
   shapes = args.shapes or parse_shapes("1:256,2:512" if args.quick else "1:16k,1:32k,8:32k,8:128k")
@@ -111,13 +119,11 @@ def main(argv=None):
     rots8 = bk.decode_inputs(b, kv, n_rot)
     for ns, name in [(n, v) for n in split_list for v in args.variants]:
       rank, dot, pf, width = VARIANTS[name]
-      ns = ns or bk.splits_for(b, kv, args.block_k, args.waves)
+      tiles = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages)
+      ns = ns or splits_for(b, kv, args.block_k, args.waves)
       if ns is None:  # the kernel's own split count for this variant's tiles
-        rp = tk.lr_tile_width(rank, bk.D, dot, width) if rank else 0
-        ns = tk.decode_config(batch=b, tq=1, group=bk.HQ // bk.HKV, heads_kv=bk.HKV, s_len=kv, d=bk.D, rp=rp,
-                              itemsize=2, lr_itemsize=2 if rank else 0, block_k=args.block_k,
-                              num_warps=args.num_warps, num_stages=args.num_stages)["num_splits"]
-      cfg = dict(block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages, num_splits=ns)
+        ns = bk.resolved_decode_cfg(b, kv, tiles, rank, dot, width)["num_splits"]
+      cfg = dict(tiles, num_splits=ns)
       if rank == 16:
         rots = [(q, k, v, jnp.concatenate([lr, lr], -1), jnp.concatenate([lb, lb], -2) * 0.5)
                 for q, k, v, lr, lb in rots8]

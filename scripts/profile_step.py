@@ -31,6 +31,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from lragent_jax.config import PRESETS  # noqa: E402  (no jax: summarize runs without it)
+
 
 def run(args):
     import jax
@@ -145,7 +147,11 @@ def summarize(args):
     for row in csv.DictReader(lines[start:]):
         name = row["Kernel Name"]
         key = (row["ID"], name)
-        val = float(row["Metric Value"].replace(",", "") or 0)
+        try:
+            val = float(row["Metric Value"].replace(",", "") or 0)
+        except ValueError:
+            raise SystemExit(f"{args.csv}: {row['Metric Name']} of {name[:60]} is {row['Metric Value']!r}, "
+                             "not a number") from None
         unit = row.get("Metric Unit", "")
         if unit not in UNIT_SCALE:
             raise SystemExit(f"{args.csv}: unknown unit {unit!r} of {row['Metric Name']}")
@@ -158,6 +164,9 @@ def summarize(args):
         elif row["Metric Name"] == "dram__bytes_read.sum":
             per[name]["bytes"] += val
     total = sum(v["ns"] for v in per.values())
+    if total <= 0:
+        raise SystemExit(f"{args.csv}: no gpu__time_duration.sum values; run ncu with "
+                         "--metrics gpu__time_duration.sum,dram__bytes_read.sum")
     steps = args.steps
     print(f"{len(seen)} kernels, {total / 1e6 / steps:.3f} ms of kernel time per step "
           f"({steps} steps)\n")
@@ -169,9 +178,8 @@ def summarize(args):
               f"{bw:7.0f}  {name[:110]}")
     rest = rows[args.top:]
     if rest:
-        print(f"{sum(v['ns'] for _, v in rest) / 1e3 / steps:9.1f} "
-              f"{100 * sum(v['ns'] for _, v in rest) / total:5.1f}% {sum(v['n'] for _, v in rest) / steps:7.1f}"
-              f"          ({len(rest)} other kernels)")
+        ns, n = sum(v["ns"] for _, v in rest), sum(v["n"] for _, v in rest)
+        print(f"{ns / 1e3 / steps:9.1f} {100 * ns / total:5.1f}% {n / steps:7.1f}          ({len(rest)} other kernels)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(steps=steps, total_ns_per_step=total / steps,
@@ -182,14 +190,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run decode steps inside the profiler range")
-    r.add_argument("--shape", default="tiny")
+    r.add_argument("--shape", default="tiny", choices=sorted(PRESETS))
     r.add_argument("--context", type=int, default=4096)
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--new-tokens", type=int, default=5, help="tokens; the first comes from prefill, so steps = this - 1")
     r.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     r.add_argument("--fuse-projections", action="store_true", help="Engine(fuse_projections=True)")
     m = sub.add_parser("products", help="time only the step's weight products")
-    m.add_argument("--shape", default="tiny")
+    m.add_argument("--shape", default="tiny", choices=sorted(PRESETS))
     m.add_argument("--batch", type=int, default=1)
     m.add_argument("--fused", action="store_true", help="q|k|v and gate|up as one matrix per layer")
     s = sub.add_parser("summarize", help="group an ncu CSV by kernel name")

@@ -35,8 +35,10 @@ LR_SCHEMES = ("base_lr_shared", "base_shared")
 def model_counts(cfg, itemsize=2):
     """(weights multiplied per token excluding the LM head, LM head size, bytes a decode pass
     reads for weights, cache bytes per cached token without LR, LR bytes per token per rank)."""
-    L, d, f, qd, kvd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim
-    per_layer = d * qd + 2 * d * kvd + qd * d + 3 * d * f
+    from lragent_jax.config import PROJECTIONS
+
+    L, d, kvd = cfg.num_layers, cfg.hidden_size, cfg.kv_dim
+    per_layer = sum(a * b for a, b in map(cfg.projection_dims, PROJECTIONS))
     head = d * cfg.vocab_size
     # every weight (norms too) but the embedding table, which a step gathers one row of
     # unless it doubles as the LM head
@@ -88,6 +90,19 @@ def run_config(data, shape, parser):
         parser.error(f"cannot tell the run's model config ({e}); pass --shape")
 
 
+def check_results(data) -> None:
+    """ValueError naming what a bench_trace results.json lacks that the floors read."""
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError("no 'results' list")
+    ok = [r for r in data["results"] if isinstance(r, dict) and r.get("status", "ok") == "ok"]
+    missing = {k for k in ("card", "jax_version", "date") if k not in data}
+    missing |= {k for r in ok for k in ("scheme", "label", "lctx", "ttft_s", "end_to_end_s", "steps") if k not in r}
+    missing |= {f"steps[].{k}" for r in ok for st in r.get("steps", ()) for k in ("new_tokens", "gen")
+                if k not in st}
+    if missing:
+        raise ValueError(f"missing keys {sorted(missing)}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="bench_trace results.json")
@@ -102,8 +117,7 @@ def main(argv=None):
     try:
         with open(args.results) as f:
             data = json.load(f)
-        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-            raise ValueError("no 'results' list")
+        check_results(data)
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
         p.error(f"{args.results}: not a readable bench_trace results.json ({e})")
     cfg = run_config(data, args.shape, p)
