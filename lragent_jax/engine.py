@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import numbers
 import warnings
 import weakref
 
@@ -120,7 +121,8 @@ class Engine:
         if not buckets or any(int(b) != b or b < 1 for b in buckets):
             raise ValueError(f"prefill_buckets must be positive integers, got {prefill_buckets!r}")
         self.prefill_buckets = buckets
-        if int(weight_read_tokens) != weight_read_tokens or weight_read_tokens < 1:
+        if isinstance(weight_read_tokens, bool) or not isinstance(weight_read_tokens, numbers.Integral) \
+                or weight_read_tokens < 1:
             raise ValueError(f"weight_read_tokens must be a positive integer, got {weight_read_tokens!r}")
         self.weight_read_tokens = int(weight_read_tokens)
         if layer_mode == "per_layer":
