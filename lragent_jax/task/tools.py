@@ -185,7 +185,7 @@ def parse_action(line, names=ACTION_NAMES) -> Action | str:
     """`name[arg]` (optionally after "Action:") -> Action; anything else -> an error message (str).
 
     Only the first MAX_ACTION_CHARS characters are read and only the first line; the argument
-    runs to the last ']' of that line. Never raises.
+    may not contain brackets. Never raises.
     """
     if not isinstance(line, str):
         return f"Error: expected an action line, got {type(line).__name__}."
@@ -206,6 +206,8 @@ def parse_action(line, names=ACTION_NAMES) -> Action | str:
     if name not in names:
         return f"Error: unknown action {_quote(name)}; use one of {', '.join(names)}."
     arg = text[open_at + 1 : close_at].strip()
+    if "[" in arg or "]" in arg:
+        return f"Error: cannot parse action {_quote(text)}; the argument may not contain brackets."
     if len(arg) > MAX_ARG_CHARS:
         return f"Error: argument of {name} longer than {MAX_ARG_CHARS} characters."
     return Action(name, arg)
