@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .episodes import ROLES
+from .episodes import AGENT_ROLES, ROLES
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2
@@ -83,3 +83,14 @@ def encode_segments(tokenizer, segments, *, add_bos: bool = True, add_eos: bool 
         ids.append(tokenizer.eos_token_id)
         roles.append(-1)
     return np.asarray(ids, np.int32), np.asarray(roles, np.int8)
+
+
+def examples_by_role(tokenizer, episodes, roles=AGENT_ROLES) -> dict:
+    """{role: [(ids [T] int32, loss_mask [T] bool), ...]}: every episode (a segment list) once per
+    role, its mask True on the tokens that role wrote (the targets of that role's adapter)."""
+    out = {r: [] for r in roles}
+    for segs in episodes:
+        ids, token_roles = encode_segments(tokenizer, segs)
+        for r in roles:
+            out[r].append((ids, token_roles == ROLES.index(r)))
+    return out

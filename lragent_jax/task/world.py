@@ -67,22 +67,26 @@ _OCCUPATIONS = ("painter", "engineer", "physician", "architect", "chemist", "sai
 class WorldConfig:
     """Entities per region. The held-out regions are smaller than the training one."""
 
-    countries: int = 10
-    cities: int = 100
-    people: int = 1000
-    organisations: int = 140
-    films: int = 360
-    books: int = 360
-    heldout_scale: float = 0.3  # validation and test regions hold this fraction of each count
+    countries: int = 24
+    cities: int = 200
+    people: int = 2000
+    organisations: int = 280
+    films: int = 720
+    books: int = 720
+    heldout_scale: float = 0.15  # validation and test regions hold this fraction of each count
+    heldout_min_countries: int = 6  # so a country answer is not a guess among two or three
 
     def counts(self, region: str) -> dict:
-        scale = 1.0 if region == "train" else self.heldout_scale
-        return {k: max(2, round(getattr(self, k) * scale)) for k in
-                ("countries", "cities", "people", "organisations", "films", "books")}
+        keys = ("countries", "cities", "people", "organisations", "films", "books")
+        if region == "train":
+            return {k: getattr(self, k) for k in keys}
+        out = {k: max(2, round(getattr(self, k) * self.heldout_scale)) for k in keys}
+        out["countries"] = max(out["countries"], self.heldout_min_countries)
+        return out
 
 
 SMALL_CONFIG = WorldConfig(countries=4, cities=16, people=120, organisations=20, films=40, books=40,
-                           heldout_scale=0.5)
+                           heldout_scale=0.5, heldout_min_countries=2)  # for tests
 
 
 @dataclasses.dataclass
