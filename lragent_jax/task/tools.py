@@ -145,10 +145,10 @@ class Wiki:
         self._index = {_normalize_name(n): n for n in world.entities}
 
     def __call__(self, query: str) -> str:
+        if isinstance(query, str) and len(query) > MAX_ARG_CHARS:
+            return f"Error: wiki name longer than {MAX_ARG_CHARS} characters."
         if not isinstance(query, str) or not query.strip():
             return "Error: wiki needs an entity name, as in wiki[Name]."
-        if len(query) > MAX_ARG_CHARS:
-            return f"Error: wiki name longer than {MAX_ARG_CHARS} characters."
         name = self._index.get(_normalize_name(query))
         if name is None:
             return f"Error: no wiki entry for {_quote(query)}."
