@@ -272,7 +272,8 @@ def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
                         f"from config.json"
                     )
                 source = _read_tensor(f, file, name, WeightsError)
-                t = (source.T if target.transpose else source).astype(np_dtype, copy=False)
+                with np.errstate(over="ignore"):  # overflow to inf is reported by _check_finite
+                    t = (source.T if target.transpose else source).astype(np_dtype, copy=False)
                 _check_finite(t, source, file, name, WeightsError)
                 buf = _get(buffers, target.path)
                 if target.layer is None:
