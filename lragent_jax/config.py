@@ -76,6 +76,7 @@ def _json_kind(value) -> str:
 
 
 _REQUIRED = object()
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def _field(d: Mapping[str, Any], key: str, kind: str, source: str, default=_REQUIRED):
@@ -254,11 +255,10 @@ class ModelConfig:
                 rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
-        if rope_scaling:
-            for k, v in rope_scaling.items():
-                if k not in ("rope_type", "type") and not (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                         and math.isfinite(v)):
-                    raise ConfigError(f"{source}: rope_scaling[{k!r}] must be a finite number, got {v!r}")
+        for k in _ROPE_NUMBERS:  # the rope settings this library reads (other types are refused below)
+            v = (rope_scaling or {}).get(k)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ConfigError(f"{source}: rope_scaling[{k!r}] must be a finite number, got {v!r}")
         sliding_window = _field(d, "sliding_window", "int", source, default=None) if model_type == "mistral" else None
         bos = _field(d, "bos_token_id", "int", source, default=None)
         eps = _field(d, "rms_norm_eps", "float", source, default=1e-5)
