@@ -314,6 +314,9 @@ def main(argv=None):
                           "runs": runs, "errors": errors}))
     if not errors:
         return 0
+    if not args.json:  # the up-front lines may have scrolled away
+        print(f"error: {len(errors)} of {len(schemes)} schemes did not complete: "
+              f"{', '.join(e['scheme'] for e in errors)}", file=sys.stderr)
     return 1 if runs else 2
 
 
