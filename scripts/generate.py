@@ -69,7 +69,8 @@ def parse_args(argv):
                    help="base_shared/base_lr_shared: expand V = V_base + s*LR*B before attention (ablation)")
     p.add_argument("--critical-layers", default=None,
                    help="droidspeak critical layers, comma-separated (default: paper's set or a third of layers)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else: the runs that completed and an \"errors\" list")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout and nothing else: the completed runs and an 'errors' list")
     return strict_parser(p).parse_args(argv)
 
 
