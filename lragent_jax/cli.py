@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = ("float32", "bfloat16", "float16")
+from .config import PARAM_DTYPES
+
+DTYPES = PARAM_DTYPES  # --dtype choices: what load_model accepts
 EMBEDDED_NAME = "embedded-tiny-random"
 
 

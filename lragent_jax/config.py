@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -28,8 +29,92 @@ HF_MODULE_NAMES = {
 HF_TO_PROJECTION = {v: k for k, v in HF_MODULE_NAMES.items()}
 
 
+# Parameter / cache dtypes the model and kernels run in.
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class ConfigError(ValueError):
     """A model or adapter configuration that this library cannot run."""
+
+
+def check_dtype(dtype, what: str = "dtype"):
+    """`dtype` as a jnp dtype if it is one of PARAM_DTYPES, else ConfigError naming the allowed ones.
+
+    Checked up front: an int8 model would load and then fail (or compute nonsense) much later.
+    """
+    import jax.numpy as jnp
+
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in PARAM_DTYPES:
+        raise ConfigError(f"{what}={dtype!r} is not supported; allowed: {', '.join(PARAM_DTYPES)}")
+    return dt
+
+
+def read_json_object(path: str, error=None) -> dict:
+    """The JSON object in `path`, or `error` (a ConfigError subclass) naming the file and what is wrong."""
+    error = error or ConfigError
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a UTF-8 text file (is it a JSON file?)") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object {{...}}, got a JSON {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+_REQUIRED = object()
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _field(d: Mapping[str, Any], key: str, kind: str, source: str, default=_REQUIRED):
+    """d[key] checked against `kind` ("int", "float", "bool", "str"); None counts as absent.
+
+    Strict: an int field refuses 8.5 and "8" (int() would truncate or parse them silently).
+    """
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{source}: required field {key!r} is missing")
+        return default
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+    }[kind](value)
+    if not ok:
+        want = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}[kind]
+        raise ConfigError(f"{source}: field {key!r} must be {want}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def _int_list(d: Mapping[str, Any], key: str, source: str) -> tuple[int, ...]:
+    """An int, a list of ints, or absent -> tuple of ints (e.g. eos_token_id)."""
+    value = d.get(key)
+    values = [] if value is None else (value if isinstance(value, list) else [value])
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ConfigError(f"{source}: field {key!r} must be an integer or a list of integers, got {value!r}")
+    return tuple(values)
+
+
+def _dict_field(d: Mapping[str, Any], key: str, source: str) -> dict | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{source}: field {key!r} must be a JSON object or null, got {value!r}")
+    return value or None
 
 
 def _freeze(value: Any) -> Any:
@@ -129,63 +214,88 @@ class ModelConfig:
 
     # ---- HF interop ----------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
+        """From a transformers config dict; ConfigError names `source` and the bad field."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         archs = d.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{source}: field 'architectures' must be a list of strings, got {archs!r}")
         model_type = d.get("model_type")
         if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ConfigError(
-                f"architectures={archs} are not supported; allowed: {SUPPORTED_ARCHITECTURES}"
+                f"{source}: architectures={archs} are not supported; allowed: {SUPPORTED_ARCHITECTURES}"
             )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"model_type={model_type!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}"
+                f"{source}: model_type={model_type!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}"
             )
         if d.get("attention_bias") or d.get("mlp_bias"):
-            raise ConfigError("attention_bias / mlp_bias = true is not supported")
+            raise ConfigError(f"{source}: attention_bias / mlp_bias = true is not supported")
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"hidden_act={act!r} is not supported; allowed: ('silu',)")
-        num_heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
-        head_dim = d.get("head_dim") or hidden // num_heads
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        rope_scaling = d.get("rope_scaling")
+            raise ConfigError(f"{source}: hidden_act={act!r} is not supported; allowed: ('silu',)")
+        num_heads = _field(d, "num_attention_heads", "int", source)
+        hidden = _field(d, "hidden_size", "int", source)
+        head_dim = _field(d, "head_dim", "int", source, default=None)
+        if head_dim is None:
+            if num_heads <= 0 or hidden % num_heads:
+                raise ConfigError(f"{source}: no head_dim, and hidden_size={hidden} is not a multiple of "
+                                  f"num_attention_heads={num_heads}")
+            head_dim = hidden // num_heads
+        eos_ids = _int_list(d, "eos_token_id", source)
+        rope_scaling = _dict_field(d, "rope_scaling", source)
         # transformers >= 5 may fold rope settings into "rope_parameters".
-        rope_params = d.get("rope_parameters")
-        rope_theta = d.get("rope_theta")
+        rope_params = _dict_field(d, "rope_parameters", source)
+        rope_theta = _field(d, "rope_theta", "float", source, default=None)
         if rope_params:
-            rope_theta = rope_params.get("rope_theta", rope_theta)
+            rope_theta = _field(rope_params, "rope_theta", "float", f"{source} rope_parameters",
+                                default=rope_theta)
             if rope_params.get("rope_type", "default") != "default" and not rope_scaling:
                 rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
-        return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-            rope_scaling=_freeze(rope_scaling) if rope_scaling else None,
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            model_type=model_type,
-            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
-        )
+        for k in _ROPE_NUMBERS:  # the rope settings this library reads (other types are refused below)
+            v = (rope_scaling or {}).get(k)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ConfigError(f"{source}: rope_scaling[{k!r}] must be a finite number, got {v!r}")
+        sliding_window = _field(d, "sliding_window", "int", source, default=None) if model_type == "mistral" else None
+        bos = _field(d, "bos_token_id", "int", source, default=None)
+        eps = _field(d, "rms_norm_eps", "float", source, default=1e-5)
+        if rope_theta is not None and rope_theta <= 0:
+            raise ConfigError(f"{source}: rope_theta must be > 0, got {rope_theta}")
+        if eps <= 0:
+            raise ConfigError(f"{source}: rms_norm_eps must be > 0, got {eps}")
+        try:
+            return cls(
+                vocab_size=_field(d, "vocab_size", "int", source),
+                hidden_size=hidden,
+                intermediate_size=_field(d, "intermediate_size", "int", source),
+                num_layers=_field(d, "num_hidden_layers", "int", source),
+                num_heads=num_heads,
+                num_kv_heads=_field(d, "num_key_value_heads", "int", source, default=num_heads),
+                head_dim=head_dim,
+                rms_norm_eps=eps,
+                rope_theta=rope_theta if rope_theta is not None else 10000.0,
+                rope_scaling=_freeze(rope_scaling) if rope_scaling else None,
+                max_position_embeddings=_field(d, "max_position_embeddings", "int", source, default=8192),
+                tie_word_embeddings=_field(d, "tie_word_embeddings", "bool", source, default=False),
+                model_type=model_type,
+                sliding_window=sliding_window,
+                bos_token_id=bos,
+                eos_token_ids=eos_ids,
+            )
+        except ConfigError as e:  # a range check of __post_init__: say which file
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "ModelConfig":
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"no config.json in {folder!r}")
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+        return cls.from_hf_dict(read_json_object(path), source=path)
 
     def to_hf_dict(self) -> dict:
         """A transformers-compatible config dict (used to build parity models and to save)."""
@@ -288,38 +398,51 @@ class LoraConfig:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
     @classmethod
-    def from_peft_dict(cls, d: Mapping[str, Any], *, name: str = "adapter") -> "LoraConfig":
+    def from_peft_dict(cls, d: Mapping[str, Any], *, name: str = "adapter",
+                       source: str = "adapter_config.json") -> "LoraConfig":
+        """From a PEFT adapter_config dict; ConfigError names the adapter, `source` and the bad field."""
+        where = f"adapter {name!r} ({source})"
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
-            raise ConfigError(f"adapter {name!r}: peft_type={d.get('peft_type')!r}; only LORA is supported")
+            raise ConfigError(f"{where}: peft_type={d.get('peft_type')!r}; only LORA is supported")
         for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
             if bool(d.get(key, False)) != ok:
-                raise ConfigError(f"adapter {name!r}: {key}={d.get(key)!r} is not supported")
+                raise ConfigError(f"{where}: {key}={d.get(key)!r} is not supported")
         if d.get("bias", "none") != "none":
-            raise ConfigError(f"adapter {name!r}: bias={d.get('bias')!r} is not supported; allowed: 'none'")
+            raise ConfigError(f"{where}: bias={d.get('bias')!r} is not supported; allowed: 'none'")
         for key in ("rank_pattern", "alpha_pattern"):
             if d.get(key):
-                raise ConfigError(f"adapter {name!r}: {key} is not supported (got {d.get(key)})")
+                raise ConfigError(f"{where}: {key} is not supported (got {d.get(key)})")
         for key in ("layers_to_transform", "modules_to_save"):
             if d.get(key):
-                raise ConfigError(f"adapter {name!r}: {key}={d.get(key)!r} is not supported")
+                raise ConfigError(f"{where}: {key}={d.get(key)!r} is not supported")
         targets = d.get("target_modules") or []
         if isinstance(targets, str):
             raise ConfigError(
-                f"adapter {name!r}: target_modules given as a regex ({targets!r}) is not supported; "
+                f"{where}: target_modules given as a regex ({targets!r}) is not supported; "
                 f"use a list of module names from {sorted(HF_TO_PROJECTION)}"
             )
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(f"{where}: field 'target_modules' must be a list of module names, got {targets!r}")
+        if not targets:
+            raise ConfigError(f"{where}: target_modules is empty or missing; "
+                              f"list the LoRA modules, e.g. [\"q_proj\", \"v_proj\"]")
         short = []
         for t in targets:
             t = t.split(".")[-1]
             if t not in HF_TO_PROJECTION:
                 raise ConfigError(
-                    f"adapter {name!r}: target module {t!r} is not supported; allowed: {sorted(HF_TO_PROJECTION)}"
+                    f"{where}: target module {t!r} is not supported; allowed: {sorted(HF_TO_PROJECTION)}"
                 )
             short.append(HF_TO_PROJECTION[t])
         order = {p: i for i, p in enumerate(PROJECTIONS)}
+        rank = _field(d, "r", "int", where)
+        if rank <= 0:
+            raise ConfigError(f"{where}: field 'r' (the LoRA rank) must be positive, got {rank}")
         return cls(
-            rank=int(d["r"]),
-            alpha=float(d.get("lora_alpha", d["r"])),
+            rank=rank,
+            alpha=_field(d, "lora_alpha", "float", where, default=float(rank)),
             target_modules=tuple(sorted(set(short), key=order.get)),
-            use_rslora=bool(d.get("use_rslora", False)),
+            use_rslora=_field(d, "use_rslora", "bool", where, default=False),
         )

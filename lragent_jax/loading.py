@@ -22,7 +22,10 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from .config import HF_MODULE_NAMES, HF_TO_PROJECTION, PROJECTIONS, ConfigError, LoraConfig, ModelConfig, _freeze
+from .config import (
+    HF_MODULE_NAMES, HF_TO_PROJECTION, PROJECTIONS, ConfigError, LoraConfig, ModelConfig, _freeze, check_dtype,
+    read_json_object,
+)
 from .lora import LoraProjection, LoraWeights, stack_adapters
 from .model import Llama
 
@@ -45,6 +48,62 @@ class WeightsError(ValueError):
 
 class AdapterError(ConfigError):
     """A PEFT adapter that does not fit the loaded model (or is not a supported LoRA)."""
+
+
+# ---- reading safetensors files safely ---------------------------------------------------------
+# Floating-point tensor dtypes (safetensors names) the loader converts; integer or fp8 tensors
+# belong to quantized checkpoints, whose values mean nothing without their scales.
+FLOAT_TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
+# Bits of a 16-bit float that are all ones exactly for inf and NaN (exponent field).
+_EXPONENT_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00}
+
+
+def _open_safetensors(file: str, error, label: str | None = None):
+    """safe_open(file), or `error` naming the file (or `label`) when it is truncated or not safetensors."""
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # SafetensorError (not importable by a stable name), OSError
+        raise error(f"{label or file}: not a readable safetensors file ({_reason(e)}); is it truncated or "
+                    f"corrupt? Re-download or re-save it") from None
+
+
+def _read_tensor(f, file: str, name: str, error) -> np.ndarray:
+    """Tensor `name` of an open file; refuses non-float dtypes; `error` naming file and tensor."""
+    try:
+        dtype = f.get_slice(name).get_dtype()
+    except Exception as e:
+        raise error(f"{file}: tensor {name!r} cannot be read ({_reason(e)})") from None
+    if dtype not in FLOAT_TENSOR_DTYPES:
+        raise error(f"{file}: tensor {name!r} has dtype {dtype}; only floating-point tensors "
+                    f"({', '.join(FLOAT_TENSOR_DTYPES)}) are supported (quantized checkpoints are not)")
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise error(f"{file}: tensor {name!r} cannot be read ({_reason(e)}); is the file truncated?") from None
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def _all_finite(t: np.ndarray) -> bool:
+    """No NaN or inf in t. 16-bit floats are tested on their exponent bits: about 4x faster than
+    np.isfinite on bfloat16 (a pass over each tensor while loading, no temporaries of float32)."""
+    mask = _EXPONENT_MASK.get(t.dtype.name)
+    if mask is None:
+        return bool(np.isfinite(t).all())
+    return bool(np.bitwise_and(t.view(np.uint16), 0x7FFF).max(initial=0) < mask)
+
+
+def _check_finite(t: np.ndarray, source: np.ndarray, file: str, name: str, error) -> None:
+    """`error` if the converted tensor t holds NaN/inf: in the file, or from overflowing t's dtype."""
+    if _all_finite(t):
+        return
+    bad = int(np.size(t) - np.count_nonzero(np.isfinite(t.astype(np.float32))))
+    if source is not t and _all_finite(source):
+        raise error(f"{file}: tensor {name!r} has {bad} values too large for {t.dtype.name} "
+                    f"(they become inf); load it in a wider dtype (float32 or bfloat16)")
+    raise error(f"{file}: tensor {name!r} has {bad} NaN/inf values (of {np.size(t)}); the weights are corrupt")
 
 
 # ---- paths -----------------------------------------------------------------------------------
@@ -119,8 +178,9 @@ def _weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map") or {}
+        weight_map = read_json_object(index, WeightsError).get("weight_map") or {}
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
         files = sorted(set(weight_map.values()))
         missing = [s for s in files if not os.path.isfile(os.path.join(folder, s))]
         if missing:
@@ -174,9 +234,11 @@ def _to_device(tree: dict) -> dict:
 def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
     """Load a Llama / Mistral HF checkpoint (config.json + safetensors) as a `Llama` in `dtype`.
 
-    Raises ConfigError for unsupported model types and WeightsError naming the tensor for
-    missing, unexpected, duplicated or wrongly shaped tensors.
+    Raises ConfigError for unsupported model types, an unsupported `dtype` or a bad config.json,
+    and WeightsError naming the file and tensor for unreadable files, missing, unexpected,
+    duplicated, wrongly shaped, non-float or non-finite (NaN/inf) tensors.
     """
+    dtype = check_dtype(dtype)
     folder = resolve_path(path_or_hub_id, MODEL_PATTERNS)
     cfg = ModelConfig.from_pretrained(folder)
     files = _weight_files(folder)
@@ -190,7 +252,7 @@ def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
     buffers = jax.tree.map(lambda s: np.empty(s.shape, np_dtype), shapes)
     seen: dict[str, str] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file, WeightsError) as f:
             for name in f.keys():
                 if name in seen:
                     raise WeightsError(f"tensor {name!r} appears in both {seen[name]} and {file}")
@@ -209,8 +271,10 @@ def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
                         f"tensor {name!r} in {file} has shape {shape}; expected {target.hf_shape} "
                         f"from config.json"
                     )
-                t = f.get_tensor(name)
-                t = (t.T if target.transpose else t).astype(np_dtype)
+                source = _read_tensor(f, file, name, WeightsError)
+                with np.errstate(over="ignore"):  # overflow to inf is reported by _check_finite
+                    t = (source.T if target.transpose else source).astype(np_dtype, copy=False)
+                _check_finite(t, source, file, name, WeightsError)
                 buf = _get(buffers, target.path)
                 if target.layer is None:
                     buf[...] = t
@@ -235,7 +299,10 @@ def load_tokenizer(path_or_hub_id):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:  # a truncated tokenizer.json raises a bare Exception from tokenizers
+        raise ConfigError(f"{folder}: tokenizer files cannot be read ({_reason(e)})") from None
 
 
 # ---- adapters --------------------------------------------------------------------------------
@@ -285,8 +352,7 @@ def _base_config(ref: str | None) -> ModelConfig | None:
         if not isinstance(cached, str):
             return None  # not comparable offline: the tensor shapes are still checked
         path = cached
-    with open(path) as f:
-        return ModelConfig.from_hf_dict(json.load(f))
+    return ModelConfig.from_hf_dict(read_json_object(path), source=path)
 
 
 def _check_base(name: str, ref: str | None, cfg: ModelConfig) -> None:
@@ -306,13 +372,16 @@ def _check_base(name: str, ref: str | None, cfg: ModelConfig) -> None:
 def _read_adapter(name: str, path, cfg: ModelConfig):
     """One PEFT folder -> (LoraConfig, {proj: (A [L, d_in, r], B [L, r, d_out])}), checked."""
     folder = _adapter_folder(name, path)
-    with open(os.path.join(folder, "adapter_config.json")) as f:
-        raw = json.load(f)
+    config_path = os.path.join(folder, "adapter_config.json")
     try:
-        lcfg = LoraConfig.from_peft_dict(raw, name=name)
+        raw = read_json_object(config_path, AdapterError)
+        lcfg = LoraConfig.from_peft_dict(raw, name=name, source=config_path)
+    except AdapterError:
+        raise
     except ConfigError as e:
-        raise AdapterError(f"{e} (in {folder})") from e
-    _check_base(name, raw.get("base_model_name_or_path"), cfg)
+        raise AdapterError(str(e)) from None
+    base_ref = raw.get("base_model_name_or_path")
+    _check_base(name, base_ref if isinstance(base_ref, str) else None, cfg)
     file = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(file):
         pickles = [p for p in PICKLE_FILES if os.path.isfile(os.path.join(folder, p))]
@@ -324,7 +393,7 @@ def _read_adapter(name: str, path, cfg: ModelConfig):
     a = {p: np.zeros((L, *cfg.projection_dims(p)[:1], r), np.float32) for p in lcfg.target_modules}
     b = {p: np.zeros((L, r, cfg.projection_dims(p)[1]), np.float32) for p in lcfg.target_modules}
     seen: set = set()
-    with safe_open(file, framework="numpy") as f:
+    with _open_safetensors(file, AdapterError, f"adapter {name!r}: {file}") as f:
         for key in f.keys():
             m = _LORA_KEY.match(key)
             if m is None:
@@ -356,7 +425,10 @@ def _read_adapter(name: str, path, cfg: ModelConfig):
                 raise AdapterError(f"adapter {name!r}: tensor {key!r} duplicates another lora_{m['ab']} "
                                    f"of layer {layer} {module}")
             seen.add((layer, proj, m["ab"]))
-            t = f.get_tensor(key).astype(np.float32).T  # [r, d_in] -> [d_in, r]; [d_out, r] -> [r, d_out]
+            where = f"adapter {name!r}: {file}"
+            source = _read_tensor(f, where, key, AdapterError)
+            _check_finite(source, source, where, key, AdapterError)
+            t = source.astype(np.float32).T  # [r, d_in] -> [d_in, r]; [d_out, r] -> [r, d_out]
             (a if m["ab"] == "A" else b)[proj][layer] = t
     missing = [f"layers.{i}.{_BLOCK_OF[p]}.{HF_MODULE_NAMES[p]}.lora_{ab}"
                for p in lcfg.target_modules for i in range(L) for ab in "AB" if (i, p, ab) not in seen]
@@ -376,6 +448,8 @@ def load_adapters(adapters: Mapping[str, object], model: Llama, dtype=None) -> L
     """
     if not isinstance(adapters, Mapping) or not adapters:
         raise AdapterError(f"adapters must be a non-empty mapping agent name -> adapter folder, got {adapters!r}")
+    if dtype is not None:
+        dtype = check_dtype(dtype)
     cfg = model.config
     loaded = {}
     for name, path in adapters.items():

@@ -105,6 +105,19 @@ class LoraWeights:
             )
 
 
+def _check_factor(name: str, proj: str, factor: str, t: np.ndarray, dtype) -> None:
+    """ConfigError if a LoRA factor holds NaN/inf or values its storage dtype turns into inf:
+    either would make every token the adapter touches NaN (greedy decoding then prints token 0)."""
+    finite = np.isfinite(t)
+    if not finite.all():
+        raise ConfigError(f"adapter {name!r}: {proj}_proj lora_{factor} has {int(t.size - finite.sum())} "
+                          f"NaN/inf values")
+    limit = float(jnp.finfo(dtype).max)
+    if t.size and float(np.abs(t).max()) > limit:
+        raise ConfigError(f"adapter {name!r}: {proj}_proj lora_{factor} has values above {limit:.4g}, the "
+                          f"largest {jnp.dtype(dtype).name}; load the adapters in float32 or bfloat16")
+
+
 def stack_adapters(
     model_config: ModelConfig,
     adapters: Mapping[str, tuple[LoraConfig, Mapping[str, tuple[np.ndarray, np.ndarray]]]],
@@ -141,6 +154,8 @@ def stack_adapters(
                     f"adapter {n!r}: {proj}_proj factors have shapes A{a.shape} B{b.shape}; "
                     f"expected A{(L, d_in, r)} B{(L, r, d_out)}"
                 )
+            for factor, t in (("A", a), ("B", b)):
+                _check_factor(n, proj, factor, t, dtype)
             a_all[:, i, :, :r] = a
             b_all[:, i, :r, :] = b
             scale[i] = configs[i].scale

@@ -9,6 +9,28 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .checks import count, finite_number
+
+INT32_MAX = 2**31 - 1
+_API_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p"}
+
+
+def check_sampling(temperature, top_k, top_p, names=None) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) checked and normalised, or ValueError naming the bad one.
+
+    temperature: finite, >= 0 (0 = greedy); inf would divide every logit to 0 (uniform
+    sampling), NaN would make every draw NaN. top_k: integer in [0, 2**31 - 1] (0 = off;
+    values above the vocabulary keep everything). top_p: finite in (0, 1].
+    names: how to call each in the message (e.g. {"temperature": "--temperature", ...}).
+    """
+    n = {**_API_NAMES, **(names or {})}
+    t = finite_number(temperature, n["temperature"], low=0.0)
+    k = count(top_k, f"{n['top_k']} (0 = off)", minimum=0)
+    if k > INT32_MAX:
+        raise ValueError(f"{n['top_k']} must be <= {INT32_MAX}, got {top_k!r}")
+    p = finite_number(top_p, n["top_p"], low=0.0, low_open=True, high=1.0)
+    return t, k, p
+
 
 @struct.dataclass
 class SamplingParams:
@@ -19,17 +41,13 @@ class SamplingParams:
     @classmethod
     def make(cls, batch: int, *, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0) -> "SamplingParams":
-        if temperature < 0 or temperature != temperature:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if int(top_k) != top_k or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        t = 0.0 if greedy else float(temperature)
+        batch = count(batch, "batch")
+        temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+        t = 0.0 if greedy else temperature
         return cls(
             temperature=jnp.full((batch,), t, jnp.float32),
-            top_k=jnp.full((batch,), int(top_k), jnp.int32),
-            top_p=jnp.full((batch,), float(top_p), jnp.float32),
+            top_k=jnp.full((batch,), top_k, jnp.int32),
+            top_p=jnp.full((batch,), top_p, jnp.float32),
         )
 
 

@@ -11,7 +11,13 @@ five schemes. Point it at real weights with --model and --adapter.
       --prompt "Question: ..." --turn plan:32 --turn action:8 --greedy
   python scripts/generate.py --json --prompt-ids 1,2,3 --turn plan:4   # machine-readable
 
-Exit code 2 with a one-line message on bad input.
+Several schemes (a comma list or 'all') run one after another; each is printed as it
+finishes. A scheme that cannot run with the given adapters or length is named with the
+reason before any runs, and the others still run.
+
+Exit codes: 0 every run succeeded; 1 some schemes failed (the others' results are printed,
+and --json's "errors" lists each failed scheme and why); 2 bad input, nothing ran
+(one line on stderr naming the file or value).
 """
 
 from __future__ import annotations
@@ -20,10 +26,15 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lragent_jax.cli import DTYPES, UsageError, int_list, load_agents, strict_parser  # noqa: E402
+from lragent_jax.sampling import check_sampling  # noqa: E402
+
+SEED_MAX = 2**63 - 1
+CLI_SAMPLING_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
 
 def parse_args(argv):
@@ -58,7 +69,8 @@ def parse_args(argv):
                    help="base_shared/base_lr_shared: expand V = V_base + s*LR*B before attention (ablation)")
     p.add_argument("--critical-layers", default=None,
                    help="droidspeak critical layers, comma-separated (default: paper's set or a third of layers)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout and nothing else: the completed runs and an 'errors' list")
     return strict_parser(p).parse_args(argv)
 
 
@@ -90,12 +102,13 @@ def build(args):
         args.max_new_tokens = 32
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:  # the rule SamplingParams.make applies, named as flags (inf / nan refused too)
+        args.temperature, args.top_k, args.top_p = check_sampling(args.temperature, args.top_k, args.top_p,
+                                                                  names=CLI_SAMPLING_NAMES)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
     model, lora, tokenizer, model_name, random_weights = load_agents(args.model, args.adapter, args.dtype, args.seed)
     default_turns = list(embedded.TURNS) if random_weights else None
     prompt_text = embedded.PROMPT if random_weights else None
@@ -124,19 +137,25 @@ def build(args):
         prompt = list(tokenizer.encode(text))
         if not prompt:
             raise UsageError("--prompt encodes to no tokens")
+    # Parsed once here, so every scheme's run sees checked values.
+    args.stop_id_list = None
+    if args.stop_ids is not None:
+        none = args.stop_ids.strip().lower() == "none"
+        args.stop_id_list = () if none else tuple(int_list(args.stop_ids, "--stop-ids"))
+        V = model.config.vocab_size
+        bad = [t for t in args.stop_id_list if not 0 <= t < V]
+        if bad:
+            raise UsageError(f"--stop-ids: token ids out of range [0, {V}): {bad[:5]}")
+    args.critical_list = int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
     return model, lora, tokenizer, turns, prompt, random_weights, model_name
 
 
 def run_scheme(engine, scheme, args, tokenizer, turns, prompt, max_len, model_name):
     from lragent_jax.session import Session
 
-    stop_ids = None
-    if args.stop_ids is not None:
-        stop_ids = () if args.stop_ids.strip().lower() == "none" else tuple(int_list(args.stop_ids, "--stop-ids"))
-    critical = int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
     session = Session(engine, scheme, max_len=max_len, tokenizer=tokenizer, attention=args.attention,
-                      naive_expansion=args.naive_expansion, critical_layers=critical, model_name=model_name,
-                      stop_ids=stop_ids, seed=args.seed)
+                      naive_expansion=args.naive_expansion, critical_layers=args.critical_list,
+                      model_name=model_name, stop_ids=args.stop_id_list, seed=args.seed)
     session.append(prompt)
     out_turns = []
     for agent, n in turns:
@@ -153,43 +172,95 @@ def agreement(turn, ref_turn):
     return sum(x == y for x, y in zip(a, b)) / n if n else 1.0
 
 
-def print_human(result, random_weights, model_name):
+def print_header(random_weights, model_name, prompt_tokens):
     if random_weights:
         print("NOTE: embedded demo model with RANDOM weights (seeded): the text below is noise; "
               "the cache sharing is real. Use --model/--adapter for real weights.")
-    print(f"model: {model_name}   prompt: {result['prompt_tokens']} tokens")
-    ns = next((r for r in result["runs"] if r["scheme"] == "non_shared"), None)
-    for run in result["runs"]:
-        st = run["stats"]
-        print(f"\n=== scheme {run['scheme']} ===")
-        print(f"{'agent':<10} {'catch-up':>8} {'new':>5} {'gen':>4} {'TTFT ms':>8} {'tok/s':>8} {'=NS':>5}  text")
-        for i, (t, ts) in enumerate(zip(run["turns"], run["turn_stats"])):
-            agree = f"{agreement(t, ns['turns'][i]):.2f}" if ns is not None else "-"
-            text = t["text"] if t["text"] is not None else " ".join(map(str, t["token_ids"]))
-            text = text.replace("\n", "\\n")
-            tps = ts["generated_tokens"] / ts["decode_s"] if ts["decode_s"] > 0 else 0.0
-            print(f"{t['agent']:<10} {ts['catch_up_tokens']:>8} {ts['new_tokens']:>5} {ts['generated_tokens']:>4} "
-                  f"{1e3 * ts['ttft_s']:>8.1f} {tps:>8.1f} {agree:>5}  {text[:60]!r}")
-        print(f"stats: cache {st['cache_bytes'] / 2**20:.2f} MiB, catch-up {st['catch_up_tokens']} tokens, "
-              f"TTFT {st['ttft_s'] * 1e3:.1f} ms, {st['tokens_per_s']:.1f} trajectory tokens/s "
-              f"({st['trajectory_tokens']} tokens in {st['elapsed_s']:.2f} s, compile included)")
+    print(f"model: {model_name}   prompt: {prompt_tokens} tokens", flush=True)
+
+
+def print_run(run, ns):
+    """One scheme's turns and stats; ns: the non_shared run if it already ran (the =NS column)."""
+    st = run["stats"]
+    print(f"\n=== scheme {run['scheme']} ===")
+    print(f"{'agent':<10} {'catch-up':>8} {'new':>5} {'gen':>4} {'TTFT ms':>8} {'tok/s':>8} {'=NS':>5}  text")
+    for i, (t, ts) in enumerate(zip(run["turns"], run["turn_stats"])):
+        agree = f"{agreement(t, ns['turns'][i]):.2f}" if ns is not None else "-"
+        text = t["text"] if t["text"] is not None else " ".join(map(str, t["token_ids"]))
+        text = text.replace("\n", "\\n")
+        tps = ts["generated_tokens"] / ts["decode_s"] if ts["decode_s"] > 0 else 0.0
+        print(f"{t['agent']:<10} {ts['catch_up_tokens']:>8} {ts['new_tokens']:>5} {ts['generated_tokens']:>4} "
+              f"{1e3 * ts['ttft_s']:>8.1f} {tps:>8.1f} {agree:>5}  {text[:60]!r}")
+    print(f"stats: cache {st['cache_bytes'] / 2**20:.2f} MiB, catch-up {st['catch_up_tokens']} tokens, "
+          f"TTFT {st['ttft_s'] * 1e3:.1f} ms, {st['tokens_per_s']:.1f} trajectory tokens/s "
+          f"({st['trajectory_tokens']} tokens in {st['elapsed_s']:.2f} s, compile included)", flush=True)
+
+
+def parse_schemes(text):
+    from lragent_jax.schemes import SCHEMES, canonical_scheme
+
+    if text.strip().lower() == "all":
+        return list(SCHEMES)
+    try:
+        schemes = [canonical_scheme(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not schemes:
+        raise UsageError("--scheme is empty")
+    return list(dict.fromkeys(schemes))  # a scheme named twice runs once
+
+
+def critical_layers_for(args, config, model_name):
+    """The droidspeak layer set a Session would use (--critical-layers, else its default)."""
+    from lragent_jax.config import preset_name
+    from lragent_jax.schemes import DROIDSPEAK_LAYERS, check_critical_layers, default_critical_layers
+
+    if args.critical_list:
+        return check_critical_layers(args.critical_list, config.num_layers)
+    name = model_name if model_name in DROIDSPEAK_LAYERS else preset_name(config)
+    return default_critical_layers(config.num_layers, name)
+
+
+def scheme_blockers(schemes, model, lora, args, max_len, model_name) -> dict:
+    """{scheme: why it cannot run} for the requested schemes, found before any work: adapters
+    without LoRA on v_proj or without a shared A, a bad droidspeak layer set, caches that do
+    not fit the device's free memory."""
+    from lragent_jax.lora import SharedAError
+    from lragent_jax.memory import CacheMemoryError, check_cache_fits
+
+    config, blocked = model.config, {}
+    agents = len(lora.names) if lora is not None else 1
+    for scheme in schemes:
+        try:
+            if scheme in ("base_shared", "base_lr_shared"):
+                if lora is None or "v" not in lora:
+                    have = "no adapters are loaded" if lora is None else \
+                        f"the adapters target {sorted(lora.projections)}"
+                    raise ValueError(f"needs adapters with LoRA on v_proj; {have}")
+                if scheme == "base_lr_shared":
+                    lora.require_shared_a("v")
+            critical = critical_layers_for(args, config, model_name) if scheme == "droidspeak" else ()
+            check_cache_fits(scheme, config, max_len=max_len, what="--max-len", num_agents=agents,
+                             dtype=model.dtype, value_rank=lora.value_rank() if lora is not None else 0,
+                             num_critical=len(critical))
+        except (SharedAError, CacheMemoryError, ValueError) as e:
+            blocked[scheme] = str(e)
+    return blocked
+
+
+def _failure(e: BaseException) -> str:
+    """One line for a scheme that failed while running."""
+    text = (str(e.args[0]) if e.args else str(e)).strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    if "RESOURCE_EXHAUSTED" in first or isinstance(e, MemoryError):
+        return f"out of device memory: {first}"
+    return first if isinstance(e, (ValueError, KeyError)) else f"{type(e).__name__}: {first}"
 
 
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        from lragent_jax.schemes import SCHEMES, canonical_scheme
-
-        scheme_arg = args.scheme or ("all" if args.model is None else "non_shared")
-        if scheme_arg.strip().lower() == "all":
-            schemes = list(SCHEMES)
-        else:
-            try:
-                schemes = [canonical_scheme(s) for s in scheme_arg.split(",") if s.strip()]
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-            if not schemes:
-                raise UsageError("--scheme is empty")
+        schemes = parse_schemes(args.scheme or ("all" if args.model is None else "non_shared"))
         if args.max_len is not None and args.max_len < 2:
             raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
 
@@ -201,27 +272,52 @@ def main(argv=None):
         if need > max_len:
             raise UsageError(f"prompt ({len(prompt)}) + turns ({need - len(prompt)}) = {need} tokens exceed "
                              f"--max-len {max_len}")
+        blocked = scheme_blockers(schemes, model, lora, args, max_len, model_name)
+        if len(blocked) == len(schemes):  # nothing can run: bad input, one line
+            raise UsageError("; ".join(f"scheme {s}: {why}" for s, why in blocked.items()))
         from lragent_jax.engine import Engine
 
         engine = Engine(model, lora)
-        runs = []
-        for scheme in schemes:
-            try:
-                runs.append(run_scheme(engine, scheme, args, tokenizer, turns, prompt, max_len, model_name))
-            except (ValueError, KeyError) as e:
-                raise UsageError(f"scheme {scheme}: {e.args[0] if e.args else e}") from None
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {type(e).__name__}: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    result = {"model": model_name, "random_weights": random_weights, "prompt_tokens": len(prompt), "runs": runs}
+
+    # Up front, before any work: the schemes that cannot run, and why.
+    errors = [{"scheme": s, "error": why} for s, why in blocked.items()]
+    for err in errors:
+        print(f"error: scheme {err['scheme']} cannot run: {err['error']}", file=sys.stderr, flush=True)
+    if not args.json:
+        print_header(random_weights, model_name, len(prompt))
+    runs, ns = [], None
+    for scheme in schemes:
+        if scheme in blocked:
+            continue
+        try:
+            run = run_scheme(engine, scheme, args, tokenizer, turns, prompt, max_len, model_name)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one scheme failing must not lose the runs that finished
+            if not isinstance(e, (ValueError, KeyError)) and "RESOURCE_EXHAUSTED" not in str(e):
+                traceback.print_exc()  # not bad input: a bug to report, keep its traceback
+            errors.append({"scheme": scheme, "error": _failure(e)})
+            print(f"error: scheme {scheme} failed: {errors[-1]['error']}", file=sys.stderr, flush=True)
+            continue
+        runs.append(run)
+        ns = run if scheme == "non_shared" else ns
+        if not args.json:
+            print_run(run, ns)
     if args.json:
-        print(json.dumps(result))
-    else:
-        print_human(result, random_weights, model_name)
-    return 0
+        print(json.dumps({"model": model_name, "random_weights": random_weights, "prompt_tokens": len(prompt),
+                          "runs": runs, "errors": errors}))
+    if not errors:
+        return 0
+    if not args.json:  # the up-front lines may have scrolled away
+        print(f"error: {len(errors)} of {len(schemes)} schemes did not complete: "
+              f"{', '.join(e['scheme'] for e in errors)}", file=sys.stderr)
+    return 1 if runs else 2
 
 
 if __name__ == "__main__":

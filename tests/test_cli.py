@@ -24,6 +24,7 @@ def test_default_demo_json_contract():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # stdout holds the JSON object and nothing else
     assert out["random_weights"] is True
+    assert out["errors"] == []  # every requested scheme ran
     assert [run["scheme"] for run in out["runs"]] == ["non_shared", "base_lr_shared"]
     for run in out["runs"]:
         assert [t["agent"] for t in run["turns"]] == ["plan", "reflect"]
@@ -67,6 +68,7 @@ def _main_error(capsys, *args):
     (("--turn", "critic:3"), "unknown agent 'critic'"),
     (("--turn", "plan:x"), "N must be an integer"),
     (("--temperature", "-1"), "--temperature"),
+    (("--temperature", "inf"), "--temperature must be finite"),
     (("--top-p", "1.5"), "--top-p"),
     (("--top-k", "-3"), "--top-k"),
     (("--max-new-tokens", "0"), "--max-new-tokens"),

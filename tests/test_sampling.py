@@ -68,7 +68,8 @@ def test_temperature_sharpens():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5),
-                                dict(top_k=1.5)])
+                                dict(top_k=1.5), dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                dict(top_p=float("nan")), dict(top_k=True), dict(top_k=2**31)])
 def test_bad_parameters_raise(kw):
     with pytest.raises(ValueError):
         SamplingParams.make(1, **kw)
