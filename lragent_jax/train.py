@@ -11,6 +11,7 @@ Train a float32 model (optimizer moments and updates in bfloat16 lose too much);
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -376,6 +377,12 @@ def train_adapters(
 
 
 # ---- evaluation -------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(graphdef, state, lora, tokens, mask, ids):
+    total, count = masked_loss(forward_logits(nnx.merge(graphdef, state), tokens, lora, ids), tokens, mask)
+    return total.sum(), count.sum()
+
+
 def eval_loss(model: Llama, examples_by_role: Mapping[str, Sequence], lora: LoraWeights | None = None, *,
               seq_len: int | None = None, batch_size: int = 16) -> dict:
     """Mean target-token loss per role: role's examples run with the adapter named like the role
@@ -384,12 +391,6 @@ def eval_loss(model: Llama, examples_by_role: Mapping[str, Sequence], lora: Lora
     cfg = model.config
     seq_len = seq_len or _default_seq_len(examples_by_role.values())
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def sums(state, lora, tokens, mask, ids):
-        total, count = masked_loss(forward_logits(nnx.merge(graphdef, state), tokens, lora, ids), tokens, mask)
-        return total.sum(), count.sum()
-
     out = {}
     for role, examples in examples_by_role.items():
         tokens, mask = _pad_examples(list(examples), seq_len, cfg.vocab_size, f"role {role!r}", split_long=False)
@@ -399,7 +400,7 @@ def eval_loss(model: Llama, examples_by_role: Mapping[str, Sequence], lora: Lora
             t, m = tokens[lo:lo + batch_size], mask[lo:lo + batch_size]
             pad = batch_size - len(t)  # one shape: the last batch padded with masked-out rows
             t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
-            s, c = sums(state, lora, jnp.asarray(t), jnp.asarray(m), jnp.full((batch_size,), aid, jnp.int32))
+            s, c = _eval_sums(graphdef, state, lora, jnp.asarray(t), jnp.asarray(m), jnp.full((batch_size,), aid, jnp.int32))
             total, count = total + float(s), count + float(c)
         out[role] = total / max(count, 1.0)
     return out
