@@ -71,8 +71,7 @@ def save_adapter(lora: LoraWeights, name: str, folder, *, base_model_name_or_pat
     checks the shapes against it when it is reachable). dtype: the tensors' numpy dtype."""
     from safetensors.numpy import save_file
 
-    i = lora.adapter_id(name)
-    cfg = lora.configs[i]
+    cfg = lora.configs[lora.adapter_id(name)]
     tensors = {}
     for proj, (a, b) in adapter_factors(lora, name).items():
         prefix = f"base_model.model.model.layers.{{}}.{_BLOCK[proj]}.{HF_MODULE_NAMES[proj]}"
@@ -109,6 +108,9 @@ def save_adapter(lora: LoraWeights, name: str, folder, *, base_model_name_or_pat
 def save_adapters(lora: LoraWeights, folder, *, base_model_name_or_path: str, dtype=np.float32) -> dict:
     """Every adapter of `lora` as a PEFT folder folder/<name>; returns {name: folder}, the
     mapping load_adapters takes."""
+    bad = [n for n in lora.names if not n or n in (".", "..") or "/" in n or os.sep in n]
+    if bad:
+        raise ValueError(f"adapter names {bad} cannot be folder names; rename them (LoraWeights.names)")
     return {name: save_adapter(lora, name, os.path.join(os.fspath(folder), name),
                                base_model_name_or_path=base_model_name_or_path, dtype=dtype)
             for name in lora.names}

@@ -320,11 +320,13 @@ def train_adapters(
     Each step's batch holds batch_size examples of every role (per-row adapter ids); the loss is
       the mean over roles of each role's mean target-token loss, so every role weighs the same.
       Without clip_norm (the default) each independent adapter's AdamW update depends on its own
-      role's rows only, i.e. the adapters train exactly as if trained one by one.
+      role's rows only (AdamW is per element), so independent adapters do not interact.
     Init as PEFT: A uniform (kaiming), B zero, so training starts from the base model.
     Returns (LoraWeights float32 [names = roles in order], {"loss": [...], role: [...]} per step).
     """
     _check_positive(steps=steps, batch_size=batch_size, rank=rank, log_every=log_every)
+    if not isinstance(shared_a, bool):
+        raise ValueError(f"shared_a must be True or False, got {shared_a!r}")
     if not isinstance(examples_by_role, Mapping) or not examples_by_role:
         raise ValueError("examples_by_role must be a non-empty mapping role name -> examples")
     ensure_stacked(model)
@@ -400,7 +402,8 @@ def eval_loss(model: Llama, examples_by_role: Mapping[str, Sequence], lora: Lora
             t, m = tokens[lo:lo + batch_size], mask[lo:lo + batch_size]
             pad = batch_size - len(t)  # one shape: the last batch padded with masked-out rows
             t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
-            s, c = _eval_sums(graphdef, state, lora, jnp.asarray(t), jnp.asarray(m), jnp.full((batch_size,), aid, jnp.int32))
+            ids = jnp.full((batch_size,), aid, jnp.int32)
+            s, c = _eval_sums(graphdef, state, lora, jnp.asarray(t), jnp.asarray(m), ids)
             total, count = total + float(s), count + float(c)
         out[role] = total / max(count, 1.0)
     return out

@@ -14,7 +14,7 @@ from flax import nnx
 
 from lragent_jax import train
 from lragent_jax.cache import DenseKV
-from lragent_jax.config import ModelConfig
+from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.engine import Engine
 from lragent_jax.export import adapter_factors
 from lragent_jax.lora import SharedAError, random_adapters
@@ -93,15 +93,14 @@ def test_masked_loss_matches_float64_and_ignores_unmasked_tail():
 
     params = train.init_lora_params(CFG, 1, rank=4, targets=("q", "v"), shared_a=False, seed=0)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)  # B != 0
-    from lragent_jax.config import LoraConfig
-
     lcfg = LoraConfig(rank=4, alpha=8.0)
 
     @jax.jit
     def loss_and_grad(params, tokens, mask):
         def f(params):
             lora = train.lora_from_params(params, ("plan",), lcfg, shared_a=False)
-            t, c = train.masked_loss(train.forward_logits(model, tokens, lora, jnp.zeros((2,), jnp.int32)), tokens, mask)
+            logits = train.forward_logits(model, tokens, lora, jnp.zeros((2,), jnp.int32))
+            t, c = train.masked_loss(logits, tokens, mask)
             return t.sum() / c.sum()
         return jax.value_and_grad(f)(params)
 
