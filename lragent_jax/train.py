@@ -332,6 +332,8 @@ def train_adapters(
     ensure_stacked(model)
     cfg = model.config
     roles = tuple(examples_by_role)
+    if "loss" in roles:  # the history's key for the mean over roles
+        raise ValueError("a role may not be named 'loss' (train_adapters' history uses that key for the mean)")
     lcfg = LoraConfig(rank=rank, alpha=float(alpha), target_modules=tuple(targets), use_rslora=use_rslora)
     seq_len = seq_len or _default_seq_len(examples_by_role.values())
     rng = np.random.default_rng(seed)

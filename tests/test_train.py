@@ -95,14 +95,19 @@ def test_masked_loss_matches_float64_and_ignores_unmasked_tail():
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)  # B != 0
     lcfg = LoraConfig(rank=4, alpha=8.0)
 
+    graphdef, state = nnx.split(model)
+
     @jax.jit
-    def loss_and_grad(params, tokens, mask):
+    def grad_fn(params, state, tokens, mask):
         def f(params):
             lora = train.lora_from_params(params, ("plan",), lcfg, shared_a=False)
-            logits = train.forward_logits(model, tokens, lora, jnp.zeros((2,), jnp.int32))
+            logits = train.forward_logits(nnx.merge(graphdef, state), tokens, lora, jnp.zeros((2,), jnp.int32))
             t, c = train.masked_loss(logits, tokens, mask)
             return t.sum() / c.sum()
         return jax.value_and_grad(f)(params)
+
+    def loss_and_grad(params, tokens, mask):  # weights as arguments: no slow constant folding
+        return grad_fn(params, state, tokens, mask)
 
     loss, grad = loss_and_grad(params, jnp.asarray(tokens), jnp.asarray(mask))
     tail = tokens.copy()
@@ -185,6 +190,16 @@ def test_bad_input_is_one_clear_error():
         train.train_adapters(model, {"plan": [np.array([1, 2, 300])]}, steps=1, progress=False)
     with pytest.raises(ValueError, match="loss mask"):
         train.train_adapters(model, {"plan": [(np.arange(5), np.ones(4))]}, steps=1, progress=False)
+    with pytest.raises(ValueError, match="named 'loss'"):
+        train.train_adapters(model, {"loss": [np.arange(5)]}, steps=1, progress=False)
+
+
+def test_pretrain_checks_each_batch_of_an_iterator():
+    def batches():
+        yield np.zeros((3, SEQ), np.int32), np.ones((3, SEQ), bool)  # 3 rows, batch_size says 4
+
+    with pytest.raises(ValueError, match="batch_size=4"):
+        train.pretrain(tiny_model(), batches(), steps=1, batch_size=4, progress=False)
 
 
 def test_plot_losses_writes_png(tmp_path):
