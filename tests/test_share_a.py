@@ -138,3 +138,25 @@ def test_bad_arguments_are_clear_errors(adapters):
         share_a(adapters, "svd", rank=21)
     with pytest.raises(ValueError, match="method='svd'"):
         share_a(adapters, "stack", rank=8)
+
+
+def test_base_lr_shared_serves_stacked_adapters(adapters):
+    """base_lr_shared refuses the independent adapters and runs the stacked ones; with one agent
+    taking every turn it must equal that agent's plain forward with the original adapters
+    (DESIGN.md section 2 invariant), so the rank-20 LR cache path is checked end to end. Float32,
+    cache vs cache-free attention: rel 1e-5."""
+    from lragent_jax.session import Session
+    from lragent_jax.train import forward_logits
+
+    model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with pytest.raises(SharedAError):
+        Session(Engine(model, adapters, prefill_buckets=(32,)), "base_lr_shared", max_len=64, attention="xla")
+    stacked, _ = share_a(adapters, "stack")
+    session = Session(Engine(model, stacked, prefill_buckets=(32,)), "base_lr_shared", max_len=64, attention="xla")
+    tokens = np.random.default_rng(6).integers(0, 256, 24)
+    session.append(tokens[:8].tolist())
+    got = session.score("action", tokens[8:].tolist())[0]  # logits predicting tokens[8:]
+    ref = np.asarray(forward_logits(model, jnp.asarray(tokens[None], jnp.int32), adapters,
+                                    jnp.asarray([adapters.adapter_id("action")], jnp.int32)))[0, 7:23]
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err <= 1e-5, err
