@@ -208,3 +208,10 @@ def test_plot_losses_writes_png(tmp_path):
                              tmp_path / "loss.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pack_sequences_concatenates_with_separators():
+    rows = train.pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, sep_id=0)
+    np.testing.assert_array_equal(rows, [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]])
+    with pytest.raises(ValueError, match="fewer than seq_len=8"):
+        train.pack_sequences([[1, 2]], seq_len=8)
