@@ -1,0 +1,445 @@
+"""Training with optax: full-parameter pre-training of the base Llama and (shared-A) multi-LoRA fine-tuning.
+
+Data is generic token data. An *example* is a token sequence (every token after the first is a
+target) or a pair (tokens, loss_mask): loss_mask[t] = 1 makes token t a target, predicted from
+tokens[:t]; a role's own tokens, say. Examples are right-padded to one fixed `seq_len`, so each
+jitted step compiles once; padding is masked out and, the attention being causal, never seen by
+the real tokens.
+
+Train a float32 model (optimizer moments and updates in bfloat16 lose too much); cast afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from . import attention
+from .config import LoraConfig
+from .engine import ensure_stacked
+from .lora import LoraProjection, LoraWeights
+from .model import Llama, StepInputs, ValueParts
+
+__all__ = [
+    "pretrain", "train_adapters", "eval_loss", "masked_loss", "pack_sequences", "plot_losses",
+    "init_lora_params", "lora_from_params", "forward_logits",
+]
+
+
+# ---- the differentiable forward ---------------------------------------------------------------
+# MERGE: replace `_forward_logits` with lragent_jax.model.forward_logits once it lands (same
+# signature); everything in this module calls it through `forward_logits` below.
+@struct.dataclass
+class _NoCache:
+    """A cache view that stores nothing: each chunk attends causally to its own K and V."""
+
+    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
+        out = attention.attend(q, k[None], values.full()[None], layer=0, kv_lengths=step.kv_lengths,
+                               q_offsets=step.q_offsets, impl="xla", causal=True)
+        return out, self
+
+
+def _forward_logits(model: Llama, tokens: jax.Array, lora: LoraWeights | None, adapter_ids: jax.Array,
+                    *, scan: bool = True) -> jax.Array:
+    """float32 logits [B, S, V] of tokens [B, S] (int32) from position 0, row b with adapter
+    adapter_ids[b] (-1: base model). No cache; differentiable."""
+    B, S = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    step = StepInputs(positions=pos, write_positions=pos, kv_lengths=jnp.full((B,), S, jnp.int32),
+                      q_offsets=jnp.zeros((B,), jnp.int32), adapter_ids=jnp.asarray(adapter_ids, jnp.int32))
+    x, _ = model.run_layers(model.embed_tokens(tokens), _NoCache(), step, lora, scan=scan)
+    return model.logits(x)
+
+
+forward_logits = _forward_logits  # MERGE: = lragent_jax.model.forward_logits
+
+
+def masked_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row (summed next-token cross entropy over targets, number of targets): [B], [B].
+
+    logits [B, S, V] float32; mask[b, t] = 1 makes tokens[b, t] a target (t >= 1)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    m = mask[:, 1:].astype(jnp.float32)
+    return (nll * m).sum(axis=1), m.sum(axis=1)
+
+
+# ---- data --------------------------------------------------------------------------------------
+def _as_example(ex, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A token sequence or a (tokens, loss_mask) pair -> (int32 tokens, bool mask), checked."""
+    if isinstance(ex, tuple) and len(ex) == 2:
+        tokens, mask = np.asarray(ex[0]), np.asarray(ex[1])
+        if tokens.shape != mask.shape:
+            raise ValueError(f"{where}: tokens {tokens.shape} and loss mask {mask.shape} differ in shape")
+    else:
+        tokens = np.asarray(ex)
+        mask = np.ones(tokens.shape, bool)
+    if tokens.ndim != 1 or tokens.size < 2:
+        raise ValueError(f"{where}: an example is a 1-D sequence of at least 2 token ids, got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{where}: token ids must be integers, got dtype {tokens.dtype}")
+    return tokens.astype(np.int32), mask.astype(bool)
+
+
+def _check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"{where}: token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+
+
+def _pad_examples(examples: Sequence, seq_len: int, vocab_size: int, where: str, *, split_long: bool):
+    """Examples -> tokens [N, seq_len] int32, mask [N, seq_len] bool (padding masked out).
+
+    split_long: cut longer examples into consecutive seq_len pieces (pre-training text); else
+    an example longer than seq_len is an error (cutting would drop context or targets)."""
+    rows, masks = [], []
+    for i, ex in enumerate(examples):
+        tokens, mask = _as_example(ex, f"{where} example {i}")
+        _check_vocab(tokens, vocab_size, f"{where} example {i}")
+        if len(tokens) > seq_len and not split_long:
+            raise ValueError(f"{where} example {i} has {len(tokens)} tokens > seq_len={seq_len}; "
+                             f"raise seq_len or shorten the example")
+        for lo in range(0, len(tokens), seq_len):
+            t, m = tokens[lo:lo + seq_len], mask[lo:lo + seq_len].copy()
+            if len(t) < 2:
+                continue
+            m[0] = False  # the first token of a row has nothing to be predicted from
+            rows.append(np.pad(t, (0, seq_len - len(t))))
+            masks.append(np.pad(m, (0, seq_len - len(m))))
+    if not rows:
+        raise ValueError(f"{where}: no examples")
+    tokens, mask = np.stack(rows), np.stack(masks)
+    if not mask.any():
+        raise ValueError(f"{where}: every loss mask is empty; nothing to train on")
+    return tokens, mask
+
+
+def _default_seq_len(example_lists: Iterable[Sequence]) -> int:
+    longest = max(len(_as_example(ex, "example")[0]) for exs in example_lists for ex in exs)
+    return -(-longest // 16) * 16  # a multiple of 16
+
+
+def pack_sequences(sequences: Iterable[Sequence[int]], seq_len: int, sep_id: int | None = None) -> np.ndarray:
+    """Concatenate token sequences (with sep_id between them if given) and cut the stream into
+    full rows [N, seq_len] (the remainder is dropped): pre-training text without padding."""
+    stream: list[int] = []
+    for s in sequences:
+        stream.extend(int(t) for t in s)
+        if sep_id is not None:
+            stream.append(int(sep_id))
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"pack_sequences: {len(stream)} tokens are fewer than seq_len={seq_len}")
+    return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def _batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator:
+    """Endless shuffled epochs of (tokens, mask) batches of exactly batch_size rows."""
+    n = len(tokens)
+    while True:
+        order = rng.permutation(n)
+        if n < batch_size:  # fewer examples than a batch: repeat them
+            order = np.resize(order, batch_size)
+        for lo in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[lo:lo + batch_size]
+            yield tokens[idx], mask[idx]
+
+
+# ---- optimisation helpers ---------------------------------------------------------------------
+def _schedule(lr: float, steps: int, warmup_steps: int | None, min_lr_ratio: float):
+    warmup = warmup_steps if warmup_steps is not None else max(1, steps // 10)
+    warmup = min(warmup, max(steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
+                                              end_value=lr * min_lr_ratio)
+
+
+def _optimizer(schedule, weight_decay: float, clip_norm: float | None, decay_mask=None):
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def _check_positive(**kw) -> None:
+    for name, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _progress(steps: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def _donate() -> tuple:
+    """Donating buffers saves memory on accelerators; the CPU backend ignores it with a warning."""
+    return (0, 1) if jax.default_backend() != "cpu" else ()
+
+
+# ---- pre-training -----------------------------------------------------------------------------
+def pretrain(
+    model: Llama,
+    data,
+    *,
+    steps: int,
+    lr: float = 3e-4,
+    batch_size: int = 16,
+    seq_len: int | None = None,
+    seed: int = 0,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.1,
+    clip_norm: float | None = 1.0,
+    progress: bool = True,
+    log_every: int = 10,
+) -> tuple[Llama, dict]:
+    """Full-parameter next-token training of `model` (AdamW, linear warmup then cosine decay).
+
+    data: a sequence of examples (token sequences or (tokens, loss_mask) pairs; longer than
+      seq_len: cut into seq_len pieces), or an iterator yielding (tokens [batch_size, seq_len],
+      loss_mask [batch_size, seq_len]) batches.
+    seq_len: fixed row length (default: the longest example, rounded up to 16).
+    weight_decay applies to matrices, not to the norm weights.
+    Returns (a new trained Llama; `model` keeps its weights, {"loss": [per-step mean loss]}).
+    """
+    _check_positive(steps=steps, batch_size=batch_size, log_every=log_every)
+    ensure_stacked(model)
+    cfg = model.config
+    if isinstance(data, Iterator):
+        batches = data
+    else:
+        examples = list(data)
+        seq_len = seq_len or _default_seq_len([examples])
+        tokens, mask = _pad_examples(examples, seq_len, cfg.vocab_size, "pretrain data", split_long=True)
+        batches = _batches(tokens, mask, batch_size, np.random.default_rng(seed))
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(jnp.copy, params)  # the caller's model keeps its arrays (we donate ours)
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, "key", None) in _NORM_PARAMS for k in path), params)
+    opt = _optimizer(_schedule(lr, steps, warmup_steps, min_lr_ratio), weight_decay, clip_norm,
+                     decay_mask=decay_mask)
+    opt_state = opt.init(params)
+
+    def loss_fn(params, tokens, mask):
+        m = nnx.merge(graphdef, params, rest)
+        logits = forward_logits(m, tokens, None, jnp.full((tokens.shape[0],), -1, jnp.int32))
+        total, count = masked_loss(logits, tokens, mask)
+        return total.sum() / jnp.maximum(count.sum(), 1.0)
+
+    def step(params, opt_state, tokens, mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(step, donate_argnums=_donate())
+    losses = []
+    bar = _progress(steps, "pretrain", progress)
+    for i in bar:
+        tokens, mask = _check_batch(*next(batches), batch_size, cfg.vocab_size)
+        params, opt_state, loss = step(params, opt_state, tokens, mask)
+        losses.append(loss)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    return nnx.merge(graphdef, params, rest), {"loss": [float(x) for x in jax.device_get(losses)]}
+
+
+_NORM_PARAMS = ("attn_norm", "mlp_norm", "final_norm")  # no weight decay on these
+
+
+def _check_batch(tokens, mask, batch_size: int, vocab_size: int):
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    if tokens.ndim != 2 or tokens.shape[0] != batch_size or mask.shape != tokens.shape:
+        raise ValueError(f"a batch must be (tokens [batch_size={batch_size}, seq_len], loss_mask of the same "
+                         f"shape), got {tokens.shape} and {mask.shape}")
+    _check_vocab(tokens, vocab_size, "batch")
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.bool_)
+
+
+# ---- LoRA adapters ----------------------------------------------------------------------------
+def init_lora_params(model_config, num_adapters: int, *, rank: int, targets, shared_a: bool, seed: int) -> dict:
+    """Trainable LoRA factors {proj: {"a": [L, Na, d_in, r], "b": [L, N, r, d_out]}} as PEFT
+    initialises them: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0.
+    Na = 1 when shared_a (one A for every adapter)."""
+    key = jax.random.key(seed)
+    L = model_config.num_layers
+    params = {}
+    for proj in targets:
+        d_in, d_out = model_config.projection_dims(proj)
+        key, sub = jax.random.split(key)
+        na = 1 if shared_a else num_adapters
+        bound = 1.0 / math.sqrt(d_in)
+        params[proj] = {
+            "a": jax.random.uniform(sub, (L, na, d_in, rank), jnp.float32, -bound, bound),
+            "b": jnp.zeros((L, num_adapters, rank, d_out), jnp.float32),
+        }
+    return params
+
+
+def lora_from_params(params: dict, names: tuple, lora_config: LoraConfig, *, shared_a: bool) -> LoraWeights:
+    """Trainable factors (init_lora_params layout) -> LoraWeights; every adapter has lora_config."""
+    scale = jnp.full((len(names),), lora_config.scale, jnp.float32)
+    projections = {p: LoraProjection(a=f["a"], b=f["b"], scale=scale, shared_a=shared_a) for p, f in params.items()}
+    return LoraWeights(projections=projections, names=tuple(names), configs=(lora_config,) * len(names))
+
+
+def train_adapters(
+    model: Llama,
+    examples_by_role: Mapping[str, Sequence],
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets=("q", "v"),
+    shared_a: bool = False,
+    use_rslora: bool = False,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    seed: int = 0,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    progress: bool = True,
+    log_every: int = 10,
+) -> tuple[LoraWeights, dict]:
+    """LoRA fine-tuning on a frozen base: one adapter per role (agent), named by the role.
+
+    examples_by_role: role -> examples (token sequences, or (tokens, loss_mask) pairs whose mask
+      marks the role's own tokens, so the loss covers only those).
+    shared_a=False: independent adapters (each its own A and B). shared_a=True: one A per
+      projection trained on every role's data and one B per role (shared-A multi-LoRA, as the
+      LRAgent paper trains them); the result stores A once, so base_lr_shared accepts it.
+    Each step's batch holds batch_size examples of every role (per-row adapter ids); the loss is
+      the mean over roles of each role's mean target-token loss, so every role weighs the same.
+      Without clip_norm (the default) each independent adapter's AdamW update depends on its own
+      role's rows only (AdamW is per element), so independent adapters do not interact.
+    Init as PEFT: A uniform (kaiming), B zero, so training starts from the base model.
+    Returns (LoraWeights float32 [names = roles in order], {"loss": [...], role: [...]} per step).
+    """
+    _check_positive(steps=steps, batch_size=batch_size, rank=rank, log_every=log_every)
+    if not isinstance(shared_a, bool):
+        raise ValueError(f"shared_a must be True or False, got {shared_a!r}")
+    if not isinstance(examples_by_role, Mapping) or not examples_by_role:
+        raise ValueError("examples_by_role must be a non-empty mapping role name -> examples")
+    ensure_stacked(model)
+    cfg = model.config
+    roles = tuple(examples_by_role)
+    if "loss" in roles:  # the history's key for the mean over roles
+        raise ValueError("a role may not be named 'loss' (train_adapters' history uses that key for the mean)")
+    lcfg = LoraConfig(rank=rank, alpha=float(alpha), target_modules=tuple(targets), use_rslora=use_rslora)
+    seq_len = seq_len or _default_seq_len(examples_by_role.values())
+    rng = np.random.default_rng(seed)
+    streams = []
+    for role in roles:
+        tokens, mask = _pad_examples(list(examples_by_role[role]), seq_len, cfg.vocab_size, f"role {role!r}",
+                                     split_long=False)
+        streams.append(_batches(tokens, mask, batch_size, rng))
+    ids = jnp.asarray(np.repeat(np.arange(len(roles)), batch_size), jnp.int32)
+
+    graphdef, base = nnx.split(model)
+    params = init_lora_params(cfg, len(roles), rank=rank, targets=lcfg.target_modules, shared_a=shared_a, seed=seed)
+    opt = _optimizer(_schedule(lr, steps, warmup_steps, min_lr_ratio), weight_decay, clip_norm)
+    opt_state = opt.init(params)
+
+    def loss_fn(params, base, tokens, mask):
+        m = nnx.merge(graphdef, base)  # frozen: grads are taken w.r.t. params only
+        lora = lora_from_params(params, roles, lcfg, shared_a=shared_a)
+        total, count = masked_loss(forward_logits(m, tokens, lora, ids), tokens, mask)
+        per_role = (total.reshape(len(roles), -1).sum(1) / jnp.maximum(count.reshape(len(roles), -1).sum(1), 1.0))
+        return per_role.mean(), per_role
+
+    def step(params, opt_state, base, tokens, mask):
+        (loss, per_role), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, base, tokens, mask)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, per_role
+
+    step = jax.jit(step, donate_argnums=_donate())
+    losses, per_role_losses = [], []
+    bar = _progress(steps, "adapters (shared A)" if shared_a else "adapters", progress)
+    for i in bar:
+        parts = [next(s) for s in streams]
+        tokens = jnp.asarray(np.concatenate([p[0] for p in parts]), jnp.int32)
+        mask = jnp.asarray(np.concatenate([p[1] for p in parts]), jnp.bool_)
+        params, opt_state, loss, per_role = step(params, opt_state, base, tokens, mask)
+        losses.append(loss)
+        per_role_losses.append(per_role)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    history = {"loss": [float(x) for x in jax.device_get(losses)]}
+    per_role_np = np.asarray(jax.device_get(per_role_losses))
+    for j, role in enumerate(roles):
+        history[role] = per_role_np[:, j].tolist()
+    return lora_from_params(params, roles, lcfg, shared_a=shared_a), history
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(graphdef, state, lora, tokens, mask, ids):
+    total, count = masked_loss(forward_logits(nnx.merge(graphdef, state), tokens, lora, ids), tokens, mask)
+    return total.sum(), count.sum()
+
+
+def eval_loss(model: Llama, examples_by_role: Mapping[str, Sequence], lora: LoraWeights | None = None, *,
+              seq_len: int | None = None, batch_size: int = 16) -> dict:
+    """Mean target-token loss per role: role's examples run with the adapter named like the role
+    (if `lora` has one), else the base model. Returns {role: loss}."""
+    ensure_stacked(model)
+    cfg = model.config
+    seq_len = seq_len or _default_seq_len(examples_by_role.values())
+    graphdef, state = nnx.split(model)
+    out = {}
+    for role, examples in examples_by_role.items():
+        tokens, mask = _pad_examples(list(examples), seq_len, cfg.vocab_size, f"role {role!r}", split_long=False)
+        aid = lora.adapter_id(role) if lora is not None and role in lora.names else -1
+        total = count = 0.0
+        for lo in range(0, len(tokens), batch_size):
+            t, m = tokens[lo:lo + batch_size], mask[lo:lo + batch_size]
+            pad = batch_size - len(t)  # one shape: the last batch padded with masked-out rows
+            t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
+            ids = jnp.full((batch_size,), aid, jnp.int32)
+            s, c = _eval_sums(graphdef, state, lora, jnp.asarray(t), jnp.asarray(m), ids)
+            total, count = total + float(s), count + float(c)
+        out[role] = total / max(count, 1.0)
+    return out
+
+
+# ---- plotting ---------------------------------------------------------------------------------
+def plot_losses(histories: Mapping, path, *, title: str = "training loss", smooth: int = 1) -> str:
+    """Loss curves PNG: histories maps a label to per-step losses, or to such a mapping (as
+    train_adapters returns; labels become "outer/inner"). smooth: moving-average window."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plot_losses needs matplotlib: pip install matplotlib") from e
+    curves = {}
+    for label, h in histories.items():
+        if isinstance(h, Mapping):
+            curves.update({f"{label}/{k}": v for k, v in h.items()})
+        else:
+            curves[label] = h
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, ys in curves.items():
+        ys = np.asarray(ys, np.float64)
+        if smooth > 1 and len(ys) >= smooth:
+            ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(np.arange(len(ys)), ys, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

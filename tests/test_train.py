@@ -1,0 +1,217 @@
+"""lragent_jax.train: the cache-free forward against the Engine, the masked loss against float64
+numpy, and that pre-training and (shared-A / independent) LoRA training learn what they should.
+
+Tiny float32 model (2 layers, hidden 64, vocab 256) on CPU; a few dozen steps per run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lragent_jax import train
+from lragent_jax.cache import DenseKV
+from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.engine import Engine
+from lragent_jax.export import adapter_factors
+from lragent_jax.lora import SharedAError, random_adapters
+from lragent_jax.model import Llama
+
+CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16)
+SEQ = 32
+ROLES = ("plan", "action")
+
+
+def tiny_model(seed: int = 0) -> Llama:
+    return Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+
+
+def confident_model(seed: int = 0) -> Llama:
+    """tiny_model with embedding and head scaled up 25x: at the init std 0.02 the head caps every
+    logit near +-0.5, so no LoRA on q/v could make a confident prediction (loss floor ~5 nats)."""
+    model = tiny_model(seed)
+    model.embed.set_value(model.embed[...] * 25)
+    model.lm_head.set_value(model.lm_head[...] * 25)
+    return model
+
+
+def role_examples(seed: int = 0, n: int = 8) -> dict:
+    """Per role: a random 12-token context, then the role's own 12 tokens (the loss mask), a fixed
+    pattern per role that the base model cannot know; the context differs per example."""
+    rng = np.random.default_rng(seed)
+    patterns = {"plan": np.arange(10, 22), "action": np.arange(200, 176, -2)}
+    out = {}
+    for role in ROLES:
+        exs = []
+        for _ in range(n):
+            tokens = np.concatenate([rng.integers(0, 256, 12), patterns[role]])
+            exs.append((tokens, np.arange(24) >= 12))
+        out[role] = exs
+    return out
+
+
+def test_forward_logits_matches_engine_prefill():
+    """Every position's logits, per-row adapters (base, three independent adapters), against
+    Engine.prefill(want_logits="all") over a DenseKV. Float32 both; the paths differ only in
+    summation order (the engine attends over a padded 128-slot cache), so rel 1e-5."""
+    model = tiny_model()
+    lora = random_adapters(CFG, shared_a=False, b_std=0.2, seed=3)
+    tokens = np.random.default_rng(1).integers(0, 256, (4, 20)).astype(np.int32)
+    ids = np.array([-1, 0, 1, 2], np.int32)
+    fwd = jax.jit(lambda t, lo, i: train.forward_logits(model, t, lo, i))
+    ours = np.asarray(fwd(jnp.asarray(tokens), lora, jnp.asarray(ids)))
+    engine = Engine(model, lora, prefill_buckets=(32,))
+    ref, _ = engine.prefill(DenseKV.create(CFG, 4, 32, jnp.float32), [list(t) for t in tokens], np.zeros(4), ids,
+                            want_logits="all")
+    ref = np.stack(ref)
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err <= 1e-5, err
+    assert np.abs(ref[1] - ref[0]).max() > 1e-2 * np.abs(ref).max()  # adapters are not no-ops
+
+
+def test_masked_loss_matches_float64_and_ignores_unmasked_tail():
+    """masked_loss equals a float64 numpy cross entropy over the masked targets (rel 1e-6,
+    float32 log-softmax), and tokens after the last target (a later role's turn, padding) change
+    neither the loss nor the LoRA gradient, bitwise (causal attention sees them with weight 0)."""
+    model = tiny_model()
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 256, (2, SEQ)).astype(np.int32)
+    mask = np.zeros((2, SEQ), bool)
+    mask[:, 10:20] = True
+    logits = np.asarray(train.forward_logits(model, jnp.asarray(tokens), None, jnp.array([-1, -1])), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    ref = (nll * mask[:, 1:]).sum(1)
+    total, count = train.masked_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(total), ref, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(count), [10, 10])
+
+    params = train.init_lora_params(CFG, 1, rank=4, targets=("q", "v"), shared_a=False, seed=0)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)  # B != 0
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def grad_fn(params, state, tokens, mask):
+        def f(params):
+            lora = train.lora_from_params(params, ("plan",), lcfg, shared_a=False)
+            logits = train.forward_logits(nnx.merge(graphdef, state), tokens, lora, jnp.zeros((2,), jnp.int32))
+            t, c = train.masked_loss(logits, tokens, mask)
+            return t.sum() / c.sum()
+        return jax.value_and_grad(f)(params)
+
+    def loss_and_grad(params, tokens, mask):  # weights as arguments: no slow constant folding
+        return grad_fn(params, state, tokens, mask)
+
+    loss, grad = loss_and_grad(params, jnp.asarray(tokens), jnp.asarray(mask))
+    tail = tokens.copy()
+    tail[:, 20:] = rng.integers(0, 256, (2, SEQ - 20))
+    loss2, grad2 = loss_and_grad(params, jnp.asarray(tail), jnp.asarray(mask))
+    assert float(loss) == float(loss2)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), grad, grad2)
+    # controls: a changed target, or changed context before the targets, does change the loss
+    target = tokens.copy()
+    target[:, 15] = (target[:, 15] + 1) % 256
+    context = tokens.copy()
+    context[:, 3] = (context[:, 3] + 1) % 256
+    for changed in (target, context):
+        assert float(loss_and_grad(params, jnp.asarray(changed), jnp.asarray(mask))[0]) != float(loss)
+
+
+def test_pretrain_reduces_loss_on_repeating_data():
+    model = tiny_model()
+    data = [np.tile(np.arange(1, 9), 4) + k for k in range(4)]  # 4 repeating 32-token sequences
+    before = train.eval_loss(model, {"all": data}, seq_len=SEQ)["all"]
+    trained, hist = train.pretrain(model, data, steps=30, lr=3e-3, batch_size=4, seq_len=SEQ, progress=False)
+    after = train.eval_loss(trained, {"all": data}, seq_len=SEQ)["all"]
+    assert len(hist["loss"]) == 30 and np.isfinite(hist["loss"]).all()
+    assert after < 0.5 * before, (before, after)
+    # the caller's model is untouched
+    assert train.eval_loss(model, {"all": data}, seq_len=SEQ)["all"] == pytest.approx(before, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_adapters():
+    model = confident_model()
+    examples = role_examples()
+    kw = dict(steps=25, lr=3e-2, batch_size=4, seq_len=SEQ, seed=0, progress=False)
+    shared, h_shared = train.train_adapters(model, examples, shared_a=True, **kw)
+    indep, h_indep = train.train_adapters(model, examples, shared_a=False, **kw)
+    return {"model": model, "examples": examples, "shared": shared, "indep": indep,
+            "history": {"shared": h_shared, "indep": h_indep}}
+
+
+@pytest.mark.parametrize("flavour", ["shared", "indep"])
+def test_train_adapters_reduce_each_roles_masked_loss(trained_adapters, flavour):
+    t = trained_adapters
+    held_out = role_examples(seed=5)  # new contexts, same role patterns
+    base = train.eval_loss(t["model"], held_out, seq_len=SEQ)
+    tuned = train.eval_loss(t["model"], held_out, t[flavour], seq_len=SEQ)
+    for role in ROLES:
+        assert tuned[role] < 0.5 * base[role], (flavour, role, base[role], tuned[role])
+    hist = t["history"][flavour]
+    assert set(hist) == {"loss", *ROLES} and all(len(v) == 25 for v in hist.values())
+
+
+def test_shared_a_training_keeps_one_a_and_distinct_bs(trained_adapters):
+    shared = trained_adapters["shared"]
+    assert shared.names == ROLES
+    shared.require_shared_a("v")
+    init = train.init_lora_params(CFG, 2, rank=8, targets=("q", "v"), shared_a=True, seed=0)
+    plan, action = (adapter_factors(shared, r) for r in ROLES)
+    for proj in ("q", "v"):
+        assert shared.projections[proj].shared_a and shared.projections[proj].a.shape[1] == 1
+        np.testing.assert_array_equal(plan[proj][0], action[proj][0])  # A: bitwise the same
+        assert not np.array_equal(plan[proj][0], np.asarray(init[proj]["a"][:, 0]))  # and trained
+        assert np.abs(plan[proj][1] - action[proj][1]).max() > 1e-3  # B: per role
+
+
+def test_independent_adapters_differ_in_a(trained_adapters):
+    indep = trained_adapters["indep"]
+    plan, action = (adapter_factors(indep, r) for r in ROLES)
+    for proj in ("q", "v"):
+        assert not indep.projections[proj].shared_a
+        assert np.abs(plan[proj][0] - action[proj][0]).max() > 1e-3
+    with pytest.raises(SharedAError):
+        indep.require_shared_a("v")
+
+
+def test_bad_input_is_one_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="seq_len=8"):
+        train.train_adapters(model, {"plan": [np.arange(20)]}, steps=1, seq_len=8, progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        train.train_adapters(model, {"plan": [np.array([1, 2, 300])]}, steps=1, progress=False)
+    with pytest.raises(ValueError, match="loss mask"):
+        train.train_adapters(model, {"plan": [(np.arange(5), np.ones(4))]}, steps=1, progress=False)
+    with pytest.raises(ValueError, match="named 'loss'"):
+        train.train_adapters(model, {"loss": [np.arange(5)]}, steps=1, progress=False)
+
+
+def test_pretrain_checks_each_batch_of_an_iterator():
+    def batches():
+        yield np.zeros((3, SEQ), np.int32), np.ones((3, SEQ), bool)  # 3 rows, batch_size says 4
+
+    with pytest.raises(ValueError, match="batch_size=4"):
+        train.pretrain(tiny_model(), batches(), steps=1, batch_size=4, progress=False)
+
+
+def test_plot_losses_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = train.plot_losses({"pretrain": [3.0, 2.0, 1.5], "adapters": {"plan": [2.0, 1.0], "action": [2.5, 1.2]}},
+                             tmp_path / "loss.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pack_sequences_concatenates_with_separators():
+    rows = train.pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, sep_id=0)
+    np.testing.assert_array_equal(rows, [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]])
+    with pytest.raises(ValueError, match="fewer than seq_len=8"):
+        train.pack_sequences([[1, 2]], seq_len=8)
