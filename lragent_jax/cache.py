@@ -76,8 +76,9 @@ class CacheView(Protocol):
         """Write what the view stores of the new tokens at `layer` and attend: (out, view)."""
 
 
-class _NoHidden:
-    """Defaults for views that always take new K/V and cache no hidden states."""
+class ViewDefaults:
+    """CacheView members for a view that always takes new K/V and caches no hidden states
+    (subclass it; a view overrides what it does differently)."""
 
     needs_new_kv = True
     hidden_layer = None
@@ -99,7 +100,7 @@ class AttnOptions:
 
 
 @struct.dataclass
-class DenseKV(_NoHidden):
+class DenseKV(ViewDefaults):
     """K and full V per layer: [L, B, T, Hkv, D] each."""
 
     k: jax.Array
@@ -140,7 +141,7 @@ class DenseKV(_NoHidden):
 
 
 @struct.dataclass
-class LoRAKV(_NoHidden):
+class LoRAKV(ViewDefaults):
     """K [L,B,T,Hkv,D], V_base [L,B,T,Hkv,D] and the low-rank value cache LR [L,B,T,r].
 
     Attention applies each row's B after attention: O = P V_base + s (P LR) B.
@@ -193,7 +194,7 @@ class LoRAKV(_NoHidden):
 
 
 @struct.dataclass
-class DroidSpeakKV(_NoHidden):
+class DroidSpeakKV(ViewDefaults):
     """DroidSpeak: shared K, V at every layer, the agent's own K, V at critical layers.
 
     own_k / own_v: [|C|, B, T, Hkv, D]; critical[i] is the layer of slot i. hidden
@@ -260,7 +261,7 @@ class DroidSpeakKV(_NoHidden):
 
 
 @struct.dataclass
-class ConcurrentKV(_NoHidden):
+class ConcurrentKV(ViewDefaults):
     """N agents' branches forked from one shared cache (full_shared / base_lr_shared).
 
     prefix: the shared DenseKV or LoRAKV, read only: branches never write it, so a dropped
@@ -325,7 +326,7 @@ class ConcurrentKV(_NoHidden):
 
 
 @struct.dataclass
-class ChunkKV(_NoHidden):
+class ChunkKV(ViewDefaults):
     """Stores nothing: each layer attends over the chunk's own K and full V (causal, keys
     below step.kv_lengths) through the XLA attention path, so gradients flow. The cache-free
     forward of model.forward_logits (training)."""
