@@ -82,8 +82,8 @@ class Engine:
     """Runs a Llama with stacked LoRA adapters over caches.
 
     Args:
-      model: a `Llama`. The Engine reads its weights and never changes it; later changes
-        to the model are not seen by this Engine.
+      model: a `Llama`. The Engine runs the weights (and min_matmul_rows) the model holds
+        when the Engine is built, and never changes the model.
       lora: stacked adapters or None (base model only).
       prefill_buckets: padded chunk lengths; longer inputs are processed in chunks of the
         largest bucket. A remainder is padded to a bucket or split over smaller ones,
@@ -121,8 +121,10 @@ class Engine:
             raise ValueError(f"weight_read_tokens must be a positive integer, got {weight_read_tokens!r}")
         self.weight_read_tokens = int(weight_read_tokens)
         # params: (the model's state for nnx.merge, stacked layer weights or None); one jit
-        # argument. nnx.split references the model's arrays: nothing is copied or changed.
+        # argument. The tree.map takes new Variables over the model's arrays (no copy): the
+        # Engine keeps the weights it was built with, whatever is later set on the model.
         self.graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda a: a, state)
         self.params = (state, stacked_layer_weights(model) if layer_mode == "scan" else None)
         self.trace_counts: collections.Counter = collections.Counter()
         self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "all_logits"),

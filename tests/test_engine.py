@@ -188,6 +188,8 @@ def test_per_layer_mode_holds_weights_once_and_matches_scan():
     # the caller's model is untouched: same arrays, same values
     assert all(a is b for a, b in zip(jax.tree.leaves(nnx.state(model)), arrays))
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
+    model.layers[0].wq.set_value(jnp.zeros_like(model.layers[0].wq[...]))  # later changes to the model:
+    assert greedy_generate(per_layer, prompt, "plan", 6) == scan  # not seen by an Engine built before
     with pytest.raises(ValueError, match="prefill_buckets"):
         Engine(model, lora, prefill_buckets=(0,))
     for retired in ("fast", "unrolled"):
