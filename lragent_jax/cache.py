@@ -11,11 +11,16 @@ Views (per layer, `update_and_attend(layer, q, k, values, step)`):
   DenseKV      K and full V = X W_v + s (X A_v) B       non_shared, full_shared
   LoRAKV       K, V_base = X W_v, LR = X A_v            base_shared, base_lr_shared
   DroidSpeakKV shared K, V for all layers + own K, V at critical layers, + hidden cache
+  ConcurrentKV N agents' branches over one read-only shared prefix
+  ChunkKV      stores nothing: attention over the chunk's own K/V (model.forward_logits)
+What the engine and the model ask of a view is the CacheView protocol.
 Static flags (write / write_base / write_shared) select what a call may write, so the
 catch-up of one agent never overwrites what another agent produced.
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +48,48 @@ def _nbytes(*arrays) -> int:
     return int(sum(a.size * a.dtype.itemsize for a in arrays if a is not None))
 
 
+@runtime_checkable
+class CacheView(Protocol):
+    """What the engine and the model need of a cache view (every view below is one)."""
+
+    @property
+    def capacity(self) -> int:
+        """Slots per row; a write to this slot (or beyond) is dropped."""
+
+    @property
+    def needs_new_kv(self) -> bool:
+        """False when the view already holds the new tokens' K and V_base (a catch-up that
+        writes only LR): the model then skips the k and v products and passes None."""
+
+    @property
+    def hidden_layer(self) -> int | None:
+        """The layer whose input hidden states the view caches (a catch-up may start
+        there, see read_hidden / store_hidden), or None."""
+
+    def read_hidden(self, positions: jax.Array) -> jax.Array:
+        """Cached hidden states [B, S, d] at positions [B, S] (hidden_layer's input)."""
+
+    def store_hidden(self, hidden: jax.Array, step: StepInputs) -> "CacheView":
+        """Write hidden_layer's input hidden states [B, S, d] for the new tokens (if allowed)."""
+
+    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs) -> tuple:
+        """Write what the view stores of the new tokens at `layer` and attend: (out, view)."""
+
+
+class ViewDefaults:
+    """CacheView members for a view that always takes new K/V and caches no hidden states
+    (subclass it; a view overrides what it does differently)."""
+
+    needs_new_kv = True
+    hidden_layer = None
+
+    def read_hidden(self, positions):
+        raise ValueError(f"{type(self).__name__} caches no hidden states: a forward starts at layer 0")
+
+    def store_hidden(self, hidden, step):
+        raise ValueError(f"{type(self).__name__} caches no hidden states")
+
+
 @struct.dataclass
 class AttnOptions:
     """Static attention choices carried by every view."""
@@ -53,7 +100,7 @@ class AttnOptions:
 
 
 @struct.dataclass
-class DenseKV:
+class DenseKV(ViewDefaults):
     """K and full V per layer: [L, B, T, Hkv, D] each."""
 
     k: jax.Array
@@ -94,7 +141,7 @@ class DenseKV:
 
 
 @struct.dataclass
-class LoRAKV:
+class LoRAKV(ViewDefaults):
     """K [L,B,T,Hkv,D], V_base [L,B,T,Hkv,D] and the low-rank value cache LR [L,B,T,r].
 
     Attention applies each row's B after attention: O = P V_base + s (P LR) B.
@@ -147,7 +194,7 @@ class LoRAKV:
 
 
 @struct.dataclass
-class DroidSpeakKV:
+class DroidSpeakKV(ViewDefaults):
     """DroidSpeak: shared K, V at every layer, the agent's own K, V at critical layers.
 
     own_k / own_v: [|C|, B, T, Hkv, D]; critical[i] is the layer of slot i. hidden
@@ -166,6 +213,17 @@ class DroidSpeakKV:
     @property
     def hidden_layer(self) -> int:
         return min(self.critical)
+
+    def read_hidden(self, positions: jax.Array) -> jax.Array:
+        rows = jnp.arange(positions.shape[0])[:, None]
+        return self.hidden[rows, jnp.minimum(positions, self.capacity - 1)]
+
+    def store_hidden(self, hidden: jax.Array, step: StepInputs) -> "DroidSpeakKV":
+        if not self.write_shared:  # a catch-up reads the producer's hidden states
+            return self
+        rows = jnp.arange(hidden.shape[0])[:, None]
+        return self.replace(hidden=self.hidden.at[rows, step.write_positions].set(
+            hidden.astype(self.hidden.dtype), mode="drop"))
 
     @property
     def capacity(self) -> int:
@@ -194,7 +252,7 @@ class DroidSpeakKV:
             return out, (shared, own_k, own_v)
 
         operands = (shared, self.own_k, self.own_v)
-        if isinstance(layer, int):  # unrolled layers: the branch is known when tracing
+        if isinstance(layer, int):  # per-layer weights: the branch is known when tracing
             branch = critical_layer if slot_of_layer[layer] >= 0 else shared_layer
             out, (shared, own_k, own_v) = branch(operands)
         else:
@@ -203,7 +261,7 @@ class DroidSpeakKV:
 
 
 @struct.dataclass
-class ConcurrentKV:
+class ConcurrentKV(ViewDefaults):
     """N agents' branches forked from one shared cache (full_shared / base_lr_shared).
 
     prefix: the shared DenseKV or LoRAKV, read only: branches never write it, so a dropped
@@ -265,6 +323,20 @@ class ConcurrentKV:
             impl=p.opts.impl,
         )
         return out, new
+
+
+@struct.dataclass
+class ChunkKV(ViewDefaults):
+    """Stores nothing: each layer attends over the chunk's own K and full V (causal, keys
+    below step.kv_lengths) through the XLA attention path, so gradients flow. The cache-free
+    forward of model.forward_logits (training)."""
+
+    capacity: int = struct.field(pytree_node=False, default=0)
+
+    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
+        out = attention.attend(q, k[None], values.full()[None], layer=0, kv_lengths=step.kv_lengths,
+                               q_offsets=step.q_offsets, impl="xla")
+        return out, self
 
 
 def _copy_suffix_impl(dst, src, rows, fork, count):

@@ -11,17 +11,15 @@ from __future__ import annotations
 import collections
 import functools
 import numbers
-import warnings
-import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from .cache import DroidSpeakKV
+from .cache import CacheView
 from .lora import LoraWeights
-from .model import FUSED_PARAMS, LAYER_PARAMS, Llama, StepInputs, fused_split_points
+from .model import Llama, StepInputs, stacked_layer_weights
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
@@ -30,7 +28,7 @@ DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
 # (600-700 TFLOP/s over 3-3.4 TB/s), ~160 on A100, ~240 on TPU v5e.
 DEFAULT_WEIGHT_READ_TOKENS = 200
 CALL_OVERHEAD = 0.25  # a prefill call's launch and host work, in weight reads (~1 ms of ~5 ms at 8B)
-LAYER_MODES = ("auto", "scan", "unrolled", "per_layer")
+LAYER_MODES = ("auto", "scan", "per_layer")
 BASE_AGENT = "base"  # agent name of the plain model (adapter id -1) unless an adapter is so named
 
 
@@ -84,7 +82,8 @@ class Engine:
     """Runs a Llama with stacked LoRA adapters over caches.
 
     Args:
-      model: a `Llama` (its parameters are split out once).
+      model: a `Llama`. The Engine runs the weights (and min_matmul_rows) the model holds
+        when the Engine is built, and never changes the model.
       lora: stacked adapters or None (base model only).
       prefill_buckets: padded chunk lengths; longer inputs are processed in chunks of the
         largest bucket. A remainder is padded to a bucket or split over smaller ones,
@@ -92,27 +91,23 @@ class Engine:
       weight_read_tokens: tokens at which a chunk's matmuls cost one read of the weights
         (matmul rate / bandwidth for bf16; DEFAULT_WEIGHT_READ_TOKENS); plan_chunks' cost model.
       layer_mode: how layers run (LAYER_MODES):
-        "scan"      lax.fori_loop over the stacked weights: compile time independent of depth;
-                    XLA may copy each layer's weight slice per step (costly for decode on GPU).
-        "unrolled"  a Python loop with static slices of the stacked weights.
-        "per_layer" weights split into one array per layer once (no slicing at run time),
-                    layers unrolled: what decode on an accelerator wants.
+        "per_layer" the model's own per-layer weights, layers unrolled (no weight slice is
+                    copied per step; the weights are held once): what decode on an
+                    accelerator wants. Compile time grows with depth.
+        "scan"      lax.fori_loop over a stacked copy of the layer weights this Engine makes:
+                    compile time independent of depth, but the layer weights are held twice
+                    (the model's and the stacked copy) and XLA may copy each layer's slice
+                    per step (costly for decode on GPU).
         "auto"      "scan" on CPU, "per_layer" on GPU/TPU.
-      fuse_projections: per_layer only: hold q|k|v and gate|up as one wider weight per
-        layer (release_to_per_layer), two weight products instead of five per layer.
-        Same results up to float rounding order (none: each output column is the same dot).
     """
 
     def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
                  prefill_buckets=DEFAULT_PREFILL_BUCKETS, layer_mode: str = "auto",
-                 fuse_projections: bool = False, weight_read_tokens: int = DEFAULT_WEIGHT_READ_TOKENS):
+                 weight_read_tokens: int = DEFAULT_WEIGHT_READ_TOKENS):
         if layer_mode not in LAYER_MODES:
             raise ValueError(f"layer_mode={layer_mode!r}; allowed: {LAYER_MODES}")
         if layer_mode == "auto":
             layer_mode = "scan" if jax.default_backend() == "cpu" else "per_layer"
-        if fuse_projections and layer_mode != "per_layer":
-            raise ValueError(f"fuse_projections needs layer_mode='per_layer' (got {layer_mode!r}): "
-                             "the stacked weights stay unfused")
         self.layer_mode = layer_mode
         self.config = model.config
         self.dtype = model.dtype
@@ -125,26 +120,17 @@ class Engine:
                 or weight_read_tokens < 1:
             raise ValueError(f"weight_read_tokens must be a positive integer, got {weight_read_tokens!r}")
         self.weight_read_tokens = int(weight_read_tokens)
-        if layer_mode == "per_layer":
-            self.layer_weights = release_to_per_layer(model, bool(fuse_projections))
-            _PER_LAYER_ENGINES[id(model)] += 1
-        else:
-            ensure_stacked(model)
-            self.layer_weights = None
-        # params: (model state for nnx.merge, per-layer weights or None); one jit argument.
+        # params: (the model's state for nnx.merge, stacked layer weights or None); one jit
+        # argument. The tree.map takes new Variables over the model's arrays (no copy): the
+        # Engine keeps the weights it was built with, whatever is later set on the model.
         self.graphdef, state = nnx.split(model)
-        self.params = ((state,), self.layer_weights)
+        state = jax.tree.map(lambda a: a, state)
+        self.params = (state, stacked_layer_weights(model) if layer_mode == "scan" else None)
         self.trace_counts: collections.Counter = collections.Counter()
         self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "all_logits"),
                                 donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("buffer",), donate_argnames=("cache",))
         self._sample = jax.jit(self._sample_impl)
-
-    @property
-    def fuse_projections(self) -> bool:
-        """Whether this Engine's per-layer weights are fused now (the model's per-layer
-        arrays are shared: the last Engine built over it decides; release_to_per_layer)."""
-        return bool(self.layer_weights) and "wqkv" in self.layer_weights[0]
 
     @property
     def max_chunk(self) -> int:
@@ -164,9 +150,8 @@ class Engine:
 
     # ---- traced bodies ---------------------------------------------------------------------
     def _run(self, params, lora, cache, tokens, start, n_valid, adapter_ids, layers, all_logits, need_logits):
-        states, layer_weights = params
-        model = nnx.merge(self.graphdef, *states)
-        layer_kw = dict(scan=self.layer_mode == "scan", layer_weights=layer_weights)
+        state, stacked = params
+        model = nnx.merge(self.graphdef, state)
         B, S = tokens.shape
         offs = jnp.arange(S, dtype=jnp.int32)[None, :]
         positions = start[:, None] + offs
@@ -180,22 +165,18 @@ class Engine:
             adapter_ids=adapter_ids,
         )
         lo, hi = layers
-        ds = isinstance(cache, DroidSpeakKV)
+        hidden_layer = cache.hidden_layer  # a view caching a layer's input hidden states (DroidSpeak)
         if lo == 0:
             x = model.embed_tokens(tokens)
-        elif ds and lo == cache.hidden_layer:
-            rows = jnp.arange(B)[:, None]
-            x = cache.hidden[rows, jnp.minimum(positions, capacity - 1)].astype(model.dtype)
+        elif hidden_layer is not None and lo == hidden_layer:
+            x = cache.read_hidden(positions).astype(model.dtype)
         else:
             raise ValueError(f"a forward may start at layer 0 or at a cached hidden state, not {lo}")
-        if ds and lo < cache.hidden_layer < hi:
-            x, cache = model.run_layers(x, cache, step, lora, layers=(lo, cache.hidden_layer), **layer_kw)
-            if cache.write_shared:
-                rows = jnp.arange(B)[:, None]
-                cache = cache.replace(hidden=cache.hidden.at[rows, step.write_positions].set(
-                    x.astype(cache.hidden.dtype), mode="drop"))
-            lo = cache.hidden_layer
-        x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi), **layer_kw)
+        if hidden_layer is not None and lo < hidden_layer < hi:
+            x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hidden_layer), stacked=stacked)
+            cache = cache.store_hidden(x, step)
+            lo = hidden_layer
+        x, cache = model.run_layers(x, cache, step, lora, layers=(lo, hi), stacked=stacked)
         if all_logits:
             return model.logits(x), cache
         last = x[jnp.arange(B), jnp.maximum(n_valid - 1, 0)]
@@ -331,83 +312,8 @@ class Engine:
         return tokens[:, :max_new_tokens], counts, cache
 
 
-# Models whose stacked layer weights were split into per-layer arrays (keyed by id(model)):
-# the stacked copy is released so the weights exist once on the device.
-_PER_LAYER: dict = {}
-_PER_LAYER_ENGINES: collections.Counter = collections.Counter()  # model id -> Engines built over it
-
-
-def release_to_per_layer(model: Llama, fuse_projections: bool = False) -> list:
-    """Split the model's stacked layer weights into one array per layer, once.
-
-    The model's stacked Params are replaced by empty placeholders (so the weights are held
-    once); every per_layer Engine over this model shares the split arrays. ensure_stacked()
-    undoes it (e.g. before saving the model or building a "scan" Engine).
-
-    fuse_projections: hold q|k|v and gate|up as one wider matrix per layer ("wqkv",
-    "w_gate_up"; FUSED_PARAMS), so a step runs two weight products where it ran five. The
-    split arrays are shared by every per_layer Engine over this model, so they have one
-    form: asking for the other converts them in place (one layer at a time, with a
-    warning), and Engines built earlier then run (and retrace for) that form too.
-    """
-    key = id(model)
-    if key not in _PER_LAYER:
-        L = model.config.num_layers
-        per_layer = [dict() for _ in range(L)]
-        for name in LAYER_PARAMS:  # one tensor at a time: peak memory is one extra tensor
-            var = getattr(model.layers, name)
-            arr = var.get_value()
-            for i in range(L):
-                per_layer[i][name] = arr[i]
-            var.set_value(jnp.zeros((0,), arr.dtype))
-            del arr
-        _PER_LAYER[key] = per_layer
-        weakref.finalize(model, _forget, key)
-    per_layer = _PER_LAYER[key]
-    if per_layer and ("wqkv" in per_layer[0]) != bool(fuse_projections) and _PER_LAYER_ENGINES[key]:
-        warnings.warn(f"converting this model's per-layer weights to the "
-                      f"{'fused' if fuse_projections else 'unfused'} form: Engines built earlier "
-                      "over it share them and will retrace for that form", stacklevel=3)
-    for lw in per_layer:
-        if fuse_projections:
-            _fuse_layer(lw)
-        else:
-            _unfuse_layer(lw, model.config)
-    return per_layer
-
-
-def _fuse_layer(lw: dict) -> None:
-    for fused, parts in FUSED_PARAMS.items():
-        if fused not in lw:
-            lw[fused] = jnp.concatenate([lw.pop(p) for p in parts], axis=-1)
-
-
-def _unfuse_layer(lw: dict, config) -> None:
-    splits = fused_split_points(config)
-    for fused, parts in FUSED_PARAMS.items():
-        if fused in lw:
-            lw.update(zip(parts, jnp.split(lw.pop(fused), splits[fused], axis=-1)))
-
-
-def _forget(key) -> None:
-    _PER_LAYER.pop(key, None)
-    _PER_LAYER_ENGINES.pop(key, None)
-
-
-def ensure_stacked(model: Llama) -> None:
-    """Restore stacked layer weights on a model released by release_to_per_layer()."""
-    _PER_LAYER_ENGINES.pop(id(model), None)
-    per_layer = _PER_LAYER.pop(id(model), None)
-    if per_layer is None:
-        return
-    for lw in per_layer:
-        _unfuse_layer(lw, model.config)
-    for name in LAYER_PARAMS:
-        getattr(model.layers, name).set_value(jnp.stack([lw[name] for lw in per_layer]))
-
-
 def _capacity(cache) -> int:
     """Slots per row of a cache view; a write to this slot (or beyond) is dropped."""
-    if not hasattr(cache, "capacity"):
-        raise TypeError(f"not a cache view: {type(cache).__name__}")
+    if not isinstance(cache, CacheView):
+        raise TypeError(f"not a cache view (lragent_jax.cache.CacheView): {type(cache).__name__}")
     return cache.capacity

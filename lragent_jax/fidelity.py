@@ -49,7 +49,7 @@ import numpy as np
 from flax import struct
 
 from . import attention
-from .cache import write_slots
+from .cache import ViewDefaults, write_slots
 from .cache import capacity as cache_capacity
 from .engine import Engine
 from .model import StepInputs, ValueParts
@@ -67,7 +67,7 @@ COSINE_DEFINITION = (
 
 # ---- 1. value-cache similarity ---------------------------------------------------------------
 @struct.dataclass
-class RecordingKV:
+class RecordingKV(ViewDefaults):
     """A cache view that attends like a non_shared cache and records every value part.
 
     k, v: [L, B, T, Hkv, D] in the model dtype -- exactly what DenseKV stores, so the

@@ -4,8 +4,8 @@ Safetensors only: pickle (.bin) checkpoints can run arbitrary code when loaded, 
 refused with a hint to convert. Remote code is never run. Paths may be local folders or HF
 hub ids (fetched with huggingface_hub.snapshot_download, weights and configs only).
 
-HF weights are [out, in]; the model keeps [in, out] stacked over layers (see model.py), so
-every projection is transposed while it is copied into its layer slot.
+HF weights are [out, in]; the model keeps [in, out], one weight pytree per layer (see
+model.py), so every projection is transposed while it is copied into its layer.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def resolve_path(path_or_hub_id, allow_patterns=MODEL_PATTERNS) -> str:
 # ---- the model -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Target:
-    """Where one HF tensor goes: params[path][layer] (layer None: the whole param)."""
+    """Where one HF tensor goes: params[path][layer] (layer None: the whole param at path)."""
 
     path: tuple
     layer: int | None
@@ -144,7 +144,7 @@ class _Target:
 
 
 def _weight_table(cfg: ModelConfig) -> dict[str, _Target]:
-    """Every HF tensor name this config needs -> its target in the stacked params."""
+    """Every HF tensor name this config needs -> its target in the model's params."""
     d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     table = {
         "model.embed_tokens.weight": _Target(("embed",), None, (V, d), False),
@@ -165,7 +165,7 @@ def _weight_table(cfg: ModelConfig) -> dict[str, _Target]:
     }
     for i in range(cfg.num_layers):
         for suffix, (name, shape, tr) in per_layer.items():
-            table[f"model.layers.{i}.{suffix}"] = _Target(("layers", name), i, shape, tr)
+            table[f"model.layers.{i}.{suffix}"] = _Target(("layers", i, name), None, shape, tr)
     return table
 
 
@@ -460,7 +460,7 @@ def load_adapters(adapters: Mapping[str, object], model: Llama, dtype=None) -> L
 
 
 # ---- orbax: convert once, restore fast ---------------------------------------------------------
-_FORMAT = "lragent_jax.converted.v1"
+_FORMAT = "lragent_jax.converted.v2"  # v2: one weight pytree per layer (v1 stacked them)
 
 
 def _config_to_json(cfg: ModelConfig) -> dict:
@@ -488,10 +488,6 @@ def save_converted(directory, model: Llama, lora: LoraWeights | None = None, *, 
     (orbax StandardCheckpointer). Restore with `restore_converted`.
     """
     import orbax.checkpoint as ocp
-
-    from .engine import ensure_stacked
-
-    ensure_stacked(model)  # a per_layer Engine may have split the stacked weights
 
     directory = os.path.abspath(os.fspath(directory))  # orbax wants absolute paths
     if os.path.exists(os.path.join(directory, "meta.json")) and not overwrite:
@@ -566,9 +562,6 @@ def save_hf_model(model: Llama, folder) -> str:
     transformers read. Adapters are not written (use PEFT for that)."""
     from safetensors.numpy import save_file
 
-    from .engine import ensure_stacked
-
-    ensure_stacked(model)
     cfg = model.config
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)

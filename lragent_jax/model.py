@@ -1,7 +1,8 @@
 """Flax NNX Llama-family decoder (Llama 2/3/3.1/3.2, Mistral) with multi-LoRA projections.
 
-Layer weights are stacked on a leading layer axis and the layers run under a
-lax.fori_loop (a scan), so compile time does not grow with depth. The model knows
+Each layer holds its own weight pytree (a list of DecoderLayer, as they run unrolled on
+an accelerator); an Engine in "scan" mode stacks its own copy and runs the layers under a
+lax.fori_loop, so compile time does not grow with depth. The model knows
 nothing about cache sharing: each layer hands its queries, keys and value parts to
 the cache object it is given (see cache.py), which writes what its scheme stores and
 runs attention. Numerics follow transformers' LlamaForCausalLM (RMSNorm in float32,
@@ -58,14 +59,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-MATMUL_IMPLS = ("xla", "triton")
-
-
-def _matmul(x, w, min_rows: int = 1, out_dtype=None, impl: str = "xla"):
+def _matmul(x, w, min_rows: int = 1, out_dtype=None):
     """x [..., d] @ w [d, e] with float32 accumulation, in out_dtype (default x's).
-
-    impl="triton": products of at most 16 rows run pallas_kernels.skinny_matmul (Pallas
-    interpret mode off GPUs); larger ones, and impl="xla", run XLA's dot.
 
     min_rows: when x has fewer rows (all leading dims together) than this, zero rows
     are appended for the product and dropped after. On an H100 XLA's one-row
@@ -75,12 +70,6 @@ def _matmul(x, w, min_rows: int = 1, out_dtype=None, impl: str = "xla"):
     lead, d = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, d)
-    if impl == "triton" and rows <= 16:
-        from pallas_kernels.skinny_matmul import skinny_matmul
-
-        interpret = jax.default_backend() not in ("gpu", "cuda")
-        y = skinny_matmul(x2, w, out_dtype=out_dtype or x.dtype, interpret=interpret)
-        return y.reshape(*lead, w.shape[-1])
     if rows < min_rows:
         x2 = jnp.concatenate([x2, jnp.zeros((min_rows - rows, d), x.dtype)], axis=0)
     y = jnp.einsum("nd,de->ne", x2, w, preferred_element_type=jnp.float32)
@@ -120,38 +109,43 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-# Fused per-layer weights (Engine(fuse_projections=True)): name -> the LAYER_PARAMS it
-# concatenates along the output dim.
-FUSED_PARAMS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 
 
-def fused_split_points(config: ModelConfig) -> dict:
-    """Where each fused matrix splits into its parts (jnp.split indices, last axis)."""
-    q, kv, f = config.q_dim, config.kv_dim, config.intermediate_size
-    return {"wqkv": [q, q + kv], "w_gate_up": [f]}
-
-
-class DecoderLayers(nnx.Module):
-    """All decoder layers' weights, stacked on axis 0 (HF weights transposed to [in, out])."""
+class DecoderLayer(nnx.Module):
+    """One decoder layer's weights (HF weights transposed to [in, out])."""
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        L, d, f = config.num_layers, config.hidden_size, config.intermediate_size
-        self.attn_norm = nnx.Param(jnp.ones((L, d), dtype))
-        self.wq = nnx.Param(_normal(rngs, (L, d, config.q_dim), dtype))
-        self.wk = nnx.Param(_normal(rngs, (L, d, config.kv_dim), dtype))
-        self.wv = nnx.Param(_normal(rngs, (L, d, config.kv_dim), dtype))
-        self.wo = nnx.Param(_normal(rngs, (L, config.q_dim, d), dtype))
-        self.mlp_norm = nnx.Param(jnp.ones((L, d), dtype))
-        self.w_gate = nnx.Param(_normal(rngs, (L, d, f), dtype))
-        self.w_up = nnx.Param(_normal(rngs, (L, d, f), dtype))
-        self.w_down = nnx.Param(_normal(rngs, (L, f, d), dtype))
+        d, f = config.hidden_size, config.intermediate_size
+        self.attn_norm = nnx.Param(jnp.ones((d,), dtype))
+        self.wq = nnx.Param(_normal(rngs, (d, config.q_dim), dtype))
+        self.wk = nnx.Param(_normal(rngs, (d, config.kv_dim), dtype))
+        self.wv = nnx.Param(_normal(rngs, (d, config.kv_dim), dtype))
+        self.wo = nnx.Param(_normal(rngs, (config.q_dim, d), dtype))
+        self.mlp_norm = nnx.Param(jnp.ones((d,), dtype))
+        self.w_gate = nnx.Param(_normal(rngs, (d, f), dtype))
+        self.w_up = nnx.Param(_normal(rngs, (d, f), dtype))
+        self.w_down = nnx.Param(_normal(rngs, (f, d), dtype))
+
+    def weights(self) -> dict:
+        return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+
+
+def stacked_layer_weights(model: "Llama") -> dict:
+    """{name: [L, ...]}: a new stacked copy of the model's layer weights, for
+    run_layers(stacked=...) (a lax.fori_loop over layers). Costs one more copy of the
+    layer weights in memory; the model is not changed."""
+    return {name: jnp.stack([getattr(layer, name)[...] for layer in model.layers]) for name in LAYER_PARAMS}
 
 
 class Llama(nnx.Module):
-    """Llama-family causal LM. Random weights (seeded by rngs) until loading.py fills them."""
+    """Llama-family causal LM. Random weights (seeded by rngs) until loading.py fills them.
+
+    The layers are a list of DecoderLayer (one weight pytree per layer, as they run
+    unrolled on an accelerator: no slice of a stacked array is copied per step).
+    """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
-                 min_matmul_rows: int | None = None, matmul_impl: str = "xla"):
+                 min_matmul_rows: int | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         # Weight products with fewer rows are padded to this many (see _matmul);
@@ -162,15 +156,9 @@ class Llama(nnx.Module):
                 or min_matmul_rows < 1:
             raise ValueError(f"min_matmul_rows must be a positive int, got {min_matmul_rows!r}")
         self.min_matmul_rows = int(min_matmul_rows)
-        # "triton": weight products of <= 16 rows (decode) through pallas_kernels.skinny_matmul.
-        if matmul_impl not in MATMUL_IMPLS:
-            raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {matmul_impl!r}")
-        if matmul_impl == "triton" and jax.default_backend() == "tpu":
-            raise ValueError('matmul_impl="triton" is a GPU kernel; use "xla" on TPU')
-        self.matmul_impl = matmul_impl
         self.dtype = jnp.dtype(dtype)
         self.embed = nnx.Param(_normal(rngs, (config.vocab_size, config.hidden_size), dtype))
-        self.layers = DecoderLayers(config, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -184,9 +172,9 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm + LM head; float32 logits. hidden [..., d]."""
         h = rms_norm(hidden, self.final_norm[...], self.config.rms_norm_eps)
-        if self.lm_head is None:  # tied: XLA reads the table transposed in place; a kernel would need a copy
-            return _matmul(h, self.embed[...].T, self.min_matmul_rows, out_dtype=jnp.float32)
-        return _matmul(h, self.lm_head[...], self.min_matmul_rows, out_dtype=jnp.float32, impl=self.matmul_impl)
+        # tied: XLA reads the table transposed in place
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return _matmul(h, head, self.min_matmul_rows, out_dtype=jnp.float32)
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         inv = jnp.asarray(rope_inv_freq(self.config))
@@ -203,71 +191,38 @@ class Llama(nnx.Module):
         lora: LoraWeights | None,
         *,
         layers: tuple[int, int] | None = None,
-        scan: bool = True,
-        layer_weights: list | None = None,
+        stacked: dict | None = None,
     ):
         """Run decoder layers [start, stop) on hidden states x [B, S, d]; returns (x, cache).
 
-        `cache` is any cache view from cache.py: per layer it receives (layer, q, k, values)
-        and returns the attention output and its updated self. scan=True runs the layers in
-        a lax.fori_loop (compile time independent of depth); scan=False unrolls them with
-        static layer indices (longer compiles; lets XLA see each layer's weights statically).
-        layer_weights: optional per-layer dicts {name: array} (LAYER_PARAMS) used instead of the
-        stacked weights, so no layer slice is ever copied (requires scan=False); a dict may
-        hold q|k|v as "wqkv" and gate|up as "w_gate_up" (FUSED_PARAMS) instead.
+        `cache` is a cache view (cache.CacheView): per layer it receives (layer, q, k, values)
+        and returns the attention output and its updated self. By default the layers run
+        unrolled over the model's per-layer weights (static layer indices). stacked: the
+        layer weights stacked on axis 0 (stacked_layer_weights), run in a lax.fori_loop
+        instead: compile time independent of depth.
         """
         cfg = self.config
         start, stop = layers if layers is not None else (0, cfg.num_layers)
         B, S, _ = x.shape
         cos, sin = self.rope(step.positions)
-        w = self.layers
         ids = step.adapter_ids
         lp = {p: (lora.get(p) if lora is not None else None) for p in ("q", "k", "v", "o", "gate", "up", "down")}
-
-        if layer_weights is not None and scan:
-            raise ValueError("per-layer weights need scan=False (unrolled layers)")
-        if layer_weights is None and w.wq[...].ndim != 3:
-            raise ValueError("this model's stacked layer weights were released to a per-layer Engine; "
-                             "call lragent_jax.engine.ensure_stacked(model) first")
-
-        # A cache view may declare it needs no new K / V_base (it only writes LR): skip them.
-        needs_kv = getattr(cache, "needs_new_kv", True)
-
-        def with_lora(name, layer, h, y):
-            return y if lp[name] is None else y + lp[name].delta(layer, h, ids)
-
-        def mm(h, weight):
-            return _matmul(h, weight, self.min_matmul_rows, impl=self.matmul_impl)
+        # A view that already holds these tokens' K and V_base (a base_shared catch-up)
+        # writes only LR: skip the k and v products.
+        needs_kv = cache.needs_new_kv
 
         def proj(name, layer, h, weight):
-            return with_lora(name, layer, h, mm(h, weight))
+            y = _matmul(h, weight, self.min_matmul_rows)
+            return y if lp[name] is None else y + lp[name].delta(layer, h, ids)
 
-        splits = fused_split_points(cfg)
-
-        def body(layer, carry):
+        def body(layer, carry, lw):
             x, cache = carry
-            if layer_weights is not None:
-                lw = layer_weights[layer]
-            else:
-                lw = {name: getattr(w, name)[...][layer] for name in LAYER_PARAMS}
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
-            if "wqkv" in lw and needs_kv:  # fused weights (Engine(fuse_projections=True)): one product
-                q, k, v_base = jnp.split(mm(h, lw["wqkv"]), splits["wqkv"], axis=-1)
-                q, k = with_lora("q", layer, h, q), with_lora("k", layer, h, k)
-            elif "wqkv" in lw:  # catch-up: only q's columns (K and V_base are cached already)
-                q = proj("q", layer, h, lw["wqkv"][:, :cfg.q_dim])
-                k = v_base = None
-            else:
-                q = proj("q", layer, h, lw["wq"])
-                if needs_kv:
-                    k = proj("k", layer, h, lw["wk"])
-                    v_base = mm(h, lw["wv"])
-                else:  # the cache already holds these tokens' K and V_base (base_shared catch-up)
-                    k = v_base = None
-            q = q.reshape(B, S, cfg.num_heads, cfg.head_dim)
+            q = proj("q", layer, h, lw["wq"]).reshape(B, S, cfg.num_heads, cfg.head_dim)
+            k = v_base = None
             if needs_kv:
-                k = k.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
-                v_base = v_base.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+                k = proj("k", layer, h, lw["wk"]).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+                v_base = _matmul(h, lw["wv"], self.min_matmul_rows).reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
             if lp["v"] is not None:
                 pv = lp["v"]
                 values = ValueParts(
@@ -283,20 +238,46 @@ class Llama(nnx.Module):
             attn, cache = cache.update_and_attend(layer, q, k, values, step)
             x = x + proj("o", layer, attn.reshape(B, S, cfg.q_dim), lw["wo"])
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
-            if "w_gate_up" in lw:
-                gate, up = jnp.split(mm(h, lw["w_gate_up"]), splits["w_gate_up"], axis=-1)
-                gate, up = with_lora("gate", layer, h, gate), with_lora("up", layer, h, up)
-            else:
-                gate = proj("gate", layer, h, lw["w_gate"])
-                up = proj("up", layer, h, lw["w_up"])
+            gate = proj("gate", layer, h, lw["w_gate"])
+            up = proj("up", layer, h, lw["w_up"])
             x = x + proj("down", layer, jax.nn.silu(gate) * up, lw["w_down"])
             return x, cache
 
         if stop <= start:
             return x, cache
-        if not scan:
+        if stacked is None:
             carry = (x, cache)
             for layer in range(start, stop):
-                carry = body(layer, carry)
+                carry = body(layer, carry, self.layers[layer].weights())
             return carry
-        return jax.lax.fori_loop(start, stop, body, (x, cache))
+        return jax.lax.fori_loop(start, stop, lambda i, c: body(i, c, {n: w[i] for n, w in stacked.items()}),
+                                 (x, cache))
+
+
+def forward_logits(model: Llama, tokens: jax.Array, lora: LoraWeights | None = None,
+                   adapter_ids: jax.Array | None = None, *, lengths: jax.Array | None = None) -> jax.Array:
+    """Cache-free causal forward for training: float32 logits [B, S, V].
+
+    tokens [B, S] int32 at positions 0..S-1; adapter_ids [B] (-1: base model; default:
+    adapter 0 with lora, else -1); lengths [B]: valid tokens per row (right padding: keys
+    at or past a row's length are masked; the logits of padding positions are meaningless).
+    Runs the engine's layers over a view that stores nothing (cache.ChunkKV: attention over
+    the chunk's own K/V on the XLA path), so it is jit-able and differentiable w.r.t. the
+    LoRA arrays (and the model's).
+    """
+    from .cache import ChunkKV  # cache.py imports this module's value types
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, S = tokens.shape
+    if adapter_ids is None:
+        adapter_ids = jnp.full((B,), 0 if lora is not None else -1, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    step = StepInputs(
+        positions=positions,
+        write_positions=positions,
+        kv_lengths=jnp.full((B,), S, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32),
+        q_offsets=jnp.zeros((B,), jnp.int32),
+        adapter_ids=jnp.asarray(adapter_ids, jnp.int32),
+    )
+    x, _ = model.run_layers(model.embed_tokens(tokens), ChunkKV(capacity=S), step, lora)
+    return model.logits(x)

@@ -5,7 +5,7 @@ Floors measured in the same run: device copy bandwidth (read + write) and the bf
 matmul rate. The decode floor at batch B is (weight bytes + cache bytes read) /
 bandwidth; the prefill floor is FLOPs / matmul rate.
 
-  python scripts/bench_step.py --shape llama-3.1-8b --context 4096 --variants scan,unrolled
+  python scripts/bench_step.py --shape llama-3.1-8b --context 4096 --variants scan,per_layer
   python scripts/bench_step.py --shape tiny --quick          # CPU smoke run
 
 Prints a table; writes JSON (+ PNG when matplotlib is there) to --out.
@@ -52,7 +52,7 @@ def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
     return 2 * n**3 / median_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
 
 
-def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1, impl="xla"):
+def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1):
     """Weight bytes / time of `rows`-row projections (the model's _matmul, padded to
     min_rows), the decode step's building block (n different [d, f] matrices per call,
     so launch overhead and L2 do not flatter it)."""
@@ -64,7 +64,7 @@ def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1, impl="xla"):
 
     @jax.jit
     def g(x, w):
-        ys = [_matmul(x, w[i], min_rows, out_dtype=jnp.float32, impl=impl) for i in range(n)]
+        ys = [_matmul(x, w[i], min_rows, out_dtype=jnp.float32) for i in range(n)]
         return sum(y[..., :8] for y in ys)
 
     return n * d * f * jnp.dtype(dtype).itemsize / median_time(g, x, w, reps=reps)
@@ -127,45 +127,31 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=4096, help="tokens in the cache before decoding")
     p.add_argument("--batch", default="1", help="comma list of batch sizes")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--variants", default="auto", help="comma list of engine layer modes: auto, scan, unrolled, per_layer")
+    p.add_argument("--variants", default="auto", help="comma list of engine layer modes: auto, scan, per_layer")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--dtype", default=None)
     p.add_argument("--gemv", default="1:1,1:2,2:2,8:8",
-                   help="comma list of rows:padded_rows[:xla|triton] for the projection microbenchmark")
+                   help="comma list of rows:padded_rows for the projection microbenchmark")
     p.add_argument("--gemv-only", action="store_true", help="only the floors and the projection microbenchmark")
-    p.add_argument("--matmul-impl", default=None,
-                   help="comma list of Llama(matmul_impl=) values to compare: xla, triton (default: xla)")
-    p.add_argument("--fuse-projections", default="0",
-                   help="comma list of 0/1: Engine(fuse_projections=) values to compare (per_layer only)")
     p.add_argument("--min-matmul-rows", default=None,
                    help="comma list of Llama(min_matmul_rows=) values to compare (default: the model's default)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from lragent_jax.cli import UsageError, positive_int_list
-    from lragent_jax.model import MATMUL_IMPLS
 
     try:
         batches = positive_int_list(args.batch, "--batch")
         pads = [None] if args.min_matmul_rows is None else positive_int_list(args.min_matmul_rows,
                                                                              "--min-matmul-rows")
-        impls = (args.matmul_impl or "xla").split(",")
-        fuses = args.fuse_projections.split(",")
-        if set(fuses) - {"0", "1"}:
-            raise UsageError(f"--fuse-projections: a comma list of 0 and 1, got {args.fuse_projections!r}")
-        fuses = [f == "1" for f in fuses]
         if set(args.variants.split(",")) - set(LAYER_MODES):
             raise UsageError(f"--variants: choose from {', '.join(LAYER_MODES)}, got {args.variants!r}")
-        if set(impls) - set(MATMUL_IMPLS):
-            raise UsageError(f"--matmul-impl: choose from {', '.join(MATMUL_IMPLS)}, got {args.matmul_impl!r}")
         gemv_specs = []
         for item in args.gemv.split(","):
             parts = item.split(":")
-            ok = len(parts) in (2, 3) and all(x.isdigit() and int(x) >= 1 for x in parts[:2])
-            if not ok or (len(parts) == 3 and parts[2] not in MATMUL_IMPLS):
-                raise UsageError(f"--gemv items are rows:padded_rows[:xla|triton] with rows >= 1, got {item!r}")
-            rows, min_rows = int(parts[0]), int(parts[1])
-            gemv_specs.append((rows, min_rows, parts[2] if len(parts) == 3 else "xla"))
+            if len(parts) != 2 or not all(x.isdigit() and int(x) >= 1 for x in parts):
+                raise UsageError(f"--gemv items are rows:padded_rows with rows >= 1, got {item!r}")
+            gemv_specs.append((int(parts[0]), int(parts[1])))
         cfg = preset(args.shape)
         if args.context < 1 or args.new_tokens < 2:
             raise UsageError("--context must be >= 1 and --new-tokens >= 2 (the step time divides by new tokens - 1)")
@@ -181,11 +167,11 @@ def main(argv=None):
     mm = matmul_rate(1024 if args.quick else 8192)
     print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
     gemv = {}
-    for rows, min_rows, impl in gemv_specs:
-        gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype, rows=rows, min_rows=min_rows, impl=impl)
-        gemv[f"rows{rows}_min{min_rows}_{impl}"] = gv / 1e9
-        print(f"  [{rows},{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] product ({impl})"
-              f"{' padded to ' + str(min_rows) + ' rows' if min_rows > rows and impl == 'xla' else ''}: "
+    for rows, min_rows in gemv_specs:
+        gv = gemv_bandwidth(cfg.hidden_size, cfg.intermediate_size, dtype, rows=rows, min_rows=min_rows)
+        gemv[f"rows{rows}_min{min_rows}"] = gv / 1e9
+        print(f"  [{rows},{cfg.hidden_size}]x[{cfg.hidden_size},{cfg.intermediate_size}] product"
+              f"{' padded to ' + str(min_rows) + ' rows' if min_rows > rows else ''}: "
               f"weights read at {gv / 1e9:.0f} GB/s", flush=True)
     if args.gemv_only:
         return dict(card=dev.device_kind, jax=jax.__version__, copy_GBps=bw / 1e9, gemv_GBps=gemv)
@@ -201,17 +187,9 @@ def main(argv=None):
           flush=True)
     rows = []
     default_pad = model.min_matmul_rows
-    for variant, pad, impl, fuse in [(v, pd, im, fu) for v in args.variants.split(",") for pd in pads
-                                     for im in impls for fu in fuses]:
+    for variant, pad in [(v, pd) for v in args.variants.split(",") for pd in pads]:
         model.min_matmul_rows = default_pad if pad is None else pad
-        model.matmul_impl = impl
-        try:
-            engine = Engine(model, lora, layer_mode=variant, fuse_projections=fuse)
-        except ValueError as e:  # fused weights need the per_layer mode
-            if not fuse:
-                raise
-            print(f"{variant:>9} fuse={int(fuse)}: skipped ({e})", flush=True)
-            continue
+        engine = Engine(model, lora, layer_mode=variant)
         for B in batches:
             ctx, n = args.context, args.new_tokens
             ids = np.zeros((B,), np.int32)
@@ -228,13 +206,12 @@ def main(argv=None):
             tokens = B * ctx
             flops = 2 * (weight_bytes / dtype.itemsize) * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
             prefill_floor = flops / mm
-            row = dict(variant=engine.layer_mode, fuse_projections=fuse, min_matmul_rows=model.min_matmul_rows,
-                       matmul_impl=model.matmul_impl, batch=B, context=ctx, step_ms=1e3 * step_s,
+            row = dict(variant=engine.layer_mode, min_matmul_rows=model.min_matmul_rows, batch=B, context=ctx, step_ms=1e3 * step_s,
                        decode_floor_ms=1e3 * decode_floor, decode_vs_floor=step_s / decode_floor,
                        prefill_s=prefill_s, prefill_floor_s=prefill_floor, prefill_vs_floor=prefill_s / prefill_floor,
                        prefill_tflops=flops / prefill_s / 1e12)
             rows.append(row)
-            print(f"{variant:>9} {model.matmul_impl} pad{model.min_matmul_rows}{' fused' if fuse else ''} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
+            print(f"{variant:>9} pad{model.min_matmul_rows} B={B:<3} ctx={ctx:<6} decode {row['step_ms']:8.2f} ms/step "
                   f"(floor {row['decode_floor_ms']:.2f}, x{row['decode_vs_floor']:.2f})  prefill {prefill_s:7.3f} s "
                   f"(floor {prefill_floor:.3f}, x{row['prefill_vs_floor']:.2f}, {row['prefill_tflops']:.0f} TFLOP/s)",
                   flush=True)

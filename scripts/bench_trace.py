@@ -250,8 +250,6 @@ def parse_args(argv):
     p.add_argument("--batch", default="1",
                    help="independent trajectories per jitted step; a comma list (1,4,16) sweeps it "
                         "and adds a throughput-against-batch plot")
-    p.add_argument("--fuse-projections", action="store_true",
-                   help="Engine(fuse_projections=True): q|k|v and gate|up as one weight per layer (per_layer mode)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights and caches (default bfloat16; float32 for tiny)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per point; the median end-to-end run is "
@@ -341,8 +339,6 @@ def build_engine(args):
     from lragent_jax.engine import Engine
 
     kw = {"prefill_buckets": args.buckets} if args.buckets else {}
-    if args.fuse_projections:
-        kw.update(layer_mode="per_layer", fuse_projections=True)
     if args.shape:
         from lragent_jax.config import preset
         from lragent_jax.lora import random_adapters

@@ -51,8 +51,7 @@ def run(args):
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
     model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     lora = random_adapters(cfg, rank=8, dtype=dtype)
-    engine = Engine(model, lora, **({"layer_mode": "per_layer", "fuse_projections": True}
-                                    if args.fuse_projections else {}))
+    engine = Engine(model, lora)
     B, ctx, n = args.batch, args.context, args.new_tokens
 
     def new_cache():
@@ -88,42 +87,30 @@ def products(args):
     from flax import nnx
 
     from lragent_jax.config import preset
-    from lragent_jax.engine import release_to_per_layer
     from lragent_jax.model import Llama, _matmul
     from scripts.bench_step import median_time
 
     cfg = preset(args.shape)
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
     model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
-    # the per_layer Engine's arrays (the stacked copy is released: weights held once), fused
-    # as Engine(fuse_projections=True) holds them with --fused
-    layers = release_to_per_layer(model, fuse_projections=args.fused)
+    layers = [layer.weights() for layer in model.layers]  # the arrays a per_layer Engine runs
     head = model.lm_head[...] if model.lm_head is not None else model.embed[...].T
     rows = model.min_matmul_rows
-    q_dim, f = cfg.num_heads * cfg.head_dim, cfg.intermediate_size
 
     @jax.jit
     def all_products(x, layers, head):
         for w in layers:
-            if "wqkv" in w:
-                qkv = _matmul(x, w["wqkv"], rows)
-                q, kv = qkv[:, :q_dim], qkv[:, q_dim:]
-            else:
-                q = _matmul(x, w["wq"], rows)
-                kv = jnp.concatenate([_matmul(x, w["wk"], rows), _matmul(x, w["wv"], rows)], -1)
+            q = _matmul(x, w["wq"], rows)
+            kv = jnp.concatenate([_matmul(x, w["wk"], rows), _matmul(x, w["wv"], rows)], -1)
             x = x + _matmul(q + 0 * kv.sum(), w["wo"], rows)   # keep k, v live
-            if "w_gate_up" in w:
-                gu = _matmul(x, w["w_gate_up"], rows)
-                g, u = gu[:, :f], gu[:, f:]
-            else:
-                g, u = _matmul(x, w["w_gate"], rows), _matmul(x, w["w_up"], rows)
+            g, u = _matmul(x, w["w_gate"], rows), _matmul(x, w["w_up"], rows)
             x = x + _matmul(g * u, w["w_down"], rows)
         return _matmul(x, head, rows, out_dtype=jnp.float32)
 
     x = jnp.ones((args.batch, cfg.hidden_size), dtype) * 0.01
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves((layers, head)))
     dt = median_time(all_products, x, layers, head)
-    print(f"weight products of one step ({'fused' if args.fused else 'unfused'}, batch {args.batch}, "
+    print(f"weight products of one step (batch {args.batch}, "
           f"padded to {rows} rows): {1e3 * dt:.2f} ms, "
           f"{nbytes / 1e9:.2f} GB at {nbytes / dt / 1e9:.0f} GB/s")
 
@@ -195,11 +182,9 @@ def main(argv=None):
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--new-tokens", type=int, default=5, help="tokens; the first comes from prefill, so steps = this - 1")
     r.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
-    r.add_argument("--fuse-projections", action="store_true", help="Engine(fuse_projections=True)")
     m = sub.add_parser("products", help="time only the step's weight products")
     m.add_argument("--shape", default="tiny", choices=sorted(PRESETS))
     m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--fused", action="store_true", help="q|k|v and gate|up as one matrix per layer")
     s = sub.add_parser("summarize", help="group an ncu CSV by kernel name")
     s.add_argument("csv")
     s.add_argument("--steps", type=int, default=4, help="decode steps inside the profiled range (--new-tokens - 1)")

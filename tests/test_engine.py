@@ -162,23 +162,104 @@ def test_prefill_split_over_buckets_matches_one_padded_call():
         Engine(model, lora, weight_read_tokens=0)
 
 
+def _base_shared_turns(engine, prompt):  # a second agent catches up on the first's turn
+    s = Session(engine, "base_shared", max_len=128, stop_ids=())
+    s.append(prompt)
+    return [s.generate(a, 5, greedy=True) for a in ("plan", "action", "plan")]
+
+
 def test_per_layer_mode_holds_weights_once_and_matches_scan():
-    from lragent_jax.engine import ensure_stacked
+    """A per_layer Engine runs the model's own arrays (no copy); a scan Engine stacks its own
+    copy; neither changes the model. Both give the same tokens, catch-up included."""
+    cfg = preset("tiny")
+    model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    arrays = [leaf for leaf in jax.tree.leaves(nnx.state(model))]
+    lora = random_adapters(cfg, seed=4, b_std=0.2, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    prompt = list(range(10, 31))
+    scan_engine = Engine(model, lora, layer_mode="scan")
+    scan = greedy_generate(scan_engine, prompt, "plan", 6)
+    per_layer = Engine(model, lora, layer_mode="per_layer")
+    state, stacked = per_layer.params
+    assert stacked is None and scan_engine.params[1]["wq"].shape == (cfg.num_layers, cfg.hidden_size, cfg.q_dim)
+    assert state["layers"][1]["wq"][...] is model.layers[1].wq[...]  # the model's array, not a copy
+    assert greedy_generate(per_layer, prompt, "plan", 6) == scan
+    assert _base_shared_turns(per_layer, prompt) == _base_shared_turns(scan_engine, prompt)  # q-only catch-up
+    # the caller's model is untouched: same arrays, same values
+    assert all(a is b for a, b in zip(jax.tree.leaves(nnx.state(model)), arrays))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
+    model.layers[0].wq.set_value(jnp.zeros_like(model.layers[0].wq[...]))  # later changes to the model:
+    assert greedy_generate(per_layer, prompt, "plan", 6) == scan  # not seen by an Engine built before
+    with pytest.raises(ValueError, match="prefill_buckets"):
+        Engine(model, lora, prefill_buckets=(0,))
+    for retired in ("fast", "unrolled"):
+        with pytest.raises(ValueError, match="layer_mode"):
+            Engine(model, lora, layer_mode=retired)
+
+
+def test_every_cache_view_meets_the_protocol_and_others_are_refused(engine):
+    from lragent_jax.cache import CacheView, ChunkKV
+    from lragent_jax.engine import _capacity
+
+    dense = DenseKV.create(engine.config, 1, 100, jnp.float32)
+    lora_kv = LoRAKV.create(engine.config, 1, 100, 8, jnp.float32)
+    for view in (dense, lora_kv, lora_kv.replace(write_base=False), ChunkKV(capacity=5)):
+        assert isinstance(view, CacheView)
+    assert _capacity(dense) == 128 and dense.hidden_layer is None and dense.needs_new_kv
+    assert not lora_kv.replace(write_base=False).needs_new_kv
+    with pytest.raises(TypeError, match="not a cache view"):
+        _capacity({"k": dense.k})
+
+
+def test_forward_logits_matches_engine_prefill_and_pads():
+    """model.forward_logits (cache-free, for training) gives the engine's all-position prefill
+    logits (float32 on both sides, same ops: 1e-5); a right-padded row's valid positions
+    equal the unpadded row's."""
+    from lragent_jax.model import forward_logits
 
     cfg = preset("tiny")
     model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
-    lora = random_adapters(cfg, seed=4, b_std=0.2)
-    scan = greedy_generate(Engine(model, lora, layer_mode="scan"), list(range(10, 31)), "plan", 6)
-    per_layer = Engine(model, lora, layer_mode="per_layer")
-    assert model.layers.wq[...].size == 0  # the stacked copy was released
-    assert greedy_generate(per_layer, list(range(10, 31)), "plan", 6) == scan
-    ensure_stacked(model)
-    assert model.layers.wq[...].shape == (cfg.num_layers, cfg.hidden_size, cfg.q_dim)
-    assert greedy_generate(Engine(model, lora, layer_mode="unrolled"), list(range(10, 31)), "plan", 6) == scan
-    with pytest.raises(ValueError, match="prefill_buckets"):
-        Engine(model, lora, prefill_buckets=(0,))
-    with pytest.raises(ValueError, match="layer_mode"):
-        Engine(model, lora, layer_mode="fast")
+    lora = random_adapters(cfg, seed=4, b_std=0.2, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    eng = Engine(model, lora)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (3, 20)).astype(np.int32)
+    ids = eng.adapter_ids(["plan", "base", "reflect"])
+    ref, _ = eng.prefill(DenseKV.create(cfg, 3, 64, jnp.float32), [list(t) for t in tokens], np.zeros(3), ids,
+                         want_logits="all")
+    out = jax.jit(lambda lo, t, i: forward_logits(model, t, lo, i))(lora, tokens, ids)
+    assert out.shape == (3, 20, cfg.vocab_size) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.stack(ref), rtol=1e-5, atol=1e-5)
+    padded = forward_logits(model, tokens, lora, ids, lengths=jnp.array([20, 12, 20]))
+    alone = forward_logits(model, tokens[1:2, :12], lora, ids[1:2])
+    np.testing.assert_allclose(np.asarray(padded[1, :12]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+    base = forward_logits(model, tokens[1:2], None)  # no adapters == row 1's adapter id -1
+    np.testing.assert_allclose(np.asarray(base[0]), np.asarray(out[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_logits_gradient_matches_finite_differences():
+    """jax.grad of a loss over forward_logits w.r.t. the LoRA arrays, projected on two random
+    directions, against central differences (float32: eps=3e-3 keeps truncation ~1e-5 and
+    rounding ~1e-4 relative; rtol 1e-2)."""
+    from lragent_jax.model import forward_logits
+
+    cfg = preset("tiny")
+    model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    lora = random_adapters(cfg, seed=4, b_std=0.2, targets=("q", "v", "down"))
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int32)
+    ids = jnp.array([0, 1])
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 12, cfg.vocab_size)), jnp.float32)
+    loss = jax.jit(lambda lo: jnp.sum(jax.nn.log_softmax(forward_logits(model, tokens, lo, ids)) * w))
+    grad = jax.jit(jax.grad(loss))(lora)
+    for name, p in grad.projections.items():
+        assert float(jnp.abs(p.a).max()) > 0 and float(jnp.abs(p.b).max()) > 0, name
+    eps = 3e-3
+    for seed in (2, 3):
+        rng = np.random.default_rng(seed)
+        u = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * float(jnp.std(x)), x.dtype), lora)
+        along = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(u)))
+        plus = loss(jax.tree.map(lambda a, d: a + eps * d, lora, u))
+        minus = loss(jax.tree.map(lambda a, d: a - eps * d, lora, u))
+        np.testing.assert_allclose(float(plus - minus) / (2 * eps), along, rtol=1e-2)
 
 
 def test_min_matmul_rows_padding_changes_nothing_but_speed():
@@ -210,60 +291,3 @@ def test_matmul_padding_is_exact_on_one_row():
         np.testing.assert_allclose(np.asarray(y)[0], ref, rtol=1e-5, atol=1e-5)
     y3 = _matmul(jnp.ones((3, 2, 24)), w, 2)  # six rows >= 2: no padding
     assert y3.shape == (3, 2, 40)
-
-
-def test_triton_skinny_matmul_impl_generates_the_same_tokens():
-    """Llama(matmul_impl="triton"): decode-step weight products through the Pallas skinny
-    kernel (interpret mode on CPU) give the XLA path's greedy tokens."""
-    cfg = preset("tiny")
-    lora = random_adapters(cfg, seed=4, b_std=0.2)
-    out = {}
-    for impl in ("xla", "triton"):
-        model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3), matmul_impl=impl)
-        out[impl] = greedy_generate(Engine(model, lora, layer_mode="scan"), list(range(10, 31)), "plan", 4)
-    assert out["xla"] == out["triton"]
-    with pytest.raises(ValueError, match="matmul_impl"):
-        Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3), matmul_impl="cublas")
-
-
-def test_fused_projections_match_and_unfuse_exactly():
-    """Engine(fuse_projections=True) holds q|k|v and gate|up as one matrix per layer: the
-    same logits as unfused (LoRA on every projection), and ensure_stacked restores the
-    original weights bit for bit; a stacked layer mode refuses the knob."""
-    from lragent_jax.engine import ensure_stacked
-
-    cfg = preset("tiny")
-    model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
-    wq0, wup0 = np.asarray(model.layers.wq[...]), np.asarray(model.layers.w_up[...])
-    lora = random_adapters(cfg, seed=4, b_std=0.2, targets=("q", "k", "v", "o", "gate", "up", "down"))
-    prompt = list(range(10, 31))
-    ids = np.zeros(1, np.int32)
-
-    def _base_shared_turns(engine):  # a second agent catches up on the first's turn
-        s = Session(engine, "base_shared", max_len=128, stop_ids=())
-        s.append(prompt)
-        return [s.generate(a, 5, greedy=True) for a in ("plan", "action", "plan")]
-
-    base_shared_ref = _base_shared_turns(Engine(model, lora, layer_mode="scan"))
-
-    def logits(engine):
-        out, _ = engine.prefill(LoRAKV.create(cfg, 1, 64, 8, jnp.float32), [prompt], np.zeros(1), ids)
-        return np.asarray(out)
-
-    plain = Engine(model, lora, layer_mode="per_layer")
-    ref, ref_tokens = logits(plain), greedy_generate(plain, prompt, "plan", 6)
-    assert not plain.fuse_projections
-    with pytest.warns(UserWarning, match="Engines built earlier over it share them"):
-        fused = Engine(model, lora, layer_mode="per_layer", fuse_projections=True)
-    assert fused.fuse_projections and plain.fuse_projections  # one shared form
-    lw = fused.layer_weights[0]
-    assert set(lw) >= {"wqkv", "w_gate_up"} and not {"wq", "wk", "wv", "w_gate", "w_up"} & set(lw)
-    assert lw["wqkv"].shape == (cfg.hidden_size, cfg.q_dim + 2 * cfg.num_kv_heads * cfg.head_dim)
-    np.testing.assert_allclose(logits(fused), ref, rtol=1e-5, atol=1e-5)
-    assert greedy_generate(fused, prompt, "plan", 6) == ref_tokens
-    assert _base_shared_turns(fused) == base_shared_ref   # catch-up: q-only product
-    ensure_stacked(model)
-    np.testing.assert_array_equal(np.asarray(model.layers.wq[...]), wq0)
-    np.testing.assert_array_equal(np.asarray(model.layers.w_up[...]), wup0)
-    with pytest.raises(ValueError, match="fuse_projections needs layer_mode='per_layer'"):
-        Engine(model, lora, layer_mode="scan", fuse_projections=True)

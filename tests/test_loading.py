@@ -27,22 +27,22 @@ def _params(model) -> dict:
 
 
 def _hf_expected(folder: str) -> dict:
-    """Our stacked layout computed independently from the HF state dict (transposed)."""
+    """Our per-layer layout computed independently from the HF state dict (transposed)."""
     from transformers import AutoModelForCausalLM
 
     sd = {k: v.detach().numpy() for k, v in AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict().items()}
     L = sum(1 for k in sd if k.endswith("input_layernorm.weight"))
-    lay = lambda suffix, t: np.stack([(sd[f"model.layers.{i}.{suffix}"].T if t else sd[f"model.layers.{i}.{suffix}"]) for i in range(L)])
+    names = {"attn_norm": ("input_layernorm.weight", False), "mlp_norm": ("post_attention_layernorm.weight", False),
+             "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
+             "wv": ("self_attn.v_proj.weight", True), "wo": ("self_attn.o_proj.weight", True),
+             "w_gate": ("mlp.gate_proj.weight", True), "w_up": ("mlp.up_proj.weight", True),
+             "w_down": ("mlp.down_proj.weight", True)}
+    layer = lambda i: {name: sd[f"model.layers.{i}.{suffix}"].T if t else sd[f"model.layers.{i}.{suffix}"]
+                       for name, (suffix, t) in names.items()}
     out = {
         "embed": sd["model.embed_tokens.weight"],
         "final_norm": sd["model.norm.weight"],
-        "layers": {
-            "attn_norm": lay("input_layernorm.weight", False), "mlp_norm": lay("post_attention_layernorm.weight", False),
-            "wq": lay("self_attn.q_proj.weight", True), "wk": lay("self_attn.k_proj.weight", True),
-            "wv": lay("self_attn.v_proj.weight", True), "wo": lay("self_attn.o_proj.weight", True),
-            "w_gate": lay("mlp.gate_proj.weight", True), "w_up": lay("mlp.up_proj.weight", True),
-            "w_down": lay("mlp.down_proj.weight", True),
-        },
+        "layers": {i: layer(i) for i in range(L)},
     }
     return out, sd
 
@@ -351,6 +351,9 @@ def test_rslora_scale_and_mixed_ranks_targets(tmp_path, llama_case):
 def test_orbax_save_restore(tmp_path, hf_case):
     model = load_model(hf_case["model"], jnp.float32)
     lora = load_adapters(hf_case["shared_adapters"], model)
+    from lragent_jax.engine import Engine
+
+    Engine(model, lora, layer_mode="per_layer")  # building an Engine leaves the model as it was
     out = save_converted(tmp_path / "conv", model, lora)
     m2, l2 = restore_converted(out)
     assert m2.config == model.config and m2.dtype == model.dtype
