@@ -19,13 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 
-from . import attention
 from .config import LoraConfig
-from .engine import ensure_stacked
 from .lora import LoraProjection, LoraWeights
-from .model import Llama, StepInputs, ValueParts
+from .model import Llama, forward_logits
 
 __all__ = [
     "pretrain", "train_adapters", "eval_loss", "masked_loss", "pack_sequences", "plot_losses",
@@ -33,32 +31,6 @@ __all__ = [
 ]
 
 
-# ---- the differentiable forward ---------------------------------------------------------------
-# MERGE: replace `_forward_logits` with lragent_jax.model.forward_logits once it lands (same
-# signature); everything in this module calls it through `forward_logits` below.
-@struct.dataclass
-class _NoCache:
-    """A cache view that stores nothing: each chunk attends causally to its own K and V."""
-
-    def update_and_attend(self, layer, q, k, values: ValueParts, step: StepInputs):
-        out = attention.attend(q, k[None], values.full()[None], layer=0, kv_lengths=step.kv_lengths,
-                               q_offsets=step.q_offsets, impl="xla", causal=True)
-        return out, self
-
-
-def _forward_logits(model: Llama, tokens: jax.Array, lora: LoraWeights | None, adapter_ids: jax.Array,
-                    *, scan: bool = True) -> jax.Array:
-    """float32 logits [B, S, V] of tokens [B, S] (int32) from position 0, row b with adapter
-    adapter_ids[b] (-1: base model). No cache; differentiable."""
-    B, S = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    step = StepInputs(positions=pos, write_positions=pos, kv_lengths=jnp.full((B,), S, jnp.int32),
-                      q_offsets=jnp.zeros((B,), jnp.int32), adapter_ids=jnp.asarray(adapter_ids, jnp.int32))
-    x, _ = model.run_layers(model.embed_tokens(tokens), _NoCache(), step, lora, scan=scan)
-    return model.logits(x)
-
-
-forward_logits = _forward_logits  # MERGE: = lragent_jax.model.forward_logits
 
 
 def masked_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -209,7 +181,6 @@ def pretrain(
     Returns (a new trained Llama; `model` keeps its weights, {"loss": [per-step mean loss]}).
     """
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every)
-    ensure_stacked(model)
     cfg = model.config
     if isinstance(data, Iterator):
         batches = data
@@ -329,7 +300,6 @@ def train_adapters(
         raise ValueError(f"shared_a must be True or False, got {shared_a!r}")
     if not isinstance(examples_by_role, Mapping) or not examples_by_role:
         raise ValueError("examples_by_role must be a non-empty mapping role name -> examples")
-    ensure_stacked(model)
     cfg = model.config
     roles = tuple(examples_by_role)
     if "loss" in roles:  # the history's key for the mean over roles
@@ -391,7 +361,6 @@ def eval_loss(model: Llama, examples_by_role: Mapping[str, Sequence], lora: Lora
               seq_len: int | None = None, batch_size: int = 16) -> dict:
     """Mean target-token loss per role: role's examples run with the adapter named like the role
     (if `lora` has one), else the base model. Returns {role: loss}."""
-    ensure_stacked(model)
     cfg = model.config
     seq_len = seq_len or _default_seq_len(examples_by_role.values())
     graphdef, state = nnx.split(model)

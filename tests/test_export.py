@@ -32,7 +32,8 @@ def random_model(seed: int = 0) -> Llama:
     """Random float32 Llama with random norm weights too (so a swapped norm cannot hide)."""
     model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
-    for var in (model.layers.attn_norm, model.layers.mlp_norm, model.final_norm):
+    norms = [model.final_norm] + [v for layer in model.layers for v in (layer.attn_norm, layer.mlp_norm)]
+    for var in norms:
         var.set_value(jnp.asarray(1.0 + 0.2 * rng.standard_normal(var[...].shape), jnp.float32))
     return model
 
