@@ -729,7 +729,26 @@ def main(argv=None):
     if scale != 1.0:
         log(f"NOTE: --scale {scale}: fixed step sizes shrunk; this is not the paper's trace")
 
+    meta = {
+        "benchmark": "HF transformers + PEFT trace baseline, eager and tuned (docs/trace.md)",
+        "card": card, "device": str(device), "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__, "peft_version": peft.__version__,
+        "python": platform.python_version(), "host": platform.node(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
+        "model": args.shape or args.model, "random_weights": args.shape is not None, "dtype": str(dtype),
+        "modes": modes, "compile_backend": args.compile if decode_step else None,
+        "cudagraphs": decode_step.cudagraphs if decode_step else None,
+        "scale": scale, "lctx": args.lctx_list, "paper_throughput_tok_s_and_ttft_s_at_33k": PAPER_AT_33K,
+    }
+    jpath = os.path.join(out, "results.json")
+
+    def save_partial():  # after every point: a run cut short by a time limit keeps what finished
+        write_json(jpath, meta | {"complete": False, "per_token": per_token, "results": results,
+                                  "wall_s": time.perf_counter() - t_start})
+
+    results = []
     per_token = run_per_token(model, cfg, device, args, decode_step, torch) if args.per_token_list else []
+    save_partial()
     if args.lctx_list and "eager" in modes and not args.no_warmup:
         tw = time.perf_counter()
         for v in args.variants_list:  # CUDA context, cuBLAS handles, SDPA kernels; no JIT to warm in eager torch
@@ -737,7 +756,7 @@ def main(argv=None):
                          prefill_chunk=args.prefill_chunk, progress=not args.no_progress, torch=torch)
         log(f"eager warm-up {time.perf_counter() - tw:.1f} s (a short trace per variant)")
 
-    results, failed = [], any(r["status"] == "ERROR" for r in per_token)
+    failed = any(r["status"] == "ERROR" for r in per_token)
     for lctx in args.lctx_list:
         for v in args.variants_list:
             for mode in modes:
@@ -762,6 +781,7 @@ def main(argv=None):
                     torch.cuda.empty_cache()
                     res["allocated_after_bytes"] = int(torch.cuda.memory_allocated(device))  # leaks show here
                 results.append(res)
+                save_partial()
 
     results.sort(key=lambda r: (MODES.index(r["mode"]), args.variants_list.index(r["variant"]), r["lctx"]))
     if per_token:
@@ -776,22 +796,11 @@ def main(argv=None):
         print_mode_ratios(by_mode)
         vs = tuned_vs_eager(results)
     sbs = side_by_side(ours["rows"], results) if ours and results else []
-    payload = {
-        "benchmark": "HF transformers + PEFT trace baseline, eager and tuned (docs/trace.md)",
-        "card": card, "device": str(device), "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__, "peft_version": peft.__version__,
-        "python": platform.python_version(), "host": platform.node(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
-        "model": args.shape or args.model, "random_weights": args.shape is not None, "dtype": str(dtype),
-        "modes": modes, "compile_backend": args.compile if decode_step else None,
-        "cudagraphs": decode_step.cudagraphs if decode_step else None,
+    payload = meta | {
+        "complete": True, "ratios": by_mode, "tuned_vs_eager": vs, "per_token": per_token, "ours": ours,
+        "side_by_side": sbs, "results": results, "wall_s": time.perf_counter() - t_start,
         "compile_s_total": decode_step.compile_s if decode_step else 0.0,
-        "scale": scale, "lctx": args.lctx_list, "ratios": by_mode, "tuned_vs_eager": vs,
-        "per_token": per_token, "ours": ours, "side_by_side": sbs,
-        "paper_throughput_tok_s_and_ttft_s_at_33k": PAPER_AT_33K, "results": results,
-        "wall_s": time.perf_counter() - t_start,
     }
-    jpath = os.path.join(out, "results.json")
     write_json(jpath, payload)
     ppath = None
     if results:

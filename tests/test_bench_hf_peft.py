@@ -174,7 +174,7 @@ def _run_script(args, tmp_path, timeout=600):
 
 def test_script_quick_eager(tmp_path):
     data, stdout, out = _run_script(["--quick", "--shared-cache"], tmp_path)  # CPU default: eager only
-    assert data["modes"] == ["eager"] and data["compile_backend"] is None
+    assert data["modes"] == ["eager"] and data["compile_backend"] is None and data["complete"] is True
     assert data["torch_version"] and data["transformers_version"] and data["peft_version"] and data["card"]
     rows = {(r["label"], r["lctx"]): r for r in data["results"]}
     assert set(rows) == {(f"hf_{v}_eager", l) for v in ("non_shared", "full_shared") for l in (16, 32)}
