@@ -104,6 +104,9 @@ def parse_args(argv):
     p.add_argument("--no-trace", action="store_true", help="only the --per-token micro-benchmark")
     p.add_argument("--ours", default=None, metavar="RESULTS_JSON",
                    help="a bench_trace.py results.json to print and plot beside HF's rows")
+    p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
+                   help="run nothing: print and plot an earlier results.json of this script again (with --ours: "
+                        "side by side); writes to --out (default: that file's folder)")
     p.add_argument("--lctx", default=None, help="comma list (default: 64,256 for tiny, 1024,4096,8192 otherwise)")
     p.add_argument("--paper", action="store_true", help="Lctx = the paper's 256,...,16384")
     p.add_argument("--batch", type=int, default=1)
@@ -148,6 +151,8 @@ def parse_args(argv):
     args.per_token_list = parse_int_list(args.per_token, "--per-token") if args.per_token else []
     if args.no_trace and not args.per_token_list:
         raise UsageError("--no-trace leaves nothing to run without --per-token")
+    if args.from_json and not os.path.isfile(args.from_json):
+        raise UsageError(f"--from-json {args.from_json}: no such file (a bench_hf_peft.py results.json)")
     if args.ours and not os.path.isfile(args.ours):
         raise UsageError(f"--ours {args.ours}: no such file (a bench_trace.py results.json)")
     if args.paper:
@@ -686,11 +691,66 @@ def side_by_side(ours_rows, results):
     return out
 
 
+def finish(payload, ours, out, t_start, *, compile_excluded):
+    """Print the tables (per-token, trace, ratios, tuned vs eager, side by side with --ours) and write
+    results.json and trace.png to `out`."""
+    results, per_token, modes = payload["results"], payload["per_token"], payload["modes"]
+    results.sort(key=lambda r: (MODES.index(r["mode"]), VARIANTS.index(r["variant"]), r["lctx"]))
+    if per_token:
+        print_per_token(per_token)
+    by_mode, vs = {}, []
+    if results:
+        log(f"\ncompile/warm-up excluded: {compile_excluded}; throughput = trajectory tokens of all rows / "
+            "end-to-end time")
+        cuda = payload["device"].startswith("cuda")
+        print_table(results, peak_note="peak MiB: torch.cuda.max_memory_allocated per run" if cuda
+                    else "peak MiB: '-' on CPU")
+        by_mode = mode_ratios(results, modes)
+        print_mode_ratios(by_mode)
+        vs = tuned_vs_eager(results)
+    sbs = side_by_side(ours["rows"], results) if ours and results else []
+    payload.update(ratios=by_mode, tuned_vs_eager=vs, ours=ours, side_by_side=sbs,
+                   wall_s=time.perf_counter() - t_start)
+    os.makedirs(out, exist_ok=True)
+    jpath = os.path.join(out, "results.json")
+    write_json(jpath, payload)
+    ppath = None
+    if results:
+        args = payload["args"]
+        ppath = plot(results + (ours["rows"] if ours else []), os.path.join(out, "trace.png"),
+                     f"HF transformers + PEFT trace ({', '.join(modes)}): {payload['model']} "
+                     f"({payload['dtype']}, batch {args['batch']}) on {payload['card']}" + (" vs ours" if ours else ""))
+    log(f"\nwrote {jpath}" + (f" and {ppath}" if ppath else "") + f" in {time.perf_counter() - t_start:.1f} s")
+
+
+def report_only(args, ours, t_start):
+    """--from-json: the tables and plot again from an earlier results.json of this script, no model run
+    (with --ours: side by side with a bench_trace.py run made apart)."""
+    try:
+        with open(args.from_json) as f:
+            payload = json.load(f)
+        missing = [k for k in ("results", "per_token", "modes", "device", "args") if k not in payload]
+        missing += [f"results[{i}].{k}" for i, r in enumerate(payload.get("results", []))
+                    for k in ("mode", "variant") if k not in r]  # rows of the eager-only version lack these
+        if missing:
+            raise KeyError(", ".join(missing[:4]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--from-json {args.from_json}: not a bench_hf_peft.py results.json "
+                         f"({type(e).__name__}: {e})") from e
+    if not payload.get("complete", True):
+        log(f"NOTE: {args.from_json} is from a run that did not finish (complete: false)")
+    finish(payload, ours, args.out or os.path.dirname(os.path.abspath(args.from_json)), t_start,
+           compile_excluded=not payload["args"].get("no_warmup", False))
+    return 0
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         ours = load_ours(args.ours, args.batch) if args.ours else None
+        if args.from_json:
+            return report_only(args, ours, t_start)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -783,31 +843,9 @@ def main(argv=None):
                 results.append(res)
                 save_partial()
 
-    results.sort(key=lambda r: (MODES.index(r["mode"]), args.variants_list.index(r["variant"]), r["lctx"]))
-    if per_token:
-        print_per_token(per_token)
-    by_mode, vs = {}, []
-    if results:
-        log("\ncompile/warm-up excluded: " + str(not args.no_warmup)
-            + "; throughput = trajectory tokens of all rows / end-to-end time")
-        print_table(results, peak_note="peak MiB: torch.cuda.max_memory_allocated per run" if cuda
-                    else "peak MiB: '-' on CPU")
-        by_mode = mode_ratios(results, modes)
-        print_mode_ratios(by_mode)
-        vs = tuned_vs_eager(results)
-    sbs = side_by_side(ours["rows"], results) if ours and results else []
-    payload = meta | {
-        "complete": True, "ratios": by_mode, "tuned_vs_eager": vs, "per_token": per_token, "ours": ours,
-        "side_by_side": sbs, "results": results, "wall_s": time.perf_counter() - t_start,
-        "compile_s_total": decode_step.compile_s if decode_step else 0.0,
-    }
-    write_json(jpath, payload)
-    ppath = None
-    if results:
-        ppath = plot(results + (ours["rows"] if ours else []), os.path.join(out, "trace.png"),
-                     f"HF transformers + PEFT trace ({', '.join(modes)}): {args.shape or args.model} "
-                     f"({dtype}, batch {args.batch}) on {card}" + (" vs ours" if ours else ""))
-    log(f"\nwrote {jpath}" + (f" and {ppath}" if ppath else "") + f" in {time.perf_counter() - t_start:.1f} s")
+    payload = meta | {"complete": True, "per_token": per_token, "results": results,
+                      "compile_s_total": decode_step.compile_s if decode_step else 0.0}
+    finish(payload, ours, out, t_start, compile_excluded=not args.no_warmup)
     return 1 if failed else 0
 
 

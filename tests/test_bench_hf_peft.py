@@ -220,3 +220,33 @@ def test_script_tuned_per_token_and_ours(tmp_path):
     assert data["ours"]["rows"][0]["decode_ms_per_token"] == pytest.approx(1e3 * 0.02 / (37 - 17))
     assert "side by side" in stdout and "tuned vs eager" in stdout and "static_cache_compiled" in stdout
     assert (out / "trace.png").stat().st_size > 1000
+
+
+def test_from_json_side_by_side_without_running(tmp_path):
+    """--from-json re-reports an earlier run (here a hand-made one) beside --ours, without torch work."""
+    row = {"status": "ok", "lctx": 16, "batch": 1, "tokens_per_row": SMALL_TOTAL, "catch_up_tokens": 332,
+           "cache_bytes": 2**20, "peak_bytes": None, "decode_ms_per_token": 5.0}
+    hf = {"device": "cpu", "card": "test", "model": "tiny", "dtype": "float32", "args": {"batch": 1},
+          "modes": ["eager", "tuned"], "per_token": [], "results": [
+              row | {"label": "hf_non_shared_tuned", "variant": "non_shared", "mode": "tuned", "ttft_s": 0.5,
+                     "end_to_end_s": 1.0, "throughput_tok_s": 178.0},
+              row | {"label": "hf_non_shared_eager", "variant": "non_shared", "mode": "eager", "ttft_s": 1.0,
+                     "end_to_end_s": 4.0, "throughput_tok_s": 44.5}]}
+    ours = {"results": [{"label": "non_shared", "lctx": 16, "batch": 1, "status": "ok", "tokens_per_row": SMALL_TOTAL,
+                         "throughput_tok_s": 356.0, "ttft_s": 0.1, "end_to_end_s": 0.5, "decode_s": 0.1,
+                         "generated_tokens": 37}]}
+    (tmp_path / "hf.json").write_text(json.dumps(hf))
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    out = tmp_path / "again"
+    assert bench_hf_peft.main(["--from-json", str(tmp_path / "hf.json"), "--ours", str(tmp_path / "ours.json"),
+                               "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in data["results"]] == ["hf_non_shared_eager", "hf_non_shared_tuned"]  # eager first
+    sbs = {r["label"]: r for r in data["side_by_side"]}
+    assert sbs["ours_non_shared"]["end_to_end_speedup_vs_hf_non_shared_eager"] == pytest.approx(8.0)
+    assert sbs["ours_non_shared"]["end_to_end_speedup_vs_hf_non_shared_tuned"] == pytest.approx(2.0)
+    assert data["tuned_vs_eager"][0]["end_to_end_speedup"] == pytest.approx(4.0)
+    assert (out / "trace.png").stat().st_size > 1000
+    old = {**hf, "results": [{k: v for k, v in r.items() if k != "mode"} for r in hf["results"]]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert bench_hf_peft.main(["--from-json", str(tmp_path / "old.json"), "--out", str(out)]) == 2
