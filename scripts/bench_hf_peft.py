@@ -107,7 +107,8 @@ def parse_args(argv):
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
                    help="run nothing: print and plot an earlier results.json of this script again (with --ours: "
                         "side by side); writes to --out (default: that file's folder)")
-    p.add_argument("--lctx", default=None, help="comma list (default: 64,256 for tiny, 1024,4096,8192 otherwise)")
+    p.add_argument("--lctx", default=None, help="comma list, run in this order (default: 64,256 for tiny, "
+                                                 "1024,4096,8192 otherwise)")
     p.add_argument("--paper", action="store_true", help="Lctx = the paper's 256,...,16384")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
@@ -158,7 +159,7 @@ def parse_args(argv):
     if args.paper:
         args.lctx_list = list(PAPER_LCTX)
     elif args.lctx:
-        args.lctx_list = sorted(parse_int_list(args.lctx, "--lctx"))
+        args.lctx_list = list(dict.fromkeys(parse_int_list(args.lctx, "--lctx")))  # run in the order given
     elif args.quick:
         args.lctx_list = list(QUICK_LCTX)
     else:

@@ -72,6 +72,7 @@ def test_parse_args_modes_and_bad_input(tmp_path):
     assert bench_hf_peft.resolve_modes(args, torch.device("cuda")) == ["eager", "tuned"]
     args = bench_hf_peft.parse_args(["--mode", "tuned,eager,tuned", "--per-token", "64,8", "--no-trace"])
     assert args.modes_list == ["tuned", "eager"] and args.per_token_list == [64, 8] and args.lctx_list == []
+    assert bench_hf_peft.parse_args(["--lctx", "8192,1024,8192"]).lctx_list == [8192, 1024]  # order kept
     assert bench_hf_peft.resolve_modes(args, torch.device("cpu")) == ["tuned", "eager"]  # explicit wins
     for bad, match in ((["--mode", "fast"], "--mode: unknown"), (["--mode", ","], "--mode"),
                        (["--no-trace"], "--per-token"), (["--per-token", "0"], "--per-token"),
