@@ -33,6 +33,8 @@ tokens of context, one q/v adapter active, for eager DynamicCache, StaticCache e
   python scripts/bench_hf_peft.py --shape tiny --quick --mode eager,tuned --compile aot_eager
   python scripts/bench_hf_peft.py --shape llama-3.1-8b --shared-cache     # GPU: Lctx 1024,4096,8192
   python scripts/bench_hf_peft.py --shape llama-3.1-8b --per-token 8192 --no-trace
+  python scripts/bench_hf_peft.py --shape llama-3.1-8b --per-token 8192 --lctx 8192,1024  # GPU: both modes
+  python scripts/bench_hf_peft.py --from-json OUT/results.json --ours TRACE_OUT/results.json  # side by side
   python scripts/bench_hf_peft.py --model PATH --adapter plan=P --adapter action=A --adapter reflect=R
 
 --shape builds a RANDOM-weight LlamaForCausalLM from lragent_jax's preset config with random q/v
