@@ -28,7 +28,7 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 sys.path.insert(0, SCRIPTS)
 
 import bench_hf_peft  # noqa: E402
-from bench_trace import UsageError  # noqa: E402
+from lragent_jax.cli import UsageError  # noqa: E402
 
 # Scale 1/8, Lctx 16 (hand-counted in tests/test_trace.py): 178 tokens; non_shared catch-up per step.
 SMALL = dict(lctx=16, scale=0.125)
