@@ -23,14 +23,8 @@ TURNS = [("plan", 7), ("action", 5), ("reflect", 6), ("plan", 4)]
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    weights = ref_lib.make_weights(ref_lib.CONFIG, seed=3)
-    return ref_lib.write_model(str(tmp_path_factory.mktemp("schemes") / "model"), ref_lib.CONFIG, weights)
-
-
-@pytest.fixture(scope="module")
-def model(model_folder):
-    return load_model(model_folder, dtype=jnp.float32)
+def model(varied_model_folder):
+    return load_model(varied_model_folder, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +185,7 @@ def test_droidspeak_layer_sets():
             check_critical_layers(bad, 4)
 
 
-def test_droidspeak_cache_dtype_differs_from_model(model_folder, tmp_path):
+def test_droidspeak_cache_dtype_differs_from_model(varied_model_folder, tmp_path):
     """bfloat16 model, float16 caches: the catch-up starts from the hidden state cached in float16.
     Compared with the float64 reference (tests/scheme_reference.py): bf16 weights and activations
     (8-bit mantissa) through 4 layers with gains up to 3 put the logits within ~0.1 of the largest
@@ -201,13 +195,13 @@ def test_droidspeak_cache_dtype_differs_from_model(model_folder, tmp_path):
 
     from test_scheme_reference import CRITICAL, PROMPT as REF_PROMPT, TOOL, TURNS as REF_TURNS
 
-    adapters = ref_lib.make_adapters(ref_lib.CONFIG, seed=5, shared_a=False)
+    adapters = ref_lib.make_adapters(ref_lib.CONFIG, seed=ref_lib.ADAPTER_SEED, shared_a=False)
     paths = {n: ref_lib.write_adapter(str(tmp_path / n), f) for n, f in adapters.items()}
-    model = load_model(model_folder, dtype=jnp.bfloat16)
+    model = load_model(varied_model_folder, dtype=jnp.bfloat16)
     eng = Engine(model, load_adapters(paths, model), prefill_buckets=(32,))
     s = Session(eng, "droidspeak", max_len=MAX_LEN, critical_layers=CRITICAL, cache_dtype=jnp.float16, stop_ids=())
-    ref = ref_lib.SchemeReference(ref_lib.CONFIG, ref_lib.make_weights(ref_lib.CONFIG, seed=3), adapters,
-                                  "droidspeak", critical_layers=CRITICAL)
+    weights = ref_lib.make_weights(ref_lib.CONFIG, seed=ref_lib.WEIGHT_SEED)  # varied_model_folder's
+    ref = ref_lib.SchemeReference(ref_lib.CONFIG, weights, adapters, "droidspeak", critical_layers=CRITICAL)
     s.append(REF_PROMPT)
     ref.append(REF_PROMPT)
     rng = np.random.default_rng(1)
