@@ -57,13 +57,13 @@ def case(tmp_path_factory, varied_model_folder):
     return out
 
 
-def pair(case, scheme):
+def pair(case, scheme, sliding_window=None):
     """(engine Session, reference) for one scheme, with the prompt appended."""
     shared_a = scheme == "base_lr_shared"
     session = Session(case["engines"][shared_a], scheme, max_len=MAX_LEN, stop_ids=(), critical_layers=CRITICAL,
                       attention="xla")
     reference = ref_lib.SchemeReference(case["config"], case["weights"], case["adapters"][shared_a], scheme,
-                                        critical_layers=CRITICAL)
+                                        critical_layers=CRITICAL, sliding_window=sliding_window)
     session.append(PROMPT)
     reference.append(PROMPT)
     return session, reference
@@ -138,3 +138,42 @@ def test_schemes_disagree_on_this_trajectory(case):
                 continue
             diff = np.abs(logits[a] - logits[b]).max() / np.abs(logits[a]).max()
             assert diff > 100 * REL_TOL, f"{a} and {b} agree within {diff:.3g}"
+
+
+SWA_WINDOW = 8
+SWA_SCHEMES = ("full_shared", "droidspeak", "base_shared", "base_lr_shared")
+
+
+@pytest.fixture(scope="module")
+def swa_case(tmp_path_factory):
+    """The same weights as a Mistral checkpoint with an 8-token window (the trajectory reaches ~50)."""
+    root = tmp_path_factory.mktemp("scheme_ref_swa")
+    cfg = {**ref_lib.CONFIG, "model_type": "mistral", "sliding_window": SWA_WINDOW}
+    weights = ref_lib.make_weights(cfg, seed=WEIGHT_SEED)
+    model = load_model(ref_lib.write_model(str(root / "model"), cfg, weights), dtype=jnp.float32)
+    assert model.config.sliding_window == SWA_WINDOW
+    out = {"config": cfg, "weights": weights, "engines": {}, "adapters": {}}
+    for shared_a in (False, True):
+        adapters = ref_lib.make_adapters(cfg, seed=ADAPTER_SEED, shared_a=shared_a)
+        paths = {n: ref_lib.write_adapter(str(root / f"shared{shared_a}" / n), f) for n, f in adapters.items()}
+        out["engines"][shared_a] = Engine(model, load_adapters(paths, model), prefill_buckets=(32,))
+        out["adapters"][shared_a] = adapters
+    return out
+
+
+@pytest.mark.parametrize("scheme", SWA_SCHEMES)
+def test_sliding_window_schemes_match_reference(swa_case, scheme):
+    """Teacher-forced logits with a window shorter than the trajectory, for the schemes whose caches
+    other agents read (non_shared's window is checked against transformers in test_sliding_window)."""
+    session, reference = pair(swa_case, scheme, sliding_window=SWA_WINDOW)
+    _, no_window = pair(swa_case, scheme)  # guard: the window changes what this trajectory computes
+    rng = np.random.default_rng(2)
+    moved = 0.0
+    for i, (agent, n) in enumerate(TURNS):
+        tokens = rng.integers(3, 256, n).tolist()
+        _, ref_logits = reference.turn(agent, tokens=tokens)
+        check_logits(session.score(agent, tokens)[0], ref_logits, f"{scheme} window turn {i} ({agent})")
+        moved = max(moved, float(np.abs(no_window.turn(agent, tokens=tokens)[1] - ref_logits).max()))
+        for r in (session, reference, no_window):
+            r.append(TOOL[i])
+    assert moved > 100 * REL_TOL * np.abs(ref_logits).max()
