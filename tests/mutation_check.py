@@ -34,7 +34,7 @@ MUTATIONS = {
     "d_no_sliding_window_mask": (
         "lragent_jax/attention.py",
         "            mask &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window\n", "            pass\n",
-        "tests/test_sliding_window.py"),
+        "tests/test_sliding_window.py tests/test_scheme_reference.py -k 'window'"),
     "e_fs_recomputes": (
         "lragent_jax/schemes.py", "    def _held(self, agent):\n        return self.held\n",
         "    def _held(self, agent):\n        return np.zeros_like(self.held)\n",
