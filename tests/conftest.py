@@ -52,3 +52,16 @@ def hf_case(request, hf_case_factory):
 @pytest.fixture(scope="session")
 def llama_case(hf_case_factory):
     return {"kind": "llama", **hf_case_factory("llama")}
+
+
+@pytest.fixture(scope="session")
+def varied_model_folder(tmp_path_factory):
+    """An HF checkpoint folder of tests/scheme_reference.py's 4-layer model (GQA, Llama-3.1 rope
+    scaling), whose greedy outputs vary from token to token (unlike Llama(preset("tiny")), whose
+    0.02-std init repeats one token per turn). Load with lragent_jax.loading.load_model."""
+    import scheme_reference
+
+    folder = str(tmp_path_factory.mktemp("varied_model") / "model")
+    weights = scheme_reference.make_weights(scheme_reference.CONFIG, seed=scheme_reference.WEIGHT_SEED)
+    return scheme_reference.write_model(folder, scheme_reference.CONFIG, weights)
+
