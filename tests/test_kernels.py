@@ -363,7 +363,7 @@ def test_kernel_limits_only_bind_the_pallas_backends():
   rng = np.random.default_rng(3)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   q, k, v, lr, lb = f(1, 3, 2, 8), f(1, 16, 1, 8), f(1, 16, 1, 8), f(1, 16, 80), f(1, 1, 80, 8)
-  out = flash_lora_attention(q, k, v, lr, lb, lora_scale=0.5, backend="xla")
+  out = compiled(lambda *a: flash_lora_attention(*a, lora_scale=0.5, backend="xla"), q, k, v, lr, lb)(q, k, v, lr, lb)
   ref = np_reference(q, k, v, lr, lb, np.full((1, 2), 0.5), [16], [13], True)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)   # float32 math
   with pytest.raises(ValueError, match="head_dim must be a multiple of 16 in"):
@@ -381,7 +381,7 @@ def test_sliding_window_reference_and_pallas_refusal():
   x = make_inputs(c)
   args = (x["q"], x["k"], x["v"], x["lr"], x["lora_b"])
   kw = dict(lora_scale=x["lora_scale"], kv_lengths=x["kv_lengths"], q_offsets=x["q_offsets"])
-  out = flash_lora_attention(*args, sliding_window=7, backend="xla", **kw)
+  out = compiled(lambda a, kw: flash_lora_attention(*a, sliding_window=7, backend="xla", **kw), args, kw)(args, kw)
   scale = np.broadcast_to(np.asarray(x["lora_scale"], np.float64)[:, None], (c.b, c.hq))
   ref = np_reference(*args, scale, np.asarray(x["kv_lengths"]), np.asarray(x["q_offsets"]), True, window=7)
   assert np.abs(np.asarray(out) - ref).max() < 2e-5 * np.abs(ref).max()
@@ -389,7 +389,8 @@ def test_sliding_window_reference_and_pallas_refusal():
   assert np.abs(full - ref).max() > 1e-2   # the window changed something
   with pytest.raises(NotImplementedError, match="no sliding window"):
     flash_lora_attention(*args, sliding_window=7, backend="triton", interpret=True, **kw)
-  wide = flash_lora_attention(*args, sliding_window=32, backend="triton", interpret=True, **kw)
+  wide = compiled(lambda a, kw: flash_lora_attention(*a, sliding_window=32, backend="triton", interpret=True,
+                                                     **kw), args, kw)(args, kw)
   assert np.abs(np.asarray(wide) - full).max() < 2e-5 * np.abs(full).max()
 
 
