@@ -178,4 +178,3 @@ def next_pow2(x: int) -> int:
 
 def round_up(x: int, m: int) -> int:
   return -(-int(x) // m) * m
-

@@ -162,5 +162,3 @@ def vmem_bytes(rows, hq_rows, dp, r, bk, hkv, itemsize, out_rows, lse_rows=0):
   kv = 2 * (2 * bk * sub * dp * itemsize + bk * lane(r) * itemsize)
   scratch = rows * (dp + 2 * 128 + lane(r)) * 4
   return io + kv + scratch
-
-

@@ -30,8 +30,6 @@ def _prefill_nblocks(i, kv_len, q_off, *, bq, bk, tq, causal):
   return lax.div(jnp.maximum(hi, 0) + (bk - 1), bk)
 
 
-
-
 def _prefill_kernel(layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, *refs,
                     has_lora, per_q_head_b, causal, sm_scale, bq, bk, hkv, group,
                     tq, nk, return_lse=False):
@@ -177,5 +175,3 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
     return out
   lse = res[1][:, :hkv0, :, :tq, 0]                       # [B, Hkv, G, Tq]
   return out, lse.transpose(0, 3, 1, 2).reshape(b, tq, hq)
-
-

@@ -112,5 +112,3 @@ def masks(d, dp, r, rp):
   dmask = None if d == dp else (jnp.arange(dp, dtype=jnp.int32) < d)[None, :]
   rmask = None if r == rp else (jnp.arange(rp, dtype=jnp.int32) < r)[None, :]
   return dmask, rmask
-
-

@@ -149,4 +149,3 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
       name="flash_lora_prefill",
   )(*args)
   return tuple(res) if return_lse else res
-
