@@ -4,7 +4,7 @@ One job: turn the public arguments (many accepted shapes) into one canonical
 form that every backend (xla reference, Triton, Mosaic TPU) consumes, and
 raise a ValueError naming the argument and the allowed values for bad input.
 The LoRA operands are checked in _lora_args.py; the kernels' own limits
-(head_dim, rank) in check_kernel_limits.
+(one dtype, head_dim, rank) in check_kernel_limits.
 
 Canonical form (see ``Canon``):
   q        [B, Tq, Hq, D]
@@ -92,9 +92,6 @@ def canonicalize(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
         f"[num_layers, batch, kv_len, heads_kv, head_dim]; got {shape_str(k)}.")
   if tuple(v_base.shape) != tuple(k.shape):
     raise ValueError(f"v_base must have the same shape as k {shape_str(k)}, got {shape_str(v_base)}.")
-  if jnp.dtype(k.dtype) != jnp.dtype(q.dtype) or jnp.dtype(v_base.dtype) != jnp.dtype(q.dtype):
-    raise ValueError(
-        f"q, k and v_base must share one dtype, got q {q.dtype}, k {k.dtype}, v_base {v_base.dtype}.")
 
   stacked = k.ndim == 5
   if stacked and layer is None:
@@ -161,7 +158,11 @@ def canonicalize(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
 
 
 def check_kernel_limits(c: Canon) -> None:
-  """The Pallas kernels' limits on head_dim and rank (the XLA reference takes any)."""
+  """The Pallas kernels' limits: one dtype for q, k and v_base; head_dim and rank
+  (the XLA reference computes in float32 and takes any)."""
+  if jnp.dtype(c.k.dtype) != jnp.dtype(c.q.dtype) or jnp.dtype(c.v.dtype) != jnp.dtype(c.q.dtype):
+    raise ValueError(f"q, k and v_base must share one dtype for the Pallas kernels, got q {c.q.dtype}, "
+                     f"k {c.k.dtype}, v_base {c.v.dtype}; backend='xla' takes mixed dtypes.")
   dims = c.dims
   d, r = dims["D"], dims["R"]
   if d % 16 or not 16 <= d <= KERNEL_MAX_HEAD_DIM:

@@ -358,14 +358,20 @@ def test_bad_arguments_raise_clear_errors(bad, match):
 
 
 def test_kernel_limits_only_bind_the_pallas_backends():
-  """Rank > 64 and a head_dim that is not a multiple of 16 are the kernels' limits:
-  backend 'xla' (the model's XLA attention) takes them and matches float64."""
+  """Rank > 64, a head_dim that is not a multiple of 16 and mixed q / cache dtypes are
+  the kernels' limits: backend 'xla' (the model's XLA attention) takes them (float64
+  check for the first two)."""
   rng = np.random.default_rng(3)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   q, k, v, lr, lb = f(1, 3, 2, 8), f(1, 16, 1, 8), f(1, 16, 1, 8), f(1, 16, 80), f(1, 1, 80, 8)
   out = compiled(lambda *a: flash_lora_attention(*a, lora_scale=0.5, backend="xla"), q, k, v, lr, lb)(q, k, v, lr, lb)
   ref = np_reference(q, k, v, lr, lb, np.full((1, 2), 0.5), [16], [13], True)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)   # float32 math
+  mixed = compiled(lambda *a: flash_lora_attention(*a, lora_scale=0.5, backend="xla"),
+                   q.astype(jnp.bfloat16), k, v, lr, lb)(q.astype(jnp.bfloat16), k, v, lr, lb)
+  assert mixed.dtype == jnp.bfloat16   # q's dtype; a model whose cache dtype differs runs on xla
+  with pytest.raises(ValueError, match="must share one dtype for the Pallas kernels"):
+    flash_lora_attention(q.astype(jnp.bfloat16), k, v, lr, lb, backend="triton", interpret=True)
   with pytest.raises(ValueError, match="head_dim must be a multiple of 16 in"):
     flash_lora_attention(q, k, v, lr, lb, backend="triton", interpret=True)
   with pytest.raises(ValueError, match=r"rank \(lr.shape\[-1\]\) must be in \[1, 64\]"):
