@@ -1,9 +1,10 @@
-"""One attention entry point for the model: xla reference | naive expansion | pallas kernels.
+"""One attention entry point for the model: a thin adapter over pallas_kernels.
 
 Caches are stacked over layers ([L, B, T, H, D]); every path takes the whole stacked
-array plus the layer index so the Pallas kernels can read the layer in place.
+array plus the layer index so the Pallas kernels can read the layer in place. The XLA
+path is pallas_kernels' reference (reference.py), the naive expansion its expand_values.
 
-Value term, per query row and KV head h (DESIGN.md section 1):
+Value term, per query row and KV head h (docs/kernels.md):
     O_h = P V_base,h + s * (P LR) B_h          (reordered: LR never expanded)
     O_h = P (V_base,h + s * LR B_h)            (naive: expand, then attend)
 """
@@ -13,11 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "pallas")
+from pallas_kernels import BACKENDS, flash_lora_attention, merge_attention, naive_lora_attention, resolve_backend
 
-# Queries are processed in chunks of this many rows on the XLA path so long prefills
-# never materialise a [q_len, kv_len] score matrix for all rows at once.
-_XLA_Q_CHUNK = 512
+# pallas_kernels' backends, plus "pallas": the platform's Pallas kernel (what "auto" picks).
+IMPLS = BACKENDS + ("pallas",)
 
 
 def check_impl(impl: str) -> str:
@@ -27,73 +27,10 @@ def check_impl(impl: str) -> str:
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'pallas' on GPU/TPU, 'xla' elsewhere."""
+    """The pallas_kernels backend an impl runs: 'auto' and 'pallas' -> 'triton' on GPU,
+    'mosaic_tpu' on TPU, 'xla' elsewhere; the others as named."""
     check_impl(impl)
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
-    return impl
-
-
-def _xla_attention(q, k, v, lr, lora_b, scale, kv_lengths, q_offsets, sliding_window, *, causal=True,
-                   return_lse=False):
-    """Reference attention in float32. q [B,S,Hq,D]; k,v [B,T,Hkv,*]; lr [B,T,r] or None.
-
-    lora_b: [B, Hkv, r, D] (per KV head) or [B, Hq, r, D] (per query head); scale: [B] or
-    [B, Hq]. With return_lse also returns the log-sum-exp of the scores [B, S, Hq] (-inf for
-    rows that see no key), so partial attentions can be merged (pallas_kernels.merge).
-    """
-    B, S, Hq, D = q.shape
-    T, Hkv = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    kf = k.astype(jnp.float32)
-    vf = v.astype(jnp.float32)
-    key_pos = jnp.arange(T)
-    if lr is not None:
-        # per query head B and scale: [B, Hkv, G, r, D] and [B, Hkv, G]
-        b5 = lora_b.astype(jnp.float32)
-        b5 = b5[:, :, None] if b5.shape[1] == Hkv and Hq != Hkv else b5.reshape(B, Hkv, G, *b5.shape[2:])
-        b5 = jnp.broadcast_to(b5, (B, Hkv, G) + lora_b.shape[2:])
-        sc = jnp.asarray(scale, jnp.float32)
-        sc = jnp.broadcast_to(sc[:, None] if sc.ndim == 1 else sc, (B, Hq)).reshape(B, Hkv, G)
-
-    def chunk(q_c, row0):
-        # q_c [B, C, Hq, D]; rows row0 .. row0+C of the query block.
-        C = q_c.shape[1]
-        qg = q_c.astype(jnp.float32).reshape(B, C, Hkv, G, D)
-        s = jnp.einsum("bchgd,bthd->bhgct", qg, kf) / jnp.sqrt(jnp.float32(D))
-        q_pos = q_offsets[:, None] + row0 + jnp.arange(C)[None, :]  # [B, C]
-        mask = jnp.broadcast_to(key_pos[None, None, :] < kv_lengths[:, None, None], (B, C, T))
-        if causal:
-            mask &= key_pos[None, None, :] <= q_pos[:, :, None]
-        if sliding_window is not None:
-            mask &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        mask = mask[:, None, None]  # [B,1,1,C,T]
-        s = jnp.where(mask, s, -jnp.inf)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        p = jnp.where(mask, jnp.exp(s - m), 0.0)
-        l = jnp.sum(p, axis=-1, keepdims=True)
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)  # [B,Hkv,G,C,1]
-        p = p / jnp.where(l == 0, 1.0, l)  # fully masked rows -> zeros, not NaN
-        o = jnp.einsum("bhgct,bthd->bchgd", p, vf)
-        if lr is not None:
-            plr = jnp.einsum("bhgct,btr->bchgr", p, lr.astype(jnp.float32))
-            o = o + sc[:, None, :, :, None] * jnp.einsum("bchgr,bhgrd->bchgd", plr, b5)
-        lse = lse[..., 0].transpose(0, 3, 1, 2).reshape(B, C, Hq)
-        return o.reshape(B, C, Hq, v.shape[-1]), lse
-
-    if S <= _XLA_Q_CHUNK:
-        out, lse = chunk(q, 0)
-    else:
-        n = -(-S // _XLA_Q_CHUNK)
-        pad = n * _XLA_Q_CHUNK - S
-        qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        qc = qp.reshape(B, n, _XLA_Q_CHUNK, Hq, D).swapaxes(0, 1)
-        outs, lses = jax.lax.map(lambda a: chunk(a[0], a[1]), (qc, jnp.arange(n) * _XLA_Q_CHUNK))
-        out = outs.swapaxes(0, 1).reshape(B, n * _XLA_Q_CHUNK, Hq, -1)[:, :S]
-        lse = lses.swapaxes(0, 1).reshape(B, n * _XLA_Q_CHUNK, Hq)[:, :S]
-    out = out.astype(q.dtype)
-    return (out, lse) if return_lse else out
+    return resolve_backend("auto" if impl == "pallas" else impl)
 
 
 def attend(
@@ -121,47 +58,14 @@ def attend(
     (and j <= its position when causal). naive_expansion: materialise V = V_base + s LR B for the
     layer first (the ablation). return_lse: also return the scores' log-sum-exp [B, S, Hq].
     """
-    impl = resolve_impl(impl)
+    backend = resolve_impl(impl)
     if lr_cache is not None and (lora_b is None or lora_scale is None):
         raise ValueError("lr_cache given without lora_b and lora_scale")
-    if impl == "pallas" and sliding_window is not None and sliding_window < k_cache.shape[2]:
-        raise NotImplementedError(
-            f"the pallas attention has no sliding window (sliding_window={sliding_window} < "
-            f"max_len={k_cache.shape[2]}); use attention impl 'xla' or max_len <= sliding_window"
-        )
-    kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal, return_lse=return_lse)
-    if naive_expansion and lr_cache is not None:
-        expanded = jnp.einsum("btr,bhrd->bthd", lr_cache[layer].astype(jnp.float32),
-                              lora_b.astype(jnp.float32))
-        v = v_cache[layer].astype(jnp.float32) + lora_scale[:, None, None, None] * expanded
-        return _attend_layer(q, k_cache[layer], v.astype(v_cache.dtype), None, None, None, impl=impl,
-                             sliding_window=sliding_window, **kw)
-    if impl == "pallas":
-        from pallas_kernels.flash_lora_attention import flash_lora_attention
-
-        extra = {"return_lse": True} if return_lse else {}  # only kernels with LSE output take it
-        return flash_lora_attention(
-            q, k_cache, v_cache, lr_cache, lora_b, lora_scale=lora_scale if lora_b is not None else 1.0,
-            kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal, layer=layer, **extra,
-        )
-    lr = None if lr_cache is None else lr_cache[layer]
-    return _attend_layer(q, k_cache[layer], v_cache[layer], lr, lora_b, lora_scale, impl=impl,
-                         sliding_window=sliding_window, **kw)
-
-
-def _attend_layer(q, k, v, lr, lora_b, lora_scale, *, impl, sliding_window, kv_lengths, q_offsets, causal,
-                  return_lse):
-    """Attention over one layer's (already sliced) arrays."""
-    if impl == "pallas":
-        from pallas_kernels.flash_lora_attention import flash_lora_attention
-
-        extra = {"return_lse": True} if return_lse else {}
-        return flash_lora_attention(
-            q, k, v, lr, lora_b, lora_scale=lora_scale if lora_b is not None else 1.0,
-            kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal, **extra,
-        )
-    return _xla_attention(q, k, v, lr, lora_b, lora_scale, kv_lengths, q_offsets, sliding_window, causal=causal,
-                          return_lse=return_lse)
+    fn = naive_lora_attention if naive_expansion else flash_lora_attention
+    return fn(q, k_cache, v_cache, lr_cache, lora_b if lr_cache is not None else None,
+              lora_scale=lora_scale if lr_cache is not None else 1.0, kv_lengths=kv_lengths,
+              q_offsets=q_offsets, causal=causal, layer=layer, sliding_window=sliding_window,
+              backend=backend, return_lse=return_lse)
 
 
 def attend_concurrent(
@@ -210,6 +114,4 @@ def attend_concurrent(
     o_s, lse_s = attend(q, suffix_k, suffix_v, layer=layer, kv_lengths=suffix_lengths, q_offsets=suffix_q_offsets,
                         lr_cache=suffix_lr, lora_b=lora_b if suffix_lr is not None else None,
                         lora_scale=lora_scale if suffix_lr is not None else None, impl=impl, return_lse=True)
-    from pallas_kernels.merge import merge_attention  # exact: O is linear in P (see its docstring)
-
-    return merge_attention(o_p, lse_p, o_s, lse_s)[0]
+    return merge_attention(o_p, lse_p, o_s, lse_s)[0]  # exact: O is linear in P (see its docstring)

@@ -3,6 +3,8 @@
 One job: turn the public arguments (many accepted shapes) into one canonical
 form that every backend (xla reference, Triton, Mosaic TPU) consumes, and
 raise a ValueError naming the argument and the allowed values for bad input.
+The LoRA operands are checked in _lora_args.py; the kernels' own limits
+(one dtype, head_dim, rank) in check_kernel_limits.
 
 Canonical form (see ``Canon``):
   q        [B, Tq, Hq, D]
@@ -24,9 +26,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-ALLOWED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MAX_RANK = 64
-MAX_HEAD_DIM = 256
+from pallas_kernels._lora_args import check_float, check_lora, shape_str
+
+# What the Pallas kernels handle (the XLA reference has no such limits).
+KERNEL_MAX_RANK = 64
+KERNEL_MAX_HEAD_DIM = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,9 @@ class Canon:
   # True when lora_scale varies inside a KV group or lora_b is per query head;
   # only the naive expansion cares (it must then expand per query head).
   lora_per_q_head: bool
+  # Keys at positions <= query position - sliding_window are masked (None: no window);
+  # only the XLA reference implements it.
+  sliding_window: int | None = None
 
   @property
   def has_lora(self) -> bool:
@@ -56,17 +63,6 @@ class Canon:
     l, _, s, hkv, _ = self.k.shape
     r = 0 if self.lr is None else self.lr.shape[-1]
     return dict(B=b, Tq=tq, Hq=hq, D=d, L=l, S=s, Hkv=hkv, G=hq // hkv, R=r)
-
-
-def _shape_str(x) -> str:
-  return "None" if x is None else str(tuple(x.shape))
-
-
-def _check_float(name, x):
-  dt = jnp.dtype(x.dtype)
-  if dt not in ALLOWED_DTYPES:
-    raise ValueError(
-        f"{name} has dtype {dt}; allowed dtypes are float32, bfloat16, float16.")
 
 
 def _as_int_vector(name, x, batch):
@@ -82,43 +78,38 @@ def _as_int_vector(name, x, batch):
 
 def canonicalize(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
                  kv_lengths=None, q_offsets=None, causal=True, sm_scale=None,
-                 layer=None) -> Canon:
+                 layer=None, sliding_window=None) -> Canon:
   """Checks the public arguments and returns their canonical form."""
   for name, x in (("q", q), ("k", k), ("v_base", v_base)):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
       raise ValueError(f"{name} must be an array, got {type(x).__name__}.")
-    _check_float(name, x)
+    check_float(name, x)
   if q.ndim != 4:
-    raise ValueError(f"q must have shape [batch, q_len, heads_q, head_dim], got {_shape_str(q)}.")
+    raise ValueError(f"q must have shape [batch, q_len, heads_q, head_dim], got {shape_str(q)}.")
   if k.ndim not in (4, 5):
     raise ValueError(
         "k must have shape [batch, kv_len, heads_kv, head_dim] or, stacked over layers, "
-        f"[num_layers, batch, kv_len, heads_kv, head_dim]; got {_shape_str(k)}.")
+        f"[num_layers, batch, kv_len, heads_kv, head_dim]; got {shape_str(k)}.")
   if tuple(v_base.shape) != tuple(k.shape):
-    raise ValueError(f"v_base must have the same shape as k {_shape_str(k)}, got {_shape_str(v_base)}.")
-  if jnp.dtype(k.dtype) != jnp.dtype(q.dtype) or jnp.dtype(v_base.dtype) != jnp.dtype(q.dtype):
-    raise ValueError(
-        f"q, k and v_base must share one dtype, got q {q.dtype}, k {k.dtype}, v_base {v_base.dtype}.")
+    raise ValueError(f"v_base must have the same shape as k {shape_str(k)}, got {shape_str(v_base)}.")
 
   stacked = k.ndim == 5
   if stacked and layer is None:
     raise ValueError(
         "layer is required when k and v_base are stacked over layers "
-        f"(k shape {_shape_str(k)} = [num_layers, batch, kv_len, heads_kv, head_dim]).")
+        f"(k shape {shape_str(k)} = [num_layers, batch, kv_len, heads_kv, head_dim]).")
   if not stacked and layer is not None:
     raise ValueError(
-        f"layer was given but k has shape {_shape_str(k)} (4-D, not stacked over layers); "
+        f"layer was given but k has shape {shape_str(k)} (4-D, not stacked over layers); "
         "pass the stacked [num_layers, ...] cache or layer=None.")
   k5 = k if stacked else k[None]
   v5 = v_base if stacked else v_base[None]
   num_layers, b, s, hkv, d = k5.shape
   bq, tq, hq, dq = q.shape
   if bq != b:
-    raise ValueError(f"q batch {bq} does not match k batch {b} (q {_shape_str(q)}, k {_shape_str(k)}).")
+    raise ValueError(f"q batch {bq} does not match k batch {b} (q {shape_str(q)}, k {shape_str(k)}).")
   if dq != d:
     raise ValueError(f"q head_dim {dq} does not match k head_dim {d}.")
-  if d % 16 or not 16 <= d <= MAX_HEAD_DIM:
-    raise ValueError(f"head_dim must be a multiple of 16 in [16, {MAX_HEAD_DIM}] (e.g. 64, 80, 96, 128, 256), got {d}.")
   if hq % hkv:
     raise ValueError(f"heads_q ({hq}) must be a multiple of heads_kv ({hkv}).")
   if tq < 1:
@@ -141,50 +132,7 @@ def canonicalize(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
   else:
     layer_arr = jnp.zeros((), jnp.int32)
 
-  # LoRA operands.
-  if (lr is None) != (lora_b is None):
-    raise ValueError("lr and lora_b must be given together (both or neither); "
-                     f"got lr {_shape_str(lr)}, lora_b {_shape_str(lora_b)}.")
-  lr4 = b4 = None
-  per_q_head = False
-  scale = None
-  if lr is not None:
-    _check_float("lr", lr)
-    _check_float("lora_b", lora_b)
-    want_lr_ndim = k.ndim - 1
-    if lr.ndim != want_lr_ndim or tuple(lr.shape[:-1]) != tuple(k.shape[:-2]):
-      lay = "[num_layers, batch, kv_len, rank]" if stacked else "[batch, kv_len, rank]"
-      raise ValueError(f"lr must have shape {lay} matching k {_shape_str(k)}, got {_shape_str(lr)}.")
-    r = lr.shape[-1]
-    if not 1 <= r <= MAX_RANK:
-      raise ValueError(f"LoRA rank (lr.shape[-1]) must be in [1, {MAX_RANK}], got {r}.")
-    if lora_b.ndim != 4 or lora_b.shape[0] != b or lora_b.shape[2] != r or lora_b.shape[3] != d \
-        or lora_b.shape[1] not in (hkv, hq):
-      raise ValueError(
-          f"lora_b must have shape [batch, heads_kv, rank, head_dim]=({b}, {hkv}, {r}, {d}) or "
-          f"[batch, heads_q, rank, head_dim]=({b}, {hq}, {r}, {d}), got {_shape_str(lora_b)}.")
-    per_q_head = lora_b.shape[1] != hkv
-    lr4 = lr if stacked else lr[None]
-    b4 = lora_b
-    if isinstance(lora_scale, numbers.Real) and not isinstance(lora_scale, bool):
-      scale = jnp.full((b, hq), float(lora_scale), jnp.float32)
-    else:
-      sc = jnp.asarray(lora_scale)
-      if not jnp.issubdtype(sc.dtype, jnp.floating) and not jnp.issubdtype(sc.dtype, jnp.integer):
-        raise ValueError(f"lora_scale must be a float or a float array, got dtype {sc.dtype}.")
-      sc = sc.astype(jnp.float32)
-      if sc.ndim == 0:
-        scale = jnp.broadcast_to(sc, (b, hq))
-      elif sc.shape == (b,):
-        scale = jnp.broadcast_to(sc[:, None], (b, hq))
-      elif sc.shape == (b, hq):
-        scale = sc
-        per_q_head = per_q_head or hq != hkv
-      else:
-        raise ValueError(
-            f"lora_scale must be a float or an array of shape [batch]=({b},) or "
-            f"[batch, heads_q]=({b}, {hq}), got {tuple(sc.shape)}.")
-
+  lr4, b4, scale, per_q_head = check_lora(lr, lora_b, lora_scale, k=k, b=b, hq=hq, hkv=hkv, d=d)
   kv_len = (jnp.full((b,), s, jnp.int32) if kv_lengths is None
             else jnp.clip(_as_int_vector("kv_lengths", kv_lengths, b), 0, s))
   if q_offsets is None:
@@ -199,9 +147,30 @@ def canonicalize(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
   if not isinstance(causal, (bool, np.bool_)):
     raise ValueError(f"causal must be a python bool, got {causal!r}.")
 
+  if sliding_window is not None and (
+      not isinstance(sliding_window, numbers.Integral) or isinstance(sliding_window, bool) or sliding_window < 1):
+    raise ValueError(f"sliding_window must be a positive python int or None, got {sliding_window!r}.")
+
   return Canon(q=q, k=k5, v=v5, layer=layer_arr, lr=lr4, lora_b=b4, scale=scale,
                kv_len=kv_len, q_off=q_off, causal=bool(causal),
-               sm_scale=float(sm_scale), lora_per_q_head=per_q_head)
+               sm_scale=float(sm_scale), lora_per_q_head=per_q_head,
+               sliding_window=None if sliding_window is None else int(sliding_window))
+
+
+def check_kernel_limits(c: Canon) -> None:
+  """The Pallas kernels' limits: one dtype for q, k and v_base; head_dim and rank
+  (the XLA reference computes in float32 and takes any)."""
+  if jnp.dtype(c.k.dtype) != jnp.dtype(c.q.dtype) or jnp.dtype(c.v.dtype) != jnp.dtype(c.q.dtype):
+    raise ValueError(f"q, k and v_base must share one dtype for the Pallas kernels, got q {c.q.dtype}, "
+                     f"k {c.k.dtype}, v_base {c.v.dtype}; backend='xla' takes mixed dtypes.")
+  dims = c.dims
+  d, r = dims["D"], dims["R"]
+  if d % 16 or not 16 <= d <= KERNEL_MAX_HEAD_DIM:
+    raise ValueError(f"head_dim must be a multiple of 16 in [16, {KERNEL_MAX_HEAD_DIM}] for the Pallas "
+                     f"kernels (e.g. 64, 80, 96, 128, 256), got {d}; backend='xla' takes any.")
+  if c.has_lora and not 1 <= r <= KERNEL_MAX_RANK:
+    raise ValueError(f"LoRA rank (lr.shape[-1]) must be in [1, {KERNEL_MAX_RANK}] for the Pallas kernels, "
+                     f"got {r}; backend='xla' takes any.")
 
 
 def next_pow2(x: int) -> int:
@@ -210,4 +179,3 @@ def next_pow2(x: int) -> int:
 
 def round_up(x: int, m: int) -> int:
   return -(-int(x) // m) * m
-

@@ -1,13 +1,13 @@
-"""Public entry point of Flash-LoRA-Attention: argument checks and dispatch.
+"""Public entry point of Flash-LoRA-Attention: backend choice, knob checks, dispatch.
 
     out = softmax(q k^T * sm_scale + mask) @ V_base
           + lora_scale * (softmax(...) @ LR) @ lora_b[head]
 
-computed without expanding LR to [kv_len, heads, head_dim] (DESIGN.md section 1).
+computed without expanding LR to [kv_len, heads, head_dim] (docs/kernels.md).
 
-Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU), "mosaic_tpu"
-(Pallas TPU), "xla" (jnp reference in float32), "auto" (by
-jax.default_backend(): gpu -> triton, tpu -> mosaic_tpu, otherwise xla).
+Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU; triton/), "mosaic_tpu"
+(Pallas TPU; tpu/), "xla" (the jnp reference in float32; reference.py), "auto"
+(by jax.default_backend(): gpu -> triton, tpu -> mosaic_tpu, otherwise xla).
 ``interpret=True`` runs the Pallas backend in interpret mode (CPU tests).
 
 Kernels: q_len <= ``decode_max_q_len`` (default 16) uses the split-K decode
@@ -17,7 +17,7 @@ longer q_len the prefill kernel; ``kernel="prefill" | "decode"`` forces one.
 ``return_lse=True`` (static) also returns the float32 log-sum-exp of every
 query row, so that attention over disjoint key ranges (a shared prefix with
 stacked queries, then each branch's suffix) can be merged exactly with
-``merge_partials`` (pallas_kernels/merge.py).
+``merge_partials`` (merge.py).
 """
 from __future__ import annotations
 
@@ -27,18 +27,17 @@ import jax
 import numpy as np
 
 from pallas_kernels import reference
-from pallas_kernels._args import Canon, canonicalize
+from pallas_kernels._args import Canon, canonicalize, check_kernel_limits
 
 BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
 KERNELS = ("prefill", "decode")
 DECODE_MAX_Q_LEN = 16
 TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
 
-# Keyword "block sizes" accepted per backend (they apply to the kernel that runs;
-# num_splits only to decode).
-_TUNABLES = {
-    "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits", "lora_dot",
-               "lr_prefetch", "lr_width"),
+# Keyword knobs accepted per backend: each lands in the block-size dataclass of the
+# kernel that runs (num_splits: decode only; block_q: prefill only).
+KNOBS = {
+    "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits"),
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
     "xla": ("q_chunk",),
 }
@@ -58,37 +57,41 @@ def resolve_backend(backend: str) -> str:
   return "xla"
 
 
-def _check_tunables(backend, kw):
-  allowed = _TUNABLES[backend] + _DISPATCH_KEYS
-  for key, val in kw.items():
+def _block_size_classes(backend):
+  if backend == "triton":
+    from pallas_kernels.triton import tuning
+  else:
+    from pallas_kernels.tpu import tuning
+  return tuning.PrefillBlockSizes, tuning.DecodeBlockSizes
+
+
+def _pick(cls, kw):
+  names = {f for f in cls.__dataclass_fields__}
+  return cls(**{k: v for k, v in kw.items() if k in names})
+
+
+def check_knobs(backend: str, kw: dict):
+  """Checks the keyword knobs of a resolved backend; returns (dispatch keys, knobs).
+
+  Every value is checked up front (also those of the kernel that will not run),
+  so a bad knob fails the same way at every shape.
+  """
+  allowed = KNOBS[backend] + _DISPATCH_KEYS
+  for key in kw:
     if key not in allowed:
       raise ValueError(f"unknown keyword {key!r} for backend {backend!r}; allowed: {allowed}.")
-    if key == "kernel":
-      if val not in KERNELS + (None,):
-        raise ValueError(f"kernel must be one of {KERNELS} or None, got {val!r}.")
-      continue
-    if val is None:
-      continue
-    if key == "lr_prefetch":
-      if not isinstance(val, (bool, np.bool_)):
-        raise ValueError(f"lr_prefetch must be a bool (triton decode), got {val!r}.")
-      continue
-    if key == "lora_dot":
-      from pallas_kernels.triton_kernels import LORA_DOTS
-
-      if val not in LORA_DOTS:
-        raise ValueError(f"lora_dot must be one of {LORA_DOTS} (triton decode), got {val!r}.")
-      continue
-    if not isinstance(val, numbers.Integral) or val < 1:
+  dispatch = {k: kw[k] for k in _DISPATCH_KEYS if k in kw}
+  if dispatch.get("kernel") not in KERNELS + (None,):
+    raise ValueError(f"kernel must be one of {KERNELS} or None, got {dispatch['kernel']!r}.")
+  knobs = {k: v for k, v in kw.items() if k not in _DISPATCH_KEYS and v is not None}
+  for key in ("decode_max_q_len", "q_chunk"):
+    val = kw.get(key)
+    if val is not None and (not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1):
       raise ValueError(f"{key} must be a positive int, got {val!r}.")
-    if key in ("block_q", "block_k") and backend == "triton" and (val < 16 or val & (val - 1)):
-      raise ValueError(f"{key} must be a power of two >= 16 for the triton backend, got {val}.")
-    if key in ("block_q", "block_k") and backend == "mosaic_tpu" and val % 16:
-      raise ValueError(f"{key} must be a multiple of 16 for the mosaic_tpu backend, got {val}.")
-    if key == "lr_width" and (val < 16 or val & (val - 1)):
-      raise ValueError(f"lr_width must be a power of two >= 16 (triton decode), got {val}.")
-    if key == "num_warps" and val not in (1, 2, 4, 8, 16):
-      raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16), got {val}.")
+  if backend != "xla":
+    prefill_cls, decode_cls = _block_size_classes(backend)
+    _pick(prefill_cls, knobs), _pick(decode_cls, knobs)   # validates (ValueError naming the knob)
+  return dispatch, knobs
 
 
 def _check_return_lse(return_lse):
@@ -109,43 +112,39 @@ def choose_kernel(c: Canon, backend: str, kernel=None, decode_max_q_len=None) ->
   return "decode"
 
 
-def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **block_sizes):
+def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **knobs):
   """Runs a resolved backend on canonical arguments (see _args.Canon).
 
   Returns out, or (out, lse) when ``return_lse`` (a static python bool).
   """
-  _check_tunables(backend, block_sizes)
+  dispatch, knobs = check_knobs(backend, knobs)
   return_lse = _check_return_lse(return_lse)
   if backend == "xla":
-    return reference.reference_from_canon(c, q_chunk=block_sizes.get("q_chunk"),
-                                          return_lse=return_lse)
-  kernel = choose_kernel(c, backend, block_sizes.pop("kernel", None),
-                         block_sizes.pop("decode_max_q_len", None))
-  kw = {k: v for k, v in block_sizes.items() if v is not None}
-  if kernel == "prefill":
-    kw.pop("num_splits", None)
-    kw.pop("lora_dot", None)
-    kw.pop("lr_prefetch", None)
-    kw.pop("lr_width", None)
-  else:
-    kw.pop("block_q", None)
-  args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
-  common = dict(causal=c.causal, sm_scale=c.sm_scale, interpret=interpret)
-  if return_lse:   # only passed when set: the default path is the unchanged kernel call
-    common["return_lse"] = True
+    return reference.reference_from_canon(c, q_chunk=knobs.get("q_chunk"), return_lse=return_lse)
+  check_kernel_limits(c)
+  if c.sliding_window is not None and c.sliding_window < c.dims["S"]:
+    raise NotImplementedError(
+        f"the Pallas kernels have no sliding window (sliding_window={c.sliding_window} < "
+        f"kv_len={c.dims['S']}); use backend 'xla' (attention 'xla') or a cache no longer than the window.")
+  kernel = choose_kernel(c, backend, dispatch.get("kernel"), dispatch.get("decode_max_q_len"))
   if backend == "triton":
-    from pallas_kernels import triton_kernels as tk
-    fn = tk.prefill if kernel == "prefill" else tk.decode
+    from pallas_kernels import triton as impl
   else:
-    from pallas_kernels import tpu_kernels as tpk
-    fn = tpk.prefill if kernel == "prefill" else tpk.decode
-  return fn(*args, **common, **kw)
+    from pallas_kernels import tpu as impl
+  prefill_cls, decode_cls = _block_size_classes(backend)
+  if kernel == "prefill":
+    fn, block_sizes = impl.prefill, _pick(prefill_cls, knobs)
+  else:
+    fn, block_sizes = impl.decode, _pick(decode_cls, knobs)
+  extra = {"return_lse": True} if return_lse else {}  # the default path is the unchanged kernel call
+  return fn(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale, causal=c.causal,
+            sm_scale=c.sm_scale, block_sizes=block_sizes, interpret=interpret, **extra)
 
 
 def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
                          kv_lengths=None, q_offsets=None, causal=True, sm_scale=None,
-                         layer=None, backend="auto", interpret=False, return_lse=False,
-                         **block_sizes):
+                         layer=None, sliding_window=None, backend="auto", interpret=False,
+                         return_lse=False, **knobs):
   """Flash attention with the LRAgent LoRA value term, fused.
 
   Args:
@@ -161,15 +160,18 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
       and j < kv_lengths[b] (causal=True); only the latter when causal=False.
     sm_scale: python float, default 1/sqrt(head_dim).
     layer: python int or traced int32 scalar; read inside the kernel.
+    sliding_window: python int or None; query at position p also needs keys
+      j > p - sliding_window. Only the xla backend has it; the Pallas backends
+      accept a window no shorter than kv_len (it masks nothing) and raise
+      NotImplementedError otherwise.
     backend: "auto" | "triton" | "mosaic_tpu" | "xla".
     interpret: run the Pallas kernel in interpret mode.
     return_lse: python bool (static). Also return the log-sum-exp of each row.
-    **block_sizes: triton: block_q, block_k, num_warps, num_stages, num_splits,
-      lora_dot ("mma" | "fma" | "wide": how decode forms P @ LR),
-      lr_prefetch (bool: decode loads LR one block ahead),
-      lr_width (decode's LR tile width for "mma"/"wide": a power of two >= 16);
-      mosaic_tpu: block_q, block_k, num_splits; xla: q_chunk; any backend:
-      kernel ("prefill" | "decode"), decode_max_q_len.
+    **knobs: triton: block_q, block_k, num_warps, num_stages, num_splits
+      (triton.tuning.PrefillBlockSizes / DecodeBlockSizes); mosaic_tpu:
+      block_q, block_k, num_splits (tpu.tuning); xla: q_chunk; any backend:
+      kernel ("prefill" | "decode"), decode_max_q_len. None or absent: the
+      measured defaults (get_default).
 
   Returns:
     [batch, q_len, heads_q, head_dim] in q's dtype. Rows that see no key are 0.
@@ -181,8 +183,27 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     ``merge_partials``.
   """
   backend = resolve_backend(backend)
-  _check_tunables(backend, block_sizes)
+  check_knobs(backend, knobs)
   c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
                    kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
-                   sm_scale=sm_scale, layer=layer)
-  return run_canonical(c, backend, interpret=interpret, return_lse=return_lse, **block_sizes)
+                   sm_scale=sm_scale, layer=layer, sliding_window=sliding_window)
+  return run_canonical(c, backend, interpret=interpret, return_lse=return_lse, **knobs)
+
+
+def naive_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
+                         kv_lengths=None, q_offsets=None, causal=True,
+                         sm_scale=None, layer=None, sliding_window=None, backend="auto",
+                         interpret=False, return_lse=False, **knobs):
+  """Naive baseline: expand V = V_base + s * LR @ B per head (reference.expand_values),
+  then plain attention with the given backend, so a comparison with the fused kernel
+  isolates the cost of expanding the LoRA term. Same arguments as flash_lora_attention."""
+  backend = resolve_backend(backend)
+  check_knobs(backend, knobs)
+  c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
+                   kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
+                   sm_scale=sm_scale, layer=layer, sliding_window=sliding_window)
+  k_x, v_x = reference.expand_values(c)
+  return flash_lora_attention(
+      q, k_x, v_x, kv_lengths=c.kv_len, q_offsets=c.q_off, causal=c.causal,
+      sm_scale=c.sm_scale, sliding_window=c.sliding_window, backend=backend,
+      interpret=interpret, return_lse=return_lse, **knobs)

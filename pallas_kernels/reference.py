@@ -1,12 +1,15 @@
-"""Pure-jnp references for Flash-LoRA-Attention.
+"""The XLA reference of Flash-LoRA-Attention and the naive LoRA expansion.
 
-* ``reference_attention``: float32 math, LoRA term in the reordered form
-  ``s * (P @ LR) @ B`` (no expansion); what ``backend="xla"`` runs. Memory-sane
-  for long q_len: queries are processed in chunks (``lax.map``) sized so one
-  chunk's [batch, heads, chunk, kv_len] scores stay around 2**25 floats.
-* ``naive_lora_attention``: the naive baseline (and ablation) that first
-  materialises ``V = V_base + s * LR @ B`` per head and then runs plain
-  attention (by default with the same backend's kernel).
+* ``reference_attention`` / ``reference_from_canon``: float32 math, LoRA term
+  in the reordered form ``s * (P @ LR) @ B`` (no expansion); what
+  ``backend="xla"`` runs (and the model's XLA attention). Memory-sane for long
+  q_len: queries are processed in chunks (``lax.map``) sized so one chunk's
+  [batch, heads, chunk, kv_len] scores stay around 2**25 floats. The only
+  path with a sliding window.
+* ``expand_values``: the naive expansion ``V = V_base + s * LR @ B`` per head;
+  ``flash_lora_attention.naive_lora_attention`` runs plain attention on it.
+
+Imports nothing from flash_lora_attention.py (which imports this file).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def _layer_slice(x, layer):
 
 
 def _attend_chunk(q, k, v, lr, lora_b, scale, kv_len, q_off, row0, *, causal,
-                  sm_scale, per_q_head_b, return_lse=False):
+                  sm_scale, per_q_head_b, return_lse=False, sliding_window=None):
   """q [B,C,Hq,D] (rows row0..row0+C); k,v [B,S,Hkv,D]; lr [B,S,R] | None.
 
   Returns o [B,C,Hq,D] float32, or (o, lse [B,C,Hq] float32) with return_lse.
@@ -40,9 +43,11 @@ def _attend_chunk(q, k, v, lr, lora_b, scale, kv_len, q_off, row0, *, causal,
                       precision=lax.Precision.HIGHEST) * sm_scale
   cols = jnp.arange(s_len, dtype=jnp.int32)
   valid = cols[None, None, :] < kv_len[:, None, None]                     # [B,1,S]
+  pos = q_off[:, None] + row0 + jnp.arange(c, dtype=jnp.int32)[None, :]    # [B,C]
   if causal:
-    pos = q_off[:, None] + row0 + jnp.arange(c, dtype=jnp.int32)[None, :]  # [B,C]
     valid = valid & (cols[None, None, :] <= pos[:, :, None])             # [B,C,S]
+  if sliding_window is not None:
+    valid = valid & (cols[None, None, :] > pos[:, :, None] - sliding_window)
   valid = valid[:, None, None]                                           # [B,1,1,C|1,S]
   scores = jnp.where(valid, scores, -jnp.inf)
   m = jnp.max(scores, axis=-1, keepdims=True)
@@ -82,7 +87,7 @@ def reference_from_canon(c: Canon, q_chunk: int | None = None, return_lse: bool 
   attend = functools.partial(
       _attend_chunk, k=k, v=v, lr=lr, lora_b=c.lora_b, scale=c.scale,
       kv_len=c.kv_len, q_off=c.q_off, causal=c.causal, sm_scale=c.sm_scale,
-      per_q_head_b=per_q_head_b, return_lse=return_lse)
+      per_q_head_b=per_q_head_b, return_lse=return_lse, sliding_window=c.sliding_window)
   if q_chunk is None:
     q_chunk = max(1, _CHUNK_SCORE_ELEMS // max(1, b * hq * s_len))
     q_chunk = 1 << (q_chunk.bit_length() - 1)   # power of two, for fewer recompiles
@@ -105,15 +110,17 @@ def reference_from_canon(c: Canon, q_chunk: int | None = None, return_lse: bool 
 
 def reference_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
                         kv_lengths=None, q_offsets=None, causal=True,
-                        sm_scale=None, layer=None, q_chunk=None, return_lse=False):
+                        sm_scale=None, layer=None, sliding_window=None, q_chunk=None,
+                        return_lse=False):
   """Plain jnp Flash-LoRA-Attention reference (float32 math, chunked over queries).
 
-  Same arguments and semantics as ``flash_lora_attention`` (``return_lse``
-  included); ``q_chunk`` overrides the query chunk size of the memory-sane loop.
+  Same arguments and semantics as ``flash_lora_attention`` (``return_lse`` and
+  ``sliding_window`` included); ``q_chunk`` overrides the query chunk size of
+  the memory-sane loop.
   """
   c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
                    kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
-                   sm_scale=sm_scale, layer=layer)
+                   sm_scale=sm_scale, layer=layer, sliding_window=sliding_window)
   return reference_from_canon(c, q_chunk=q_chunk, return_lse=return_lse)
 
 
@@ -144,24 +151,3 @@ def expand_values(c: Canon):
   delta = jnp.einsum("bsr,bhrd->bshd", lr, bm, precision=lax.Precision.HIGHEST)
   v = (v.astype(jnp.float32) + scale[:, None, :, None] * delta).astype(c.v.dtype)
   return k, v
-
-
-def naive_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
-                         kv_lengths=None, q_offsets=None, causal=True,
-                         sm_scale=None, layer=None, backend="auto",
-                         interpret=False, **block_sizes):
-  """Naive baseline: expand V = V_base + s * LR @ B per head, then plain attention.
-
-  The attention itself runs through ``flash_lora_attention(..., lr=None)`` with
-  the given backend, so the comparison with the fused kernel isolates the cost
-  of expanding the LoRA term.
-  """
-  from pallas_kernels.flash_lora_attention import flash_lora_attention  # cycle-free at call time
-
-  c = canonicalize(q, k, v_base, lr, lora_b, lora_scale=lora_scale,
-                   kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal,
-                   sm_scale=sm_scale, layer=layer)
-  k_x, v_x = expand_values(c)
-  return flash_lora_attention(
-      q, k_x, v_x, kv_lengths=c.kv_len, q_offsets=c.q_off, causal=c.causal,
-      sm_scale=c.sm_scale, backend=backend, interpret=interpret, **block_sizes)

@@ -34,6 +34,7 @@ CPU:  python scripts/bench_kernels.py --quick --check --out /tmp/kb   (interpret
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -50,7 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import flash_lora_attention, naive_lora_attention, reference_attention  # noqa: E402
-from pallas_kernels import triton_kernels  # noqa: E402
+from pallas_kernels.triton import tuning as triton_tuning  # noqa: E402
 
 L2_BYTES = 50 * 2**20          # H100: 50 MiB
 ROTATE_TARGET = 4 * L2_BYTES   # rotated inputs span at least this much
@@ -143,7 +144,7 @@ def device_info():
   return dict(device_kind=d.device_kind, platform=d.platform, num_devices=jax.device_count(),
               jax_version=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              sm_count=triton_kernels.num_sms() if d.platform == "gpu" else None)
+              sm_count=triton_tuning.num_sms() if d.platform == "gpu" else None)
 
 
 # ----------------------------------------------------------------------------
@@ -243,18 +244,20 @@ DEFAULT_DECODE_CFG = dict(block_k=None, num_warps=None, num_stages=None)
 DEFAULT_PREFILL_CFG = dict(block_q=None, block_k=None, num_warps=None, num_stages=None)
 
 
-def resolved_decode_cfg(b, kv, cfg, rank, lora_dot=None, lr_width=None):
+def resolved_decode_cfg(b, kv, cfg, rank):
   """The launch configuration the decode kernel will use for cfg (Nones filled in) at
   LoRA rank `rank` (0: the plain kernel)."""
-  rp = triton_kernels.lr_tile_width(rank, D, lora_dot, lr_width) if rank else 0
-  return triton_kernels.decode_config(batch=b, tq=1, group=HQ // HKV, heads_kv=HKV, s_len=kv, d=D, rp=rp,
-                                      itemsize=2, lr_itemsize=2 if rank else 0, **cfg)
+  sizes = triton_tuning.DecodeBlockSizes(**cfg).resolve(
+      batch=b, tq=1, group=HQ // HKV, heads_kv=HKV, s_len=kv, d=D, r=rank, itemsize=2,
+      lr_itemsize=2 if rank else 0)
+  return dataclasses.asdict(sizes)
 
 
 def resolved_prefill_cfg(tq, kv, cfg, lora):
   """The block sizes the prefill kernel will use for cfg (Nones filled in)."""
-  return triton_kernels.prefill_config(tq=tq, s_len=kv, d=D, r=R if lora else 0, itemsize=2,
-                                       lr_itemsize=2 if lora else 0, **cfg)
+  sizes = triton_tuning.PrefillBlockSizes(**cfg).resolve(
+      tq=tq, s_len=kv, d=D, r=R if lora else 0, itemsize=2, lr_itemsize=2 if lora else 0)
+  return dataclasses.asdict(sizes)
 
 
 def decode_inputs(b, kv, n_rot, dtype=jnp.bfloat16):

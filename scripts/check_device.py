@@ -32,8 +32,25 @@ def kernel_cases():
     yield 1, 64, 12, 4, 80, 200, 64, jnp.bfloat16
 
 
+def tuning_line() -> str:
+    """Which measured tuning table this device's kernels use (pallas_kernels/<backend>/tuning.py)."""
+    from pallas_kernels import resolve_backend
+
+    backend = resolve_backend("auto")
+    if backend == "xla":
+        return f"backend xla (no Pallas kernels on {jax.default_backend()})"
+    if backend == "triton":
+        from pallas_kernels.triton import tuning
+    else:
+        from pallas_kernels.tpu import tuning
+    kind = jax.devices()[0].device_kind
+    own = kind in tuning.TUNING
+    return f"backend {backend}, tuning table {kind!r}" if own else \
+        f"backend {backend}, tuning table 'generic' (no entry for {kind!r})"
+
+
 def check_kernels() -> bool:
-    from pallas_kernels import flash_lora_attention
+    from pallas_kernels import flash_lora_attention, naive_lora_attention
 
     ok = True
     rng = np.random.default_rng(0)
@@ -50,15 +67,18 @@ def check_kernels() -> bool:
         for with_lr in (True, False):
             args = (q, k, v, lr if with_lr else None, b if with_lr else None)
             kw = dict(lora_scale=scale if with_lr else 1.0, kv_lengths=lens, q_offsets=offs)
-            out = flash_lora_attention(*args, **kw)
             ref = flash_lora_attention(*[None if a is None else a.astype(jnp.float32) for a in args],
                                        backend="xla", **kw)
-            err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-            tol = 1e-4 if dt == jnp.float32 else 2e-2
-            good = bool(np.isfinite(err)) and err < tol
-            ok &= good
-            print(f"{'PASS' if good else 'FAIL'} kernel B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} T={T} r={r} "
-                  f"{jnp.dtype(dt).name} lora={with_lr}: rel err {err:.2e} (tol {tol:g})", flush=True)
+            # the fused kernel, and (with LoRA) the naive expansion the model's ablation runs
+            paths = [("fused", flash_lora_attention)] + ([("naive", naive_lora_attention)] if with_lr else [])
+            for path, fn in paths:
+                out = fn(*args, **kw)
+                err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+                tol = 1e-4 if dt == jnp.float32 else 2e-2
+                good = bool(np.isfinite(err)) and err < tol
+                ok &= good
+                print(f"{'PASS' if good else 'FAIL'} kernel {path} B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} T={T} "
+                      f"r={r} {jnp.dtype(dt).name} lora={with_lr}: rel err {err:.2e} (tol {tol:g})", flush=True)
     return ok
 
 
@@ -132,7 +152,7 @@ if __name__ == "__main__":
     CHECKS["concurrent"] = functools.partial(check_concurrent, schemes)
     # XLA's float32 GPU matmuls default to TF32; the comparison wants true float32 on both sides.
     jax.config.update("jax_default_matmul_precision", "highest")
-    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}; {tuning_line()}", flush=True)
     ok = True
     for name, fn in CHECKS.items():
         if not args.checks or name in args.checks:

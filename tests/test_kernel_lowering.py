@@ -23,7 +23,6 @@ import pytest
 from jax import lax
 
 from pallas_kernels import flash_lora_attention
-from pallas_kernels._args import next_pow2
 
 SD = jax.ShapeDtypeStruct
 
@@ -170,23 +169,13 @@ def test_lower_variants(platform, backend, variant):
 
 @pytest.mark.parametrize("kw", [dict(num_splits=4, block_k=64), dict(num_splits=1)])
 @pytest.mark.parametrize("r,per_q_b", [(8, False), (3, True)])
-def test_lower_triton_fma_lora_dot(kw, r, per_q_b):
-  """lora_dot="fma": P @ LR on the CUDA cores over an LR tile of next_pow2(r)
-  columns (no tensor-core dot narrower than 16 may appear)."""
-  lowered = _lower("triton", "cuda", _args(1, 128, r, per_q_b=per_q_b), lora_dot="fma", **kw)
+def test_lower_triton_decode_lr_tile(kw, r, per_q_b):
+  """Decode's P @ LR is a tensor-core dot over the LR tile padded to 32 columns
+  (tuning.lr_tile_width) for ranks below 32: [rows, block_k] x [block_k, 32]."""
+  lowered = _lower("triton", "cuda", _args(1, 128, r, per_q_b=per_q_b), **kw)
   texts = _triton_modules(lowered)
-  _check_triton_ir(texts, min_dots=4)   # q k^T and P V in both loops; no P @ LR dot
-  assert any(f"x{next_pow2(r) if r >= 4 else 4}xbf16>" in t for t in texts)
-
-
-@pytest.mark.parametrize("kw", [dict(num_splits=4, block_k=64), dict(num_splits=1)])
-def test_lower_triton_wide_lora_dot(kw):
-  """lora_dot="wide": P @ LR as a [rows, block_k] x [block_k, head_dim] tensor-core dot."""
-  lowered = _lower("triton", "cuda", _args(1, 128, 8), lora_dot="wide", **kw)
-  texts = _triton_modules(lowered)
-  _check_triton_ir(texts, min_dots=6)
-  # every tl.dot in the split kernel has N = 128 or a K of 128 (no 16-wide P @ LR)
-  assert not any(re.search(r"tt\.dot [^\n]*-> tensor<16x16xf32>", t) for t in texts)
+  _check_triton_ir(texts, min_dots=6)   # q k^T, P V and P LR in both loops
+  assert any(re.search(r"tt\.dot [^\n]*-> tensor<16x32xf32>", t) for t in texts)
 
 
 @pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])

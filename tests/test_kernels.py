@@ -11,13 +11,16 @@ the observed error is ~1e-6, the margin covers accumulation order), 16-bit
 inputs 1e-2 (P is rounded to the input dtype before the P @ V and P @ LR dots,
 as in every flash kernel; observed ~3e-3).
 
-The heavy sweep is marked slow: `pytest -m slow tests/test_kernels.py`.
+The heavy sweep is marked slow: `pytest -m slow tests/test_kernels.py`; what
+it alone used to cover (rank 1 and 64, non-causal decode, float32 stacked
+caches) runs in the fast cases at small sizes.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,7 +41,7 @@ def compiled(f, *args):
 # ----------------------------------------------------------------------------
 # float64 numpy reference
 # ----------------------------------------------------------------------------
-def np_reference(q, k, v, lr, lora_b, scale, kv_len, q_off, causal, sm_scale=None, layer=None):
+def np_reference(q, k, v, lr, lora_b, scale, kv_len, q_off, causal, sm_scale=None, layer=None, window=None):
   f = lambda x: None if x is None else np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
   q, k, v, lr, lora_b = map(f, (q, k, v, lr, lora_b))
   if layer is not None:
@@ -54,6 +57,8 @@ def np_reference(q, k, v, lr, lora_b, scale, kv_len, q_off, causal, sm_scale=Non
   valid = cols[None, None, :] < np.asarray(kv_len)[:, None, None]
   if causal:
     valid = valid & (cols[None, None, :] <= np.asarray(q_off)[:, None, None] + np.arange(tq)[None, :, None])
+  if window is not None:
+    valid = valid & (cols[None, None, :] > np.asarray(q_off)[:, None, None] + np.arange(tq)[None, :, None] - window)
   valid = np.broadcast_to(valid, (b, tq, s))[:, None, None]
   sc = np.where(valid, sc, -np.inf)
   m = sc.max(-1, keepdims=True)
@@ -177,7 +182,8 @@ def check(c: Case, out, x):
 # unless forced). Together they cover GQA 4:1 / 8:1, MQA, 1:1, ragged
 # kv_lengths, q_offsets before the end, q_len 1 / 4 / 37, rank 3 / 8 / 16 / none,
 # head_dim 64 / 80 / 96 / 128 / 256, per-row / per-head scales, per-q-head B,
-# split-K merging, kv_len not a multiple of the block, 16-bit dtypes.
+# split-K merging, kv_len not a multiple of the block, 16-bit dtypes; rank 1 / 64,
+# non-causal decode and prefill, float32 caches stacked over layers.
 FAST_CASES = [
     Case(tq=1, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 32))),
     Case(tq=4, d=64, r=16, hq=16, hkv=2, dtype="bfloat16", q_off="early"),
@@ -187,6 +193,12 @@ FAST_CASES = [
     Case(tq=37, d=80, r=16, hq=8, hkv=2, s=200, q_off="none_visible"),
     Case(tq=20, d=64, r=8, hq=8, hkv=2, dtype="float16", scale="head", kv="empty_row",
          kw=(("block_q", 16), ("block_k", 64))),
+    # rank 1, non-causal decode, float32 stacked cache (formerly only in the slow sweep)
+    Case(tq=1, d=64, r=1, hq=4, hkv=2, s=64, causal=False, layers=2, kw=(("num_splits", 2), ("block_k", 16))),
+    # rank 64 (the kernels' largest) in decode (stacked, float32) and non-causal prefill
+    Case(tq=3, d=64, r=64, hq=8, hkv=2, s=64, layers=2, scale="scalar",
+         kw=(("num_splits", 2), ("block_k", 16))),
+    Case(tq=20, d=64, r=64, hq=4, hkv=2, s=64, causal=False, kw=(("block_q", 16), ("block_k", 32))),
 ]
 
 
@@ -210,55 +222,22 @@ def test_triton_decode_many_splits_chunked_merge():
 
 
 @pytest.mark.parametrize("case", [
-    Case(tq=1, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 32), ("lora_dot", "fma"))),
-    Case(tq=3, d=64, r=3, hq=8, hkv=2, per_q_head_b=True, dtype="bfloat16",
-         kw=(("num_splits", 1), ("lora_dot", "fma"))),
-    Case(tq=1, d=64, r=16, hq=4, hkv=1, kv="empty_row", kw=(("lora_dot", "fma"),)),
-    Case(tq=2, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 16), ("lr_prefetch", False))),
-    Case(tq=1, d=64, r=3, hq=4, hkv=2, kw=(("lora_dot", "fma"), ("block_k", 16), ("lr_prefetch", False))),
-    Case(tq=1, d=128, r=8, hq=8, hkv=2, kv="empty_row", kw=(("num_splits", 4), ("block_k", 16),
-                                                             ("lr_prefetch", True))),
-    Case(tq=2, d=96, r=8, hq=8, hkv=2, per_q_head_b=True, kw=(("num_splits", 3), ("block_k", 16),
-                                                              ("lora_dot", "wide"))),
-    Case(tq=1, d=64, r=16, hq=4, hkv=1, dtype="bfloat16", kw=(("num_splits", 1), ("lora_dot", "wide"))),
-    Case(tq=4, d=64, r=3, hq=8, hkv=2, q_off="early", kw=(("num_splits", 1), ("block_k", 16),
-                                                          ("lora_dot", "fma"), ("lr_prefetch", True))),
-    Case(tq=1, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 16), ("lr_width", 64))),
-    Case(tq=2, d=64, r=3, hq=8, hkv=2, per_q_head_b=True, dtype="bfloat16",
-         kw=(("num_splits", 2), ("lr_width", 16))),
+    Case(tq=3, d=64, r=3, hq=8, hkv=2, per_q_head_b=True, dtype="bfloat16", kw=(("num_splits", 1),)),
+    Case(tq=2, d=128, r=8, hq=8, hkv=2, kw=(("num_splits", 3), ("block_k", 16))),
+    Case(tq=1, d=128, r=8, hq=8, hkv=2, kv="empty_row", kw=(("num_splits", 4), ("block_k", 16))),
+    Case(tq=2, d=96, r=8, hq=8, hkv=2, per_q_head_b=True, kw=(("num_splits", 3), ("block_k", 16))),
+    Case(tq=1, d=64, r=16, hq=4, hkv=1, dtype="bfloat16", kw=(("num_splits", 1),)),
+    Case(tq=4, d=64, r=3, hq=8, hkv=2, q_off="early", kw=(("num_splits", 1), ("block_k", 16))),
+    Case(tq=2, d=64, r=3, hq=8, hkv=2, per_q_head_b=True, dtype="bfloat16", kw=(("num_splits", 2),)),
     Case(tq=1, d=64, r=32, hq=4, hkv=2, kw=(("num_splits", 2), ("block_k", 16))),
 ], ids=str)
-def test_triton_decode_lora_variants(case):
-  """The decode kernel's LoRA variants == float64: lora_dot="fma" (P @ LR on
-  CUDA cores, LR tile next_pow2(rank) wide) with splits, one split (the fused
-  epilogue) and rank 16 (falls back to the tensor-core form); lr_prefetch=True
-  (the LR tile carried one block ahead, incl. a row that sees no key) and False
-  (the default: loaded in its own iteration); lr_width 64 and 16 (the default is 32),
-  and rank 32 (the default width grows to the rank)."""
+def test_triton_decode_lora_shapes(case):
+  """The decode kernel's LoRA term == float64 where its LR tile is padded (rank 3 / 8
+  to 32 columns), exact (rank 16 on a 64-wide head: min(32, 64)) or grows to the rank
+  (32): with splits, with one split (the fused epilogue, also per-query-head B), with
+  a row that sees no key, at head dims 64 / 96 / 128."""
   out, x = run(case, "triton")
   check(case, out, x)
-
-
-@pytest.mark.parametrize("lora", [True, False])
-def test_triton_decode_split_only_with_one_split(lora):
-  """split_only=True returns the split pass's partials also when there is one split
-  (the kernel must not take its fused one-split epilogue then)."""
-  from pallas_kernels import triton_kernels as tk
-  from pallas_kernels._args import canonicalize
-
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 1, 4, 64), (1, 64, 2, 64), (1, 64, 2, 64)))
-  lr = jnp.asarray(rng.normal(size=(1, 64, 8)), jnp.float32) if lora else None
-  lb = jnp.asarray(rng.normal(size=(1, 2, 8, 64)), jnp.float32) if lora else None
-  c = canonicalize(q, k, v, lr, lb, lora_scale=2.0)
-  args = (c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale)
-  opart, rpart, lse = tk.decode(*args, causal=True, sm_scale=c.sm_scale, interpret=True,
-                                num_splits=1, block_k=16, split_only=True)
-  assert opart.shape == (1, 2, 1, 2, 64) and (rpart is None) == (not lora)
-  out = tk.merge(opart, rpart, lse, c.lora_b, c.scale, tq=1, hq=4, d=64, out_dtype=jnp.float32,
-                 interpret=True)
-  ref = flash_lora_attention(q, k, v, lr, lb, lora_scale=2.0, backend="xla")
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
 def test_interpret_mode_poisons_outputs():
@@ -356,13 +335,14 @@ def _x(**over):
     (dict(layer=0), "layer was given"),
     (dict(block_q=100), "power of two"),
     (dict(tile=3), "unknown keyword"),
-    (dict(lora_dot="wmma"), "lora_dot must be"),
-    (dict(lr_prefetch=1), "lr_prefetch must be a bool"),
-    (dict(lr_width=24), "lr_width must be a power of two"),
-    (dict(lr_width=8), "lr_width must be a power of two"),
-    (dict(lora_dot="fma", lr_width=32), "lr_width applies to the tensor-core forms"),
-    (dict(lr=jnp.zeros((2, 32, 32)), lora_b=jnp.zeros((2, 2, 32, 64)), lr_width=16),
-     r"lr_width must be a power of two >= max\(16, rank 32\)"),
+    (dict(lora_dot="mma"), "unknown keyword 'lora_dot'"),      # retired knobs
+    (dict(lr_prefetch=True), "unknown keyword 'lr_prefetch'"),
+    (dict(lr_width=32), "unknown keyword 'lr_width'"),
+    (dict(num_warps=3), "num_warps must be one of"),
+    (dict(num_splits=0), "num_splits must be a positive int"),
+    (dict(kernel="fused"), "kernel must be one of"),
+    (dict(backend="mosaic_tpu", block_k=40), "multiple of 16 for the mosaic_tpu backend"),
+    (dict(sliding_window=0), "sliding_window must be a positive python int"),
     (dict(return_lse="yes"), "return_lse must be a python bool"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, match):
@@ -375,6 +355,49 @@ def test_bad_arguments_raise_clear_errors(bad, match):
   kw.update(bad)
   with pytest.raises(ValueError, match=match):
     flash_lora_attention(x["q"], x["k"], x["v"], x["lr"], x["lora_b"], **kw)
+
+
+def test_kernel_limits_only_bind_the_pallas_backends():
+  """Rank > 64, a head_dim that is not a multiple of 16 and mixed q / cache dtypes are
+  the kernels' limits: backend 'xla' (the model's XLA attention) takes them (float64
+  check for the first two)."""
+  rng = np.random.default_rng(3)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, k, v, lr, lb = f(1, 3, 2, 8), f(1, 16, 1, 8), f(1, 16, 1, 8), f(1, 16, 80), f(1, 1, 80, 8)
+  out = compiled(lambda *a: flash_lora_attention(*a, lora_scale=0.5, backend="xla"), q, k, v, lr, lb)(q, k, v, lr, lb)
+  ref = np_reference(q, k, v, lr, lb, np.full((1, 2), 0.5), [16], [13], True)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)   # float32 math
+  mixed = compiled(lambda *a: flash_lora_attention(*a, lora_scale=0.5, backend="xla"),
+                   q.astype(jnp.bfloat16), k, v, lr, lb)(q.astype(jnp.bfloat16), k, v, lr, lb)
+  assert mixed.dtype == jnp.bfloat16   # q's dtype; a model whose cache dtype differs runs on xla
+  with pytest.raises(ValueError, match="must share one dtype for the Pallas kernels"):
+    flash_lora_attention(q.astype(jnp.bfloat16), k, v, lr, lb, backend="triton", interpret=True)
+  with pytest.raises(ValueError, match="head_dim must be a multiple of 16 in"):
+    flash_lora_attention(q, k, v, lr, lb, backend="triton", interpret=True)
+  with pytest.raises(ValueError, match=r"rank \(lr.shape\[-1\]\) must be in \[1, 64\]"):
+    flash_lora_attention(f(1, 3, 2, 16), f(1, 16, 1, 16), f(1, 16, 1, 16), lr, f(1, 1, 80, 16),
+                         backend="triton", interpret=True)
+
+
+def test_sliding_window_reference_and_pallas_refusal():
+  """sliding_window: the XLA reference masks keys at or before position - window (float64
+  check, ragged rows, LoRA on); the Pallas backends refuse a window shorter than the cache
+  and accept one that masks nothing."""
+  c = Case(tq=5, d=64, r=8, s=32, q_off="early")
+  x = make_inputs(c)
+  args = (x["q"], x["k"], x["v"], x["lr"], x["lora_b"])
+  kw = dict(lora_scale=x["lora_scale"], kv_lengths=x["kv_lengths"], q_offsets=x["q_offsets"])
+  out = compiled(lambda a, kw: flash_lora_attention(*a, sliding_window=7, backend="xla", **kw), args, kw)(args, kw)
+  scale = np.broadcast_to(np.asarray(x["lora_scale"], np.float64)[:, None], (c.b, c.hq))
+  ref = np_reference(*args, scale, np.asarray(x["kv_lengths"]), np.asarray(x["q_offsets"]), True, window=7)
+  assert np.abs(np.asarray(out) - ref).max() < 2e-5 * np.abs(ref).max()
+  full = np_reference(*args, scale, np.asarray(x["kv_lengths"]), np.asarray(x["q_offsets"]), True)
+  assert np.abs(full - ref).max() > 1e-2   # the window changed something
+  with pytest.raises(NotImplementedError, match="no sliding window"):
+    flash_lora_attention(*args, sliding_window=7, backend="triton", interpret=True, **kw)
+  wide = compiled(lambda a, kw: flash_lora_attention(*a, sliding_window=32, backend="triton", interpret=True,
+                                                     **kw), args, kw)(args, kw)
+  assert np.abs(np.asarray(wide) - full).max() < 2e-5 * np.abs(full).max()
 
 
 def test_stacked_cache_requires_layer():
@@ -424,69 +447,104 @@ def test_triton_decode_splits_fill_one_wave(monkeypatch):
   once (a partial second wave measured +22% on H200), keeps >= 1 split and two KV
   blocks per split; the shared-memory estimate reproduces ncu's figures (H200) and
   the LoRA tile's extra bytes drop the resident count when the SM cannot hold them."""
-  from pallas_kernels import triton_kernels as tk
+  from pallas_kernels.triton import tuning as tt
 
-  monkeypatch.setattr(tk, "_smem_per_block", lambda: 227 * 1024)  # Hopper, on any machine
+  monkeypatch.setattr(tt, "smem_per_block", lambda: 227 * 1024)  # Hopper, on any machine
   # ncu, H200 (bench/results/2026-11-28-s4-h200/call4 and call3): head dim 128, 16 q rows, bf16.
-  assert tk.decode_smem(16, 64, 3, 128, 0, 2, 0) == 71_680
-  assert tk.decode_smem(16, 64, 3, 128, 32, 2, 2) == 79_872
-  assert tk.decode_smem(16, 128, 2, 128, 32, 2, 2) == 81_920
+  assert tt.decode_smem(16, 64, 3, 128, 0, 2, 0) == 71_680
+  assert tt.decode_smem(16, 64, 3, 128, 32, 2, 2) == 79_872
+  assert tt.decode_smem(16, 128, 2, 128, 32, 2, 2) == 81_920
   for b in (1, 2, 3, 5, 8, 16, 31, 64):
     for kv in (16, 300, 4096, 131072):
       for per_sm in (1, 2):
-        ns = tk.default_num_splits(b, 8, kv, 64, per_sm, sms=132)
+        ns = tt.default_num_splits(b, 8, kv, 64, per_sm, sms=132)
         assert ns >= 1
         assert ns == 1 or b * 8 * ns <= per_sm * 132
         assert ns == 1 or ns <= -(-kv // 64) // 2
-  assert tk.default_num_splits(8, 8, 32768, 64, 2, sms=132) == 4  # 256 programs of 264 slots
-  assert tk.default_num_splits(1, 8, 32768, 64, 2, sms=132) == 33
-  big = tk.decode_smem(16, 64, 3, 256, 64, 2, 2)  # head dim 256: one program per SM
-  assert tk.resident_programs_per_sm(big, 4) == 1
-  assert tk.resident_programs_per_sm(tk.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 2
-  assert tk.resident_programs_per_sm(1024, 8) == 1  # worst-case registers of 8 warps
-  monkeypatch.setattr(tk, "_smem_per_block", lambda: 99 * 1024)  # L4: one LoRA program per SM
-  assert tk.resident_programs_per_sm(tk.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 1
+  assert tt.default_num_splits(8, 8, 32768, 64, 2, sms=132) == 4  # 256 programs of 264 slots
+  assert tt.default_num_splits(1, 8, 32768, 64, 2, sms=132) == 33
+  big = tt.decode_smem(16, 64, 3, 256, 64, 2, 2)  # head dim 256: one program per SM
+  assert tt.resident_programs_per_sm(big, 4) == 1
+  assert tt.resident_programs_per_sm(tt.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 2
+  assert tt.resident_programs_per_sm(1024, 8) == 1  # worst-case registers of 8 warps
+  monkeypatch.setattr(tt, "smem_per_block", lambda: 99 * 1024)  # L4: one LoRA program per SM
+  assert tt.resident_programs_per_sm(tt.decode_smem(16, 64, 3, 128, 32, 2, 2), 4) == 1
+
+
+def test_triton_tuning_is_data_keyed_by_device_kind():
+  """The measured defaults (H200) are the generic fallback; an unknown device kind gets
+  them, and the decode LR tile is 32 wide for ranks <= 32, the rank above (capped at
+  the padded head dim only from below 16)."""
+  from pallas_kernels.triton import tuning as tt
+
+  assert tt.device_tuning("NVIDIA H200") is tt.TUNING["generic"]
+  assert tt.device_tuning("Some future GPU") is tt.TUNING["generic"]
+  g = tt.TUNING["generic"]
+  assert g["decode"] == dict(block_k=64, num_warps=4, num_stages=3)
+  assert g["prefill_lora"] == dict(block_q=128, block_k=128, num_warps=8, num_stages=2)
+  assert g["prefill_plain"] == dict(block_q=64, block_k=64, num_warps=4, num_stages=3)
+  assert [tt.lr_tile_width(r, 128) for r in (1, 8, 16, 32, 64)] == [32, 32, 32, 32, 64]
+  assert tt.lr_tile_width(8, 16) == 16   # head dim 16: the tile never exceeds it below 16
 
 
 def test_triton_block_size_overrides_still_fit(monkeypatch):
   """A caller who sets only block_k gets a stage count that fits the block's shared
   memory (the defaults' 3 stages with block_k 256 would not); explicit stages are kept."""
-  from pallas_kernels import triton_kernels as tk
+  from pallas_kernels.triton import tuning as tt
 
-  monkeypatch.setattr(tk, "_smem_per_block", lambda: 227 * 1024)
-  kw = dict(batch=1, tq=1, group=4, heads_kv=8, s_len=32768, d=128, rp=32, itemsize=2, lr_itemsize=2)
-  c = tk.decode_config(block_k=256, **kw)
-  assert c["block_k"] == 256 and c["num_stages"] == 2
-  assert tk.decode_smem(16, 256, c["num_stages"], 128, 32, 2, 2) <= 227 * 1024
-  assert tk.decode_config(block_k=256, num_stages=3, **kw)["num_stages"] == 3
-  assert tk.decode_config(num_splits=7, **kw)["num_splits"] == 7
+  monkeypatch.setattr(tt, "smem_per_block", lambda: 227 * 1024)
+  kw = dict(batch=1, tq=1, group=4, heads_kv=8, s_len=32768, d=128, r=8, itemsize=2, lr_itemsize=2)
+  c = tt.DecodeBlockSizes(block_k=256).resolve(**kw)
+  assert c.block_k == 256 and c.num_stages == 2
+  assert tt.decode_smem(16, 256, c.num_stages, 128, 32, 2, 2) <= 227 * 1024
+  assert tt.DecodeBlockSizes(block_k=256, num_stages=3).resolve(**kw).num_stages == 3
+  assert tt.DecodeBlockSizes(num_splits=7).resolve(**kw).num_splits == 7
   with pytest.raises(ValueError, match="num_splits"):
-    tk.decode_config(num_splits=0, **kw)
-  p = tk.prefill_config(tq=8192, s_len=8192, d=128, r=8, itemsize=2, lr_itemsize=2, num_stages=None, block_k=128)
-  assert p["block_k"] == 128 and tk._tiles_smem(p["block_q"], 128, p["num_stages"], 128, 16, 2, 2) <= 227 * 1024
-  p = tk.prefill_config(tq=8192, s_len=8192, d=128, r=0, itemsize=2, lr_itemsize=0, block_k=128)
-  assert p["num_stages"] == 3 and tk._tiles_smem(p["block_q"], 128, 3, 128, 0, 2, 0) <= 227 * 1024
+    tt.DecodeBlockSizes(num_splits=0)
+  assert tt.DecodeBlockSizes.get_default(**kw) == tt.DecodeBlockSizes().resolve(**kw)
+  pk = dict(tq=8192, s_len=8192, d=128, itemsize=2)
+  p = tt.PrefillBlockSizes(block_k=128).resolve(r=8, lr_itemsize=2, **pk)
+  assert p.block_k == 128 and tt.prefill_smem(p.block_q, 128, p.num_stages, 128, 16, 2, 2) <= 227 * 1024
+  p = tt.PrefillBlockSizes(block_k=128).resolve(r=0, lr_itemsize=0, **pk)
+  assert p.num_stages == 3 and tt.prefill_smem(p.block_q, 128, 3, 128, 0, 2, 0) <= 227 * 1024
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    p.block_k = 64
+
+
+def _pallas_call_grids(f, *args):
+  """name -> grid of every pallas_call in f's jaxpr."""
+  grids = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        gm = eqn.params["grid_mapping"]
+        grids[str(eqn.params.get("name_and_src_info", eqn.params.get("name", "")))] = tuple(gm.grid)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(f)(*args).jaxpr)
+  return grids
 
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_triton_decode_launches_the_configured_splits(lora):
-  """decode() with num_splits None launches decode_config's split count (the rule the
-  benchmarks measured), read back from the split pass's partials."""
-  from pallas_kernels import triton_kernels as tk
-  from pallas_kernels._args import canonicalize
+  """decode with num_splits None launches DecodeBlockSizes' default split count (the
+  rule the benchmarks measured): the split pass's grid, read from the jaxpr."""
+  from pallas_kernels.triton.tuning import DecodeBlockSizes
 
   rng = np.random.default_rng(1)
   b, s, hq, hkv, d, r = 2, 1024, 8, 2, 64, 8
   q, k, v = (jnp.asarray(rng.normal(size=sh), jnp.float32) for sh in ((b, 1, hq, d), (b, s, hkv, d), (b, s, hkv, d)))
   lr = jnp.asarray(rng.normal(size=(b, s, r)), jnp.float32) if lora else None
   lb = jnp.asarray(rng.normal(size=(b, hkv, r, d)), jnp.float32) if lora else None
-  c = canonicalize(q, k, v, lr, lb, lora_scale=2.0)
-  opart, _, _ = tk.decode(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale, causal=True,
-                          sm_scale=c.sm_scale, interpret=True, split_only=True)
-  rp = tk.lr_tile_width(r, d, None, None) if lora else 0
-  want = tk.decode_config(batch=b, tq=1, group=hq // hkv, heads_kv=hkv, s_len=s, d=d, rp=rp, itemsize=4,
-                          lr_itemsize=4 if lora else 0)["num_splits"]
-  assert want > 1 and opart.shape[2] == want  # [B, Hkv, splits, rows, D]
+  grids = _pallas_call_grids(
+      lambda q, k, v, lr, lb: flash_lora_attention(q, k, v, lr, lb, backend="triton", interpret=True),
+      q, k, v, lr, lb)
+  want = DecodeBlockSizes.get_default(batch=b, tq=1, group=hq // hkv, heads_kv=hkv, s_len=s, d=d,
+                                      r=r if lora else 0, itemsize=4, lr_itemsize=4 if lora else 0).num_splits
+  split = [g for name, g in grids.items() if "flash_lora_decode_split" in name]
+  assert want > 1 and split == [(want, b, hkv)], grids
 
 
 def test_triton_prefill_defaults_per_variant(monkeypatch):
@@ -494,14 +552,27 @@ def test_triton_prefill_defaults_per_variant(monkeypatch):
   128x128 / 2 stages / 8 warps, plain 64x64 / 3 / 4 on Hopper); on a card whose shared
   memory cannot hold them, tiles that fit its budget; Triton's own request for the
   failing tuner config (241,664 B, H200) is what the estimate gives."""
-  from pallas_kernels import triton_kernels as tk
+  from pallas_kernels.triton import tuning as tt
 
-  assert tk._tiles_smem(128, 128, 3, 128, 16, 2, 2) == 241_664
-  monkeypatch.setattr(tk, "_smem_per_block", lambda: 227 * 1024)
-  assert tk.prefill_defaults(128, 16, 2, 2, 8192, 8192) == dict(block_q=128, block_k=128, num_warps=8, num_stages=2)
-  assert tk.prefill_defaults(128, 0, 2, 0, 8192, 8192) == dict(block_q=64, block_k=64, num_warps=4, num_stages=3)
+  assert tt.prefill_smem(128, 128, 3, 128, 16, 2, 2) == 241_664
+  monkeypatch.setattr(tt, "smem_per_block", lambda: 227 * 1024)
+  assert tt.prefill_defaults(128, 16, 2, 2, 8192, 8192) == dict(block_q=128, block_k=128, num_warps=8, num_stages=2)
+  assert tt.prefill_defaults(128, 0, 2, 0, 8192, 8192) == dict(block_q=64, block_k=64, num_warps=4, num_stages=3)
+  assert tt.PrefillBlockSizes.get_default(tq=8192, s_len=8192, d=128, r=8, itemsize=2, lr_itemsize=2) == \
+      tt.PrefillBlockSizes(block_q=128, block_k=128, num_warps=8, num_stages=2)
   for per_block in (163 * 1024, 99 * 1024, 64 * 1024):  # A100, L4, T4
-    monkeypatch.setattr(tk, "_smem_per_block", lambda pb=per_block: pb)
+    monkeypatch.setattr(tt, "smem_per_block", lambda pb=per_block: pb)
     for dp, rp in ((64, 16), (128, 16), (128, 0), (256, 16), (256, 0)):
-      c = tk.prefill_defaults(dp, rp, 2, 2 if rp else 0, 4096, 4096)
-      assert tk._tiles_smem(c["block_q"], c["block_k"], c["num_stages"], dp, rp, 2, 2) <= per_block, (per_block, dp, rp, c)
+      c = tt.prefill_defaults(dp, rp, 2, 2 if rp else 0, 4096, 4096)
+      assert tt.prefill_smem(c["block_q"], c["block_k"], c["num_stages"], dp, rp, 2, 2) <= per_block, (per_block, dp, rp, c)
+
+
+def test_mosaic_block_sizes_defaults_and_checks():
+  """TPU block sizes: generic defaults 128 / 512, given values kept, multiples of 16 only."""
+  from pallas_kernels.tpu import tuning as tpt
+
+  assert tpt.PrefillBlockSizes.get_default() == tpt.PrefillBlockSizes(block_q=128, block_k=512)
+  assert tpt.PrefillBlockSizes(block_k=256).resolve() == tpt.PrefillBlockSizes(block_q=128, block_k=256)
+  assert tpt.DecodeBlockSizes(num_splits=3).resolve() == tpt.DecodeBlockSizes(block_k=512, num_splits=3)
+  with pytest.raises(ValueError, match="multiple of 16 for the mosaic_tpu backend"):
+    tpt.DecodeBlockSizes(block_k=100)
