@@ -46,6 +46,8 @@ def pallas_interpret():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fla, "flash_lora_attention", kernel)
+        # lragent_jax.attention binds the entry point at import: patch the name it calls too
+        mp.setattr(importlib.import_module("lragent_jax.attention"), "flash_lora_attention", kernel)
         yield
 
 
