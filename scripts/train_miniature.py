@@ -41,8 +41,8 @@ BASE_MODEL_REF = "lragent-jax-miniature"  # what the PEFT configs name as their 
 # Model shape and training lengths. "default": one H200 in a few minutes; "tiny": CPU in CI.
 PRESETS = {
     "default": dict(world="default", vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
-                    intermediate=768, max_positions=1024, pretrain_seq=512, steps_base=1500, steps_adapter=900,
-                    batch_size=64, adapter_batch=32, lr_base=1e-3, lr_adapter=2e-3, eval_questions=50,
+                    intermediate=768, max_positions=1024, pretrain_seq=512, steps_base=1200, steps_adapter=800,
+                    batch_size=64, adapter_batch=32, lr_base=1e-3, lr_adapter=2e-3, eval_questions=40,
                     val_loss_episodes=256, browsing=2.0, max_seq=None, turn_tokens=None, max_steps=6),
     "tiny": dict(world="small", vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                  intermediate=128, max_positions=512, pretrain_seq=128, steps_base=12, steps_adapter=10,
