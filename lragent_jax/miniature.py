@@ -20,10 +20,11 @@ import os
 
 import jax.numpy as jnp
 
-__all__ = ["ASSET_DIR", "FLAVOURS", "AGENTS", "MiniatureMissing", "assets_built", "load_miniature",
+__all__ = ["ASSET_DIR", "FLAVOURS", "AGENTS", "MiniatureMissing", "asset_dir", "assets_built", "load_miniature",
            "miniature_world"]
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "miniature")
+ENV_VAR = "LRAGENT_MINIATURE_DIR"  # another asset folder (e.g. a fresh train_miniature.py --out)
 FLAVOURS = ("shared", "independent")
 AGENTS = ("plan", "action", "reflect")
 REQUIRED = ("base/config.json", "base/model.safetensors", "base/tokenizer.json", "train_log.json")
@@ -38,9 +39,14 @@ def _missing(folder: str) -> list:
     return [n for n in need if not os.path.isfile(os.path.join(folder, n))]
 
 
+def asset_dir() -> str:
+    """The miniature's folder: $LRAGENT_MINIATURE_DIR if set, else the package's assets."""
+    return os.environ.get(ENV_VAR) or ASSET_DIR
+
+
 def assets_built(folder: str | None = None) -> bool:
-    """True when `folder` (default: the package's assets) holds a complete miniature."""
-    return not _missing(folder or ASSET_DIR)
+    """True when `folder` (default: asset_dir()) holds a complete miniature."""
+    return not _missing(folder or asset_dir())
 
 
 def _check(folder: str) -> None:
@@ -52,7 +58,7 @@ def _check(folder: str) -> None:
 
 
 def read_train_log(folder: str | None = None) -> dict:
-    folder = folder or ASSET_DIR
+    folder = folder or asset_dir()
     _check(folder)
     with open(os.path.join(folder, "train_log.json")) as f:
         return json.load(f)
@@ -71,13 +77,14 @@ def load_miniature(flavour: str = "shared", dtype=jnp.float32, folder: str | Non
 
     flavour: "shared" (shared-A adapters: base_lr_shared serves them as they are) or
       "independent" (each adapter its own A: base_lr_shared needs share_a first).
-    folder: an asset folder (default: the package's, lragent_jax/assets/miniature).
+    folder: an asset folder (default: asset_dir(): $LRAGENT_MINIATURE_DIR, else the package's,
+      lragent_jax/assets/miniature). A missing or partial folder raises MiniatureMissing (one line).
     """
     from .loading import load_adapters, load_model, load_tokenizer
 
     if flavour not in FLAVOURS:
         raise ValueError(f"miniature flavour {flavour!r}; allowed: {FLAVOURS}")
-    folder = folder or ASSET_DIR
+    folder = folder or asset_dir()
     _check(folder)
     base = os.path.join(folder, "base")
     model = load_model(base, dtype=dtype)
