@@ -76,6 +76,8 @@ def parse_args(argv):
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     p.add_argument("--eval-questions", type=int, default=None,
                    help="validation questions run through the agent loop (non_shared, 0 = skip)")
+    p.add_argument("--eval-seconds", type=float, default=120.0,
+                   help="stop the agent-loop evaluation after this long (the questions done count)")
     p.add_argument("--archive", default=None, metavar="PATH.tar.gz", help="also pack the result folder into this file")
     p.add_argument("--install", action="store_true", help="copy the result into lragent_jax/assets/miniature/")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (progress lines are still printed)")
@@ -151,16 +153,21 @@ def _window(ids, mask, n):
     return ids[lo:lo + n], mask[lo:lo + n]
 
 
-def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_tokens=None, max_steps=6):
-    """Exact match of non_shared agents over questions (the agent loop with the real tools)."""
+def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_tokens=None, max_steps=6,
+                    time_limit=None):
+    """Exact match of non_shared agents over questions (the agent loop with the real tools); stops
+    after time_limit seconds (the questions done so far count), so a slow device cannot stall the run."""
     from lragent_jax.engine import Engine
     from lragent_jax.session import Session
     from lragent_jax.task import make_tools, run_episode, score
 
     engine = Engine(model, lora)
     tools = make_tools(world)
-    hits, rows = 0.0, []
+    hits, rows, start = 0.0, [], time.perf_counter()
     for i, q in enumerate(questions):
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            log(f"  eval time limit {time_limit:.0f} s reached after {i} questions")
+            break
         session = Session(engine, "non_shared", max_len=max_len, tokenizer=tokenizer)
         res = run_episode(session, q.text, tools=tools, max_steps=max_steps, max_tokens_per_turn=turn_tokens)
         em = score(res.answer, q.answer)["em"]
@@ -170,7 +177,7 @@ def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_toke
         if i < 3 or (i + 1) % 10 == 0 or i + 1 == len(questions):
             log(f"  eval {i + 1}/{len(questions)}: EM so far {hits / (i + 1):.3f}  "
                 f"(gold {q.answer!r}, got {res.answer!r}, {res.stop_reason})")
-    return hits / max(len(questions), 1), rows
+    return hits / max(len(rows), 1), rows
 
 
 def save_weights(model, folder):
@@ -302,6 +309,16 @@ def train(args) -> dict:
         log(f"adapters ({flavour}) done in {times[f'adapters_{flavour}_s']:.1f} s: "
             + ", ".join(f"{r} {hist[r][0]:.3f} -> {np.mean(hist[r][-10:]):.3f}" for r in train_ex))
 
+    # Saved before evaluating: an evaluation failure or a timeout cannot lose the weights.
+    t = time.perf_counter()
+    weights_dtype = save_weights(model, base_dir)
+    for flavour, lora in adapters.items():
+        save_adapters(lora, os.path.join(out, f"adapters_{flavour}"), base_model_name_or_path=BASE_MODEL_REF)
+    plot_losses({"base": base_hist["loss"], **{f"lora_{k}": {r: h[r] for r in train_ex} for k, h in hists.items()}},
+                os.path.join(out, "loss.png"), title="miniature training loss", smooth=5)
+    times["save_s"] = time.perf_counter() - t
+    log(f"saved weights ({weights_dtype}) and adapters in {times['save_s']:.1f} s")
+
     t = time.perf_counter()
     val_loss = {"base": eval_loss(model, val_ex, None, seq_len=adapter_seq)}
     for flavour, lora in adapters.items():
@@ -310,23 +327,21 @@ def train(args) -> dict:
     for k, v in val_loss.items():
         log(f"validation loss ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
 
-    em, em_rows = None, []
+    em, em_rows, em_error = None, [], None
     if s["eval_questions"]:
         t = time.perf_counter()
         log(f"agent loop on {s['eval_questions']} validation questions (non_shared, independent adapters)")
-        em, em_rows = em_on_questions(model, adapters["independent"], tok, world,
-                                      world.questions["validation"][: s["eval_questions"]], cfg.max_position_embeddings,
-                                      turn_tokens=s["turn_tokens"], max_steps=s["max_steps"])
+        try:
+            em, em_rows = em_on_questions(model, adapters["independent"], tok, world,
+                                          world.questions["validation"][: s["eval_questions"]],
+                                          cfg.max_position_embeddings, turn_tokens=s["turn_tokens"],
+                                          max_steps=s["max_steps"], time_limit=args.eval_seconds)
+            log(f"validation EM {em:.3f} over {len(em_rows)} questions ({time.perf_counter() - t:.1f} s)")
+        except Exception as e:  # noqa: BLE001 - the trained weights are saved; report and go on
+            em_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log(f"agent-loop evaluation failed: {em_error}")
         times["eval_em_s"] = time.perf_counter() - t
-        log(f"validation EM {em:.3f} over {len(em_rows)} questions ({times['eval_em_s']:.1f} s)")
 
-    t = time.perf_counter()
-    weights_dtype = save_weights(model, base_dir)
-    for flavour, lora in adapters.items():
-        save_adapters(lora, os.path.join(out, f"adapters_{flavour}"), base_model_name_or_path=BASE_MODEL_REF)
-    plot_losses({"base": base_hist["loss"], **{f"lora_{k}": {r: h[r] for r in train_ex} for k, h in hists.items()}},
-                os.path.join(out, "loss.png"), title="miniature training loss", smooth=5)
-    times["save_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
     sizes = folder_bytes(out)
     sizes.pop("train_log.json", None)
@@ -346,6 +361,7 @@ def train(args) -> dict:
         "validation_loss": val_loss,
         "validation_em": em,
         "validation_em_questions": em_rows,
+        "validation_em_error": em_error,
         "times_s": times,
         "device_kind": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),

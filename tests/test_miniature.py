@@ -69,7 +69,8 @@ def test_tiny_run_trains_and_logs(tiny):
         assert set(hist) == {"loss", "plan", "action", "reflect"}
         assert all(np.isfinite(hist["loss"]))
     assert set(log["validation_loss"]) == {"base", "independent", "shared"}
-    assert log["validation_em"] is not None and len(log["validation_em_questions"]) == 2
+    assert log["validation_em_error"] is None and log["validation_em"] is not None
+    assert len(log["validation_em_questions"]) == 2
     assert log["world"]["seed"] == 0 and log["weights_dtype"] == "float32"
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
     assert log["total_bytes"] == sum(log["file_bytes"].values()) < 30 * 2**20
