@@ -227,17 +227,15 @@ def run_miniature(args) -> int:
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        if use_miniature(args):
-            if args.max_steps < 1:
-                raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
-            return run_miniature(args)
-        args.question = QUESTION if args.question is None else args.question
         for flag in ("max_steps", "plan_tokens", "action_tokens", "reflect_tokens"):
             if getattr(args, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         if parse_action(args.fallback_action, DEFAULT_TOOLS) is None:
             raise UsageError(f"--fallback-action {args.fallback_action!r} is not tool[arg] with a tool in "
                              f"{sorted(DEFAULT_TOOLS)} or finish")
+        if use_miniature(args):
+            return run_miniature(args)
+        args.question = QUESTION if args.question is None else args.question
         log = (lambda msg: print(f"note: {msg}", file=sys.stderr)) if args.json else (lambda msg: print(f"note: {msg}"))
         session, name, random_weights = make_session(args)
         if random_weights and not args.json:

@@ -187,6 +187,11 @@ def build(args):
     model, lora, tokenizer, model_name, random_weights = load(args)
     default_turns = list(embedded.TURNS) if random_weights else None
     prompt_text = embedded.PROMPT if random_weights else None
+    if miniature_default(args):  # the first held-out question, up to the plan agent's turn
+        from lragent_jax.miniature import miniature_world
+        from lragent_jax.task.episodes import THOUGHT, question_text
+
+        prompt_text = question_text(miniature_world().questions["test"][0].text) + THOUGHT
 
     agents = list(lora.names) if lora is not None else ["base"]
     turns = parse_turns(args.turn, args.max_new_tokens, agents)
@@ -424,6 +429,10 @@ def episode_demo(args, schemes):
         print(f"error: {e}", file=sys.stderr)
         return 2
     questions = world.questions["test"][: args.questions or DEMO_QUESTIONS]
+    longest = max(len(tokenizer.encode(q.text)) for q in questions)
+    if longest > max_len:
+        print(f"error: a question of {longest} tokens is longer than --max-len {max_len}", file=sys.stderr)
+        return 2
     errors = [{"scheme": s, "error": why} for s, why in blocked.items()]
     for err in errors:
         print(f"error: scheme {err['scheme']} cannot run: {err['error']}", file=sys.stderr, flush=True)
