@@ -20,7 +20,8 @@ import os
 
 import jax.numpy as jnp
 
-__all__ = ["ASSET_DIR", "FLAVOURS", "AGENTS", "MiniatureMissing", "asset_dir", "assets_built", "load_miniature",
+__all__ = ["ASSET_DIR", "ENV_VAR", "FLAVOURS", "AGENTS", "MiniatureMissing", "asset_dir", "assets_built", "load_miniature",
+           "read_train_log", "world_record",
            "miniature_world"]
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "miniature")

@@ -115,6 +115,14 @@ def test_archive_unpacks_to_the_folder(tiny, tmp_path):
     assert miniature.assets_built(str(unpacked))
 
 
+def test_install_copies_a_complete_miniature(tiny, tmp_path, monkeypatch):
+    out, _, _ = tiny
+    target = tmp_path / "assets" / "miniature"
+    monkeypatch.setattr(miniature, "ASSET_DIR", str(target))  # not the package's folder
+    assert train_miniature.install(out) == str(target)
+    assert miniature.assets_built(str(target)) and not miniature.assets_built(str(tmp_path))
+
+
 def test_missing_assets_one_line(tmp_path):
     with pytest.raises(miniature.MiniatureMissing) as e:
         miniature.load_miniature(folder=str(tmp_path))
