@@ -20,9 +20,8 @@ import os
 
 import jax.numpy as jnp
 
-__all__ = ["ASSET_DIR", "ENV_VAR", "FLAVOURS", "AGENTS", "MiniatureMissing", "asset_dir", "assets_built", "load_miniature",
-           "read_train_log", "world_record",
-           "miniature_world"]
+__all__ = ["ASSET_DIR", "ENV_VAR", "FLAVOURS", "AGENTS", "MiniatureMissing", "asset_dir", "assets_built",
+           "load_miniature", "miniature_world", "read_train_log", "world_record"]
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "miniature")
 ENV_VAR = "LRAGENT_MINIATURE_DIR"  # another asset folder (e.g. a fresh train_miniature.py --out)

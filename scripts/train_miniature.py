@@ -23,7 +23,6 @@ Exit code 2 with a one-line message on bad input.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil

@@ -11,7 +11,6 @@ import filecmp
 import importlib.util
 import json
 import os
-import sys
 import tarfile
 import time
 
