@@ -101,7 +101,8 @@ class LoraWeights:
                 f"base_lr_shared needs adapters that share A on {proj}_proj, but adapters "
                 f"{self.names[0]!r} and {self.names[idx]!r} differ at layer {layer} "
                 f"(max |A_{self.names[0]} - A_{self.names[idx]}| = {diff[layer, idx]:.3g}); "
-                f"use base_shared for independently trained adapters"
+                f"make them share A with --share-a stack|svd:R (scripts/generate.py) or "
+                f"lragent_jax.share_a.share_a, or use base_shared"
             )
 
 

@@ -6,8 +6,13 @@ writes a thought, the action agent writes an action such as `calc[2+3]` or
 `wiki[athens]`, the tool's observation is appended, and at the end the reflect agent
 writes a reflection. Tools are plain Python callables registered by name.
 
-With no --model it uses the embedded demo (a tiny Llama with RANDOM weights): its
-actions are noise, so the parser falls back to --fallback-action and says so. Use
+With no --model and the trained miniature shipped (lragent_jax/assets/miniature), it runs
+the task's full loop (lragent_jax.task.run_episode) on the miniature: a held-out test
+question (--question-index, or your own --question about its world) answered with real
+wiki / calc tool calls, the answer marked right or wrong. Otherwise, and whenever
+--scripted-action is given, it runs the loop below on the embedded demo (a tiny Llama
+with RANDOM weights): its actions are noise, so the parser falls back to
+--fallback-action and says so. Use
 --scripted-action to drive a deterministic path through the tools: the action agent
 still reads those tokens with its own adapter (teacher forcing via Session.score), so
 the caches are exactly as if it had written them.
@@ -143,7 +148,9 @@ def parse_args(argv):
                    help="PEFT LoRA adapter per agent; needs plan, action and reflect")
     p.add_argument("--scheme", default="base_lr_shared",
                    help="cache scheme: non_shared, full_shared, droidspeak, base_shared, base_lr_shared")
-    p.add_argument("--question", default=QUESTION)
+    p.add_argument("--question", default=None, help="the question (default: the miniature's test question "
+                   "--question-index, or the Olympics question on the random demo)")
+    p.add_argument("--question-index", type=int, default=0, help="miniature: which held-out test question")
     p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--plan-tokens", type=int, default=24)
     p.add_argument("--action-tokens", type=int, default=12)
@@ -175,6 +182,48 @@ def make_session(args):
     return session, name, random_weights
 
 
+def use_miniature(args) -> bool:
+    """No --model, no scripted actions, and the trained miniature is there."""
+    from lragent_jax.miniature import assets_built
+
+    return args.model is None and not args.adapter and not args.scripted_action and assets_built()
+
+
+def run_miniature(args) -> int:
+    """The task's loop (run_episode) on the miniature's shared-A agents, one question."""
+    import jax.numpy as jnp
+
+    from lragent_jax.engine import Engine
+    from lragent_jax.miniature import load_miniature
+    from lragent_jax.session import Session
+    from lragent_jax.task import make_tools, run_episode, score
+
+    model, lora, tok, world = load_miniature("shared", dtype=jnp.dtype(args.dtype or "float32"))
+    test = world.questions["test"]
+    if not 0 <= args.question_index < len(test):
+        raise UsageError(f"--question-index must be in [0, {len(test)}), got {args.question_index}")
+    q = test[args.question_index]
+    question, gold = (q.text, q.answer) if args.question is None else (args.question, None)
+    session = Session(Engine(model, lora), args.scheme, max_len=min(args.max_len, model.config.max_position_embeddings),
+                      tokenizer=tok, model_name="miniature", seed=args.seed)
+    # greedy: the trained agents are read greedily (the demo is deterministic)
+    res = run_episode(session, question, tools=make_tools(world), max_steps=args.max_steps, greedy=True)
+    em = score(res.answer, gold)["em"] if gold is not None else None
+    result = {"model": "miniature", "random_weights": False, "scheme": session.scheme_name, "question": question,
+              "gold": gold, "answer": res.answer, "em": em, "stop_reason": res.stop_reason,
+              "tool_calls": res.tool_calls, "turns": res.turns, "trajectory_text": res.text, "stats": session.stats()}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(res.text, end="")
+    verdict = "" if gold is None else f" (gold {gold!r}: {'RIGHT' if em else 'WRONG'})"
+    st = result["stats"]
+    print(f"-- answer: {res.answer!r}{verdict}, {res.stop_reason}\nscheme {st['scheme']}: {st['trajectory_tokens']} "
+          f"trajectory tokens, {st['turns']} turns, {res.tool_calls} tool calls, catch-up {st['catch_up_tokens']} "
+          f"tokens, cache {st['cache_bytes'] / 2**20:.2f} MiB")
+    return 0
+
+
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -184,6 +233,9 @@ def main(argv=None):
         if parse_action(args.fallback_action, DEFAULT_TOOLS) is None:
             raise UsageError(f"--fallback-action {args.fallback_action!r} is not tool[arg] with a tool in "
                              f"{sorted(DEFAULT_TOOLS)} or finish")
+        if use_miniature(args):
+            return run_miniature(args)
+        args.question = QUESTION if args.question is None else args.question
         log = (lambda msg: print(f"note: {msg}", file=sys.stderr)) if args.json else (lambda msg: print(f"note: {msg}"))
         session, name, random_weights = make_session(args)
         if random_weights and not args.json:

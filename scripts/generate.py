@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """Run agents that share one trajectory and one KV cache, under one or more cache schemes.
 
-With no arguments it runs the embedded default: a small Llama with RANDOM weights, a
-byte-level tokenizer and three shared-A LoRA agents (plan, action, reflect), under all
-five schemes. Point it at real weights with --model and --adapter.
+With no arguments it runs the embedded default under all five schemes. When the trained
+miniature is shipped (lragent_jax/assets/miniature, see scripts/train_miniature.py), that
+is its plan / action / reflect agents solving a few held-out questions of the task with real
+wiki / calc tool calls (lragent_jax.task.run_episode), answers marked right or wrong. Until
+then it is a small Llama with RANDOM weights, a byte-level tokenizer and three shared-A LoRA
+agents. Point it at real weights with --model and --adapter.
 
   python scripts/generate.py
+  python scripts/generate.py --questions 5 --share-a svd:12   # miniature, independent adapters
   python scripts/generate.py --model meta-llama/Llama-3.1-8B-Instruct \\
       --adapter plan=./plan --adapter action=./action --scheme base_shared \\
       --prompt "Question: ..." --turn plan:32 --turn action:8 --greedy
   python scripts/generate.py --json --prompt-ids 1,2,3 --turn plan:4   # machine-readable
+  python scripts/generate.py --model M --adapter plan=P --adapter action=A --adapter reflect=R \
+      --scheme base_lr_shared --share-a stack --prompt "..."   # adapters trained independently
 
 Several schemes (a comma list or 'all') run one after another; each is printed as it
 finishes. A scheme that cannot run with the given adapters or length is named with the
@@ -34,6 +40,8 @@ from lragent_jax.cli import DTYPES, UsageError, int_list, load_agents, strict_pa
 from lragent_jax.sampling import check_sampling  # noqa: E402
 
 SEED_MAX = 2**63 - 1
+MINIATURE_NAME = "miniature"
+DEMO_QUESTIONS = 3
 CLI_SAMPLING_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
 
@@ -69,9 +77,50 @@ def parse_args(argv):
                    help="base_shared/base_lr_shared: expand V = V_base + s*LR*B before attention (ablation)")
     p.add_argument("--critical-layers", default=None,
                    help="droidspeak critical layers, comma-separated (default: paper's set or a third of layers)")
+    p.add_argument("--share-a", default=None, metavar="stack|svd:R",
+                   help="base_lr_shared on adapters whose A differ: make them share A first (lragent_jax.share_a); "
+                        "stack is exact (rank = sum of ranks), svd:R keeps R directions. With the miniature, "
+                        "loads its independently trained adapters")
+    p.add_argument("--questions", type=int, default=None,
+                   help="miniature demo: held-out test questions per scheme (default 3)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout and nothing else: the completed runs and an 'errors' list")
     return strict_parser(p).parse_args(argv)
+
+
+def parse_share_a(text):
+    """'stack' -> ("stack", None); 'svd:16' -> ("svd", 16); None -> None."""
+    if text is None:
+        return None
+    method, _, rank = text.strip().partition(":")
+    if method == "stack" and not rank:
+        return "stack", None
+    if method == "svd" and rank:
+        try:
+            r = int(rank)
+        except ValueError:
+            r = 0
+        if r >= 1:
+            return "svd", r
+    raise UsageError(f"--share-a must be 'stack' or 'svd:R' with R >= 1, got {text!r}")
+
+
+def apply_share_a(lora, spec):
+    """(shared-A adapters for base_lr_shared, share_a's report); spec from parse_share_a."""
+    from lragent_jax.share_a import share_a
+
+    if lora is None:
+        raise UsageError("--share-a needs adapters (--adapter NAME=PATH, or the miniature)")
+    try:
+        return share_a(lora, spec[0], spec[1])
+    except ValueError as e:
+        raise UsageError(f"--share-a: {e}") from None
+
+
+def print_share_a(report):
+    kept = ", ".join(f"{n} {100 * f:.1f}%" for n, f in report["kept"].items())
+    print(f"share_a {report['method']}: base_lr_shared runs on one A of rank {report['rank']} "
+          f"(adapters' ranks {report['source_ranks']}); kept of each adapter's delta weights: {kept}", flush=True)
 
 
 def parse_turns(specs, default_n, agents):
@@ -93,12 +142,9 @@ def parse_turns(specs, default_n, agents):
     return turns
 
 
-def build(args):
-    """Model, adapters, tokenizer, turns and prompt ids from the arguments."""
-    from lragent_jax import embedded
-
-    explicit_n = args.max_new_tokens is not None
-    if not explicit_n:
+def check_common(args):
+    """Flags both modes read: turn length, sampling, seed."""
+    if args.max_new_tokens is None:
         args.max_new_tokens = 32
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -109,9 +155,43 @@ def build(args):
         raise UsageError(str(e)) from None
     if not 0 <= args.seed <= SEED_MAX:
         raise UsageError(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
-    model, lora, tokenizer, model_name, random_weights = load_agents(args.model, args.adapter, args.dtype, args.seed)
+
+
+def miniature_default(args) -> bool:
+    """No --model and the trained miniature is there: it is the default model."""
+    from lragent_jax.miniature import assets_built
+
+    return args.model is None and not args.adapter and assets_built()
+
+
+def load(args):
+    """(model, lora, tokenizer, name, random_weights): --model, else the miniature, else the random demo.
+    The miniature's independently trained adapters with --share-a, its shared-A ones otherwise."""
+    if miniature_default(args):
+        import jax.numpy as jnp
+
+        from lragent_jax.miniature import load_miniature
+
+        flavour = "independent" if args.share_a is not None else "shared"
+        model, lora, tokenizer, _ = load_miniature(flavour, dtype=jnp.dtype(args.dtype or "float32"))
+        return model, lora, tokenizer, f"{MINIATURE_NAME} ({flavour} adapters)", False
+    return load_agents(args.model, args.adapter, args.dtype, args.seed)
+
+
+def build(args):
+    """Model, adapters, tokenizer, turns and prompt ids from the arguments."""
+    from lragent_jax import embedded
+
+    explicit_n = args.max_new_tokens is not None
+    check_common(args)
+    model, lora, tokenizer, model_name, random_weights = load(args)
     default_turns = list(embedded.TURNS) if random_weights else None
     prompt_text = embedded.PROMPT if random_weights else None
+    if miniature_default(args):  # the first held-out question, up to the plan agent's turn
+        from lragent_jax.miniature import miniature_world
+        from lragent_jax.task.episodes import THOUGHT, question_text
+
+        prompt_text = question_text(miniature_world().questions["test"][0].text) + THOUGHT
 
     agents = list(lora.names) if lora is not None else ["base"]
     turns = parse_turns(args.turn, args.max_new_tokens, agents)
@@ -221,7 +301,7 @@ def critical_layers_for(args, config, model_name):
     return default_critical_layers(config.num_layers, name)
 
 
-def scheme_blockers(schemes, model, lora, args, max_len, model_name) -> dict:
+def scheme_blockers(schemes, model, lora, args, max_len, model_name, blr_lora=None) -> dict:
     """{scheme: why it cannot run} for the requested schemes, found before any work: adapters
     without LoRA on v_proj or without a shared A, a bad droidspeak layer set, caches that do
     not fit the device's free memory."""
@@ -230,7 +310,9 @@ def scheme_blockers(schemes, model, lora, args, max_len, model_name) -> dict:
 
     config, blocked = model.config, {}
     agents = len(lora.names) if lora is not None else 1
+    base_lora = lora
     for scheme in schemes:
+        lora = blr_lora if scheme == "base_lr_shared" and blr_lora is not None else base_lora  # --share-a
         try:
             if scheme in ("base_shared", "base_lr_shared"):
                 if lora is None or "v" not in lora:
@@ -257,14 +339,160 @@ def _failure(e: BaseException) -> str:
     return first if isinstance(e, (ValueError, KeyError)) else f"{type(e).__name__}: {first}"
 
 
+def make_engines(model, lora, blr_lora=None):
+    """scheme -> Engine: base_lr_shared on the --share-a adapters when given, the rest on the loaded ones."""
+    from lragent_jax.engine import Engine
+
+    engine = Engine(model, lora)
+    blr = Engine(model, blr_lora) if blr_lora is not None else engine
+    return lambda scheme: blr if scheme == "base_lr_shared" else engine
+
+
+# ---- the miniature demo: agents solving held-out questions ----------------------------------------
+def run_episodes(engine, scheme, args, tokenizer, world, questions, max_len, model_name, on_episode):
+    """Every question through the agent loop under one scheme; on_episode(record) as each ends."""
+    import time
+
+    from lragent_jax.session import Session
+    from lragent_jax.task import make_tools, run_episode, score
+
+    tools = make_tools(world)
+    sampling = {} if args.greedy_episodes else dict(temperature=args.temperature, top_k=args.top_k,
+                                                     top_p=args.top_p, seed=args.seed)
+    episodes = []
+    for q in questions:
+        session = Session(engine, scheme, max_len=max_len, tokenizer=tokenizer, attention=args.attention,
+                          naive_expansion=args.naive_expansion, critical_layers=args.critical_list,
+                          model_name=model_name, seed=args.seed)
+        t = time.perf_counter()
+        res = run_episode(session, q.text, tools=tools, max_tokens_per_turn=args.episode_turn_tokens,
+                          greedy=args.greedy_episodes, stop_ids=args.stop_id_list, **sampling)
+        wall = time.perf_counter() - t
+        sc = score(res.answer, q.answer)
+        episodes.append({"question": q.text, "gold": q.answer, "answer": res.answer, "em": sc["em"], "f1": sc["f1"],
+                         "stop_reason": res.stop_reason, "tool_calls": res.tool_calls,
+                         "trajectory_tokens": res.trajectory_tokens, "turns": res.turns, "text": res.text,
+                         "wall_s": wall, "stats": session.stats()})
+        on_episode(episodes[-1])
+    acc = sum(e["em"] for e in episodes) / len(episodes)
+    return {"scheme": session.scheme_name, "accuracy": acc, "episodes": episodes}
+
+
+def print_episode(ep, index, world):
+    from lragent_jax.task import execute, make_tools
+
+    tools = make_tools(world)
+    print(f"\nQ{index}: {ep['question']}")
+    for t in ep["turns"]:
+        line = f"  {t['role']:<8}: {t['text'].strip()[:100]}"
+        if t["role"] == "action":
+            outcome = execute(t["text"], tools)
+            if not outcome.finished:
+                line += f"\n  {'tool':<8}: {outcome.observation[:90]}..."
+        print(line)
+    mark = "RIGHT" if ep["em"] else "WRONG"
+    st = ep["stats"]
+    print(f"  answer {ep['answer']!r} (gold {ep['gold']!r}): {mark}   {ep['tool_calls']} tool calls, "
+          f"{ep['trajectory_tokens']} tokens, {ep['wall_s']:.2f} s (TTFT {1e3 * st['ttft_s']:.0f} ms), "
+          f"cache {st['cache_bytes'] / 2**20:.2f} MiB, {ep['stop_reason']}", flush=True)
+
+
+def episode_demo(args, schemes):
+    """The default with the miniature shipped: --questions held-out test questions per scheme."""
+    import jax.numpy as jnp
+
+    from lragent_jax.miniature import load_miniature
+
+    check_common(args)
+    args.stop_id_list = None
+    if args.stop_ids is not None:
+        none = args.stop_ids.strip().lower() == "none"
+        args.stop_id_list = () if none else tuple(int_list(args.stop_ids, "--stop-ids"))
+    args.critical_list = int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
+    # Greedy unless a sampling flag was changed from its default.
+    args.greedy_episodes = args.greedy or (args.temperature, args.top_k, args.top_p) == (1.0, 0, 1.0)
+    args.episode_turn_tokens = args.max_new_tokens if args.max_new_tokens != 32 else None
+    flavour = "independent" if args.share_a_spec else "shared"
+    try:
+        model, lora, tokenizer, world = load_miniature(flavour, dtype=jnp.dtype(args.dtype or "float32"))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_name = f"{MINIATURE_NAME} ({flavour} adapters)"
+    try:
+        blr_lora, share_report = apply_share_a(lora, args.share_a_spec) if args.share_a_spec else (None, None)
+        max_len = args.max_len or model.config.max_position_embeddings
+        blocked = scheme_blockers(schemes, model, lora, args, max_len, model_name, blr_lora)
+        if len(blocked) == len(schemes):
+            raise UsageError("; ".join(f"scheme {s}: {why}" for s, why in blocked.items()))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    questions = world.questions["test"][: args.questions or DEMO_QUESTIONS]
+    longest = max(len(tokenizer.encode(q.text)) for q in questions)
+    if longest > max_len:
+        print(f"error: a question of {longest} tokens is longer than --max-len {max_len}", file=sys.stderr)
+        return 2
+    errors = [{"scheme": s, "error": why} for s, why in blocked.items()]
+    for err in errors:
+        print(f"error: scheme {err['scheme']} cannot run: {err['error']}", file=sys.stderr, flush=True)
+    if not args.json:
+        print(f"model: {model_name}, trained (scripts/train_miniature.py); {len(questions)} held-out test "
+              f"questions per scheme, tools wiki[...] and calc[...]", flush=True)
+        if share_report is not None:
+            print_share_a(share_report)
+    engines = make_engines(model, lora, blr_lora)
+    runs = []
+    for scheme in schemes:
+        if scheme in blocked:
+            continue
+        if not args.json:
+            print(f"\n=== scheme {scheme} ===", flush=True)
+        counter = iter(range(1, len(questions) + 1))
+        show = (lambda ep: None) if args.json else (lambda ep: print_episode(ep, next(counter), world))
+        try:
+            run = run_episodes(engines(scheme), scheme, args, tokenizer, world, questions, max_len, model_name, show)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            if not isinstance(e, (ValueError, KeyError)) and "RESOURCE_EXHAUSTED" not in str(e):
+                traceback.print_exc()
+            errors.append({"scheme": scheme, "error": _failure(e)})
+            print(f"error: scheme {scheme} failed: {errors[-1]['error']}", file=sys.stderr, flush=True)
+            continue
+        runs.append(run)
+        if not args.json:
+            right = sum(int(e["em"]) for e in run["episodes"])
+            print(f"scheme {run['scheme']}: {right}/{len(run['episodes'])} right "
+                  f"({sum(e['wall_s'] for e in run['episodes']):.1f} s, compile included)", flush=True)
+    if args.json:
+        out = {"model": model_name, "random_weights": False, "questions": len(questions), "runs": runs,
+               "errors": errors}
+        if share_report is not None:
+            out["share_a"] = share_report
+        print(json.dumps(out))
+    if errors and not args.json:
+        print(f"error: {len(errors)} of {len(schemes)} schemes did not complete: "
+              f"{', '.join(e['scheme'] for e in errors)}", file=sys.stderr)
+    return 0 if not errors else (1 if runs else 2)
+
+
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        args.share_a_spec = parse_share_a(args.share_a)
         schemes = parse_schemes(args.scheme or ("all" if args.model is None else "non_shared"))
         if args.max_len is not None and args.max_len < 2:
             raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
+        if args.questions is not None and args.questions < 1:
+            raise UsageError(f"--questions must be >= 1, got {args.questions}")
+        if miniature_default(args) and args.prompt is None and args.prompt_ids is None and not args.turn:
+            return episode_demo(args, schemes)
+        if args.questions is not None:
+            raise UsageError("--questions is for the miniature demo (no --model, --prompt, --prompt-ids or --turn)")
 
         model, lora, tokenizer, turns, prompt, random_weights, model_name = build(args)
+        blr_lora, share_report = apply_share_a(lora, args.share_a_spec) if args.share_a_spec else (None, None)
         need = len(prompt) + sum(n for _, n in turns)
         max_len = args.max_len or need
         if len(prompt) > max_len:
@@ -272,12 +500,10 @@ def main(argv=None):
         if need > max_len:
             raise UsageError(f"prompt ({len(prompt)}) + turns ({need - len(prompt)}) = {need} tokens exceed "
                              f"--max-len {max_len}")
-        blocked = scheme_blockers(schemes, model, lora, args, max_len, model_name)
+        blocked = scheme_blockers(schemes, model, lora, args, max_len, model_name, blr_lora)
         if len(blocked) == len(schemes):  # nothing can run: bad input, one line
             raise UsageError("; ".join(f"scheme {s}: {why}" for s, why in blocked.items()))
-        from lragent_jax.engine import Engine
-
-        engine = Engine(model, lora)
+        engines = make_engines(model, lora, blr_lora)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -291,12 +517,14 @@ def main(argv=None):
         print(f"error: scheme {err['scheme']} cannot run: {err['error']}", file=sys.stderr, flush=True)
     if not args.json:
         print_header(random_weights, model_name, len(prompt))
+        if share_report is not None:
+            print_share_a(share_report)
     runs, ns = [], None
     for scheme in schemes:
         if scheme in blocked:
             continue
         try:
-            run = run_scheme(engine, scheme, args, tokenizer, turns, prompt, max_len, model_name)
+            run = run_scheme(engines(scheme), scheme, args, tokenizer, turns, prompt, max_len, model_name)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one scheme failing must not lose the runs that finished
@@ -310,8 +538,11 @@ def main(argv=None):
         if not args.json:
             print_run(run, ns)
     if args.json:
-        print(json.dumps({"model": model_name, "random_weights": random_weights, "prompt_tokens": len(prompt),
-                          "runs": runs, "errors": errors}))
+        out = {"model": model_name, "random_weights": random_weights, "prompt_tokens": len(prompt),
+               "runs": runs, "errors": errors}
+        if share_report is not None:
+            out["share_a"] = share_report
+        print(json.dumps(out))
     if not errors:
         return 0
     if not args.json:  # the up-front lines may have scrolled away

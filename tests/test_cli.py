@@ -81,6 +81,9 @@ def _main_error(capsys, *args):
     (("--adapter", "plan=./x"), "needs --model"),
     (("--adapter", "plan"), "NAME=PATH"),
     (("--nonsense",), "unrecognized arguments"),
+    (("--share-a", "pca"), "--share-a must be 'stack' or 'svd:R'"),
+    (("--share-a", "svd:0"), "--share-a"),
+    (("--questions", "0"), "--questions"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, needle):
     assert needle in _main_error(capsys, *args)

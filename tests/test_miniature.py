@@ -1,0 +1,215 @@
+"""The miniature: scripts/train_miniature.py --tiny end to end on CPU, its folders loading back,
+the demos that run on it (generate.py, agents.py), --share-a, and the shipped model's accuracy floor.
+
+The tiny run trains a 2-layer, hidden-64 model for a dozen steps: its agents write noise, so these
+tests check the pipeline and the formats, not answers; the accuracy floor is on the shipped weights.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import json
+import os
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from lragent_jax import miniature
+from lragent_jax.lora import SharedAError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_miniature = _script("train_miniature")
+generate = _script("generate")
+agents = _script("agents")
+
+SHIPPED = miniature.assets_built(miniature.ASSET_DIR)
+# The shipped model's floor under non_shared on the first FLOOR_QUESTIONS held-out test questions.
+# The benchmark target (issue 13) is 80% EM; the floor sits below it so that float rounding across
+# machines cannot flip the test, yet far above what an untrained model gets (0%).
+FLOOR_QUESTIONS, FLOOR_EM = 20, 0.6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One --tiny run: (result folder, archive path, wall seconds)."""
+    root = tmp_path_factory.mktemp("miniature")
+    out, archive = root / "out", root / "mini.tar.gz"
+    t = time.perf_counter()
+    rc = train_miniature.main(["--tiny", "--out", str(out), "--archive", str(archive), "--no-progress"])
+    assert rc == 0
+    return str(out), str(archive), time.perf_counter() - t
+
+
+def _adapters(out, flavour):
+    return {a: os.path.join(out, f"adapters_{flavour}", a) for a in miniature.AGENTS}
+
+
+def test_tiny_run_trains_and_logs(tiny):
+    out, _, wall = tiny
+    with open(os.path.join(out, "train_log.json")) as f:
+        log = json.load(f)
+    base = log["losses"]["base"]
+    assert len(base) == log["settings"]["steps_base"]
+    assert np.mean(base[-3:]) < base[0] - 0.3, base  # pre-training learns (6.6 nats at init)
+    for flavour in ("independent", "shared"):
+        hist = log["losses"][f"adapters_{flavour}"]
+        assert set(hist) == {"loss", "plan", "action", "reflect"}
+        assert all(np.isfinite(hist["loss"]))
+    assert set(log["validation_loss"]) == {"base", "independent", "shared"}
+    assert log["validation_em_error"] is None and log["validation_em"] is not None
+    assert len(log["validation_em_questions"]) == 2
+    assert log["world"]["seed"] == 0 and log["weights_dtype"] == "float32"
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
+    assert log["total_bytes"] == sum(log["file_bytes"].values()) < 30 * 2**20
+    print(f"--tiny end to end: {wall:.1f} s wall")
+
+
+def test_tiny_folders_load(tiny):
+    from lragent_jax.loading import load_adapters, load_model, load_tokenizer
+    from lragent_jax.task import SMALL_CONFIG, build_world, newline_id
+
+    out, _, _ = tiny
+    model = load_model(os.path.join(out, "base"), dtype=np.float32)
+    tok = load_tokenizer(os.path.join(out, "base"))
+    cfg = model.config
+    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_ids) == (len(tok), 0, (1,))
+    assert tok.decode(tok.encode("Action: wiki[Tal Morisca]\n", add_special_tokens=False)) == \
+        "Action: wiki[Tal Morisca]\n"
+    newline_id(tok)  # one token, the loop's turn stop
+    shared = load_adapters(_adapters(out, "shared"), model)
+    independent = load_adapters(_adapters(out, "independent"), model)
+    for proj in ("q", "v"):
+        shared.require_shared_a(proj)  # stored once: load_adapters found A bit-identical
+        with pytest.raises(SharedAError, match="--share-a"):
+            independent.require_shared_a(proj)
+    assert shared.names == independent.names == miniature.AGENTS
+    assert {c.rank for c in shared.configs} == {8} and {c.alpha for c in shared.configs} == {16.0}
+    # load_miniature rebuilds the same world from the recorded seed and config
+    m2, lora2, tok2, world = miniature.load_miniature("independent", folder=out)
+    ref = build_world(0, SMALL_CONFIG)
+    assert [q.text for q in world.questions["test"]] == [q.text for q in ref.questions["test"]]
+    assert lora2.names == miniature.AGENTS and len(tok2) == len(tok)
+
+
+def test_archive_unpacks_to_the_folder(tiny, tmp_path):
+    out, archive, _ = tiny
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    unpacked = tmp_path / "miniature"
+    for rel in ["base/model.safetensors", "base/tokenizer.json", "train_log.json",
+                "adapters_shared/plan/adapter_model.safetensors", "adapters_independent/reflect/adapter_config.json"]:
+        assert filecmp.cmp(os.path.join(out, rel), unpacked / rel, shallow=False), rel
+    assert miniature.assets_built(str(unpacked))
+
+
+def test_install_copies_a_complete_miniature(tiny, tmp_path, monkeypatch):
+    out, _, _ = tiny
+    target = tmp_path / "assets" / "miniature"
+    monkeypatch.setattr(miniature, "ASSET_DIR", str(target))  # not the package's folder
+    assert train_miniature.install(out) == str(target)
+    assert miniature.assets_built(str(target)) and not miniature.assets_built(str(tmp_path))
+
+
+def test_missing_assets_one_line(tmp_path):
+    with pytest.raises(miniature.MiniatureMissing) as e:
+        miniature.load_miniature(folder=str(tmp_path))
+    msg = str(e.value)
+    assert "assets not built" in msg and "\n" not in msg and "train_miniature.py --install" in msg
+    with pytest.raises(ValueError, match="flavour"):
+        miniature.load_miniature("both", folder=str(tmp_path))
+
+
+def test_train_miniature_bad_flags(capsys):
+    for args, needle in ((["--archive", "x.zip"], "--archive"), (["--steps-base", "0"], "--steps-base"),
+                         (["--vocab-size", "10"], "--vocab-size")):
+        assert train_miniature.main(args) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+
+
+def test_generate_share_a_runs_base_lr_shared_on_independent_adapters(tiny, capsys):
+    """--share-a stack: base_lr_shared serves independently trained adapters (exact stack, rank 24);
+    without it the refusal names --share-a. The other schemes keep the adapters as loaded."""
+    out, _, _ = tiny
+    common = ["--model", os.path.join(out, "base"), "--dtype", "float32", "--prompt-ids", "0,5,6,7,8",
+              "--turn", "plan:3", "--turn", "action:2", "--greedy", "--json"]
+    for name, path in _adapters(out, "independent").items():
+        common += ["--adapter", f"{name}={path}"]
+    assert generate.main(common + ["--scheme", "base_lr_shared"]) == 2
+    err = capsys.readouterr().err
+    assert "--share-a" in err and err.count("\n") == 1
+    assert generate.main(common + ["--scheme", "non_shared,base_lr_shared", "--share-a", "stack"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["errors"] == [] and [r["scheme"] for r in res["runs"]] == ["non_shared", "base_lr_shared"]
+    assert res["share_a"]["method"] == "stack" and res["share_a"]["rank"] == 24
+    assert all(f == 1.0 for f in res["share_a"]["kept"].values())
+    # the first turn has nothing to share yet: base_lr_shared on the stack == non_shared (stack is exact)
+    assert res["runs"][0]["turns"][0]["token_ids"] == res["runs"][1]["turns"][0]["token_ids"]
+    assert generate.main(common + ["--scheme", "base_lr_shared", "--share-a", "svd:4"]) == 0
+    kept = json.loads(capsys.readouterr().out)["share_a"]["kept"]
+    assert all(0.0 < f < 1.0 for f in kept.values()), kept
+    for bad in ("svd", "svd:0", "stack:3", "pca"):
+        assert generate.main(common + ["--share-a", bad]) == 2
+        assert "--share-a" in capsys.readouterr().err
+
+
+def test_generate_default_runs_episodes_on_the_miniature(tiny, monkeypatch, capsys):
+    """With a miniature present (here the tiny one, via LRAGENT_MINIATURE_DIR) the no-argument
+    default runs the agent loop on held-out test questions per scheme."""
+    out, _, _ = tiny
+    monkeypatch.setenv(miniature.ENV_VAR, out)
+    rc = generate.main(["--json", "--questions", "1", "--scheme", "non_shared,base_lr_shared", "--max-len", "512"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["errors"] == [] and res["random_weights"] is False
+    world = miniature.miniature_world(out)
+    for run in res["runs"]:
+        (ep,) = run["episodes"]
+        assert ep["question"] == world.questions["test"][0].text and ep["gold"] == world.questions["test"][0].answer
+        assert ep["turns"][0]["role"] == "plan" and ep["em"] in (0.0, 1.0) and ep["stats"]["cache_bytes"] > 0
+        assert ep["text"].startswith("Question: ")
+    rc = generate.main(["--questions", "1", "--scheme", "base_lr_shared", "--share-a", "svd:8", "--max-len", "512"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "independent adapters" in text and "share_a svd" in text and "kept" in text
+    assert "answer" in text and ("RIGHT" in text or "WRONG" in text)
+
+
+def test_agents_default_runs_the_task_loop_on_the_miniature(tiny, monkeypatch, capsys):
+    out, _, _ = tiny
+    monkeypatch.setenv(miniature.ENV_VAR, out)
+    assert agents.main(["--json", "--scheme", "non_shared", "--max-len", "512", "--max-steps", "1",
+                        "--question-index", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    q = miniature.miniature_world(out).questions["test"][1]
+    assert res["random_weights"] is False and res["question"] == q.text and res["gold"] == q.answer
+    assert res["trajectory_text"].startswith(f"Question: {q.text}\nThought:")
+    assert agents.main(["--question-index", "100000"]) == 2
+
+
+@pytest.mark.skipif(not SHIPPED, reason="assets not built")
+def test_shipped_model_accuracy_floor():
+    """The shipped agents (shared-A adapters, non_shared) answer at least FLOOR_EM of the first
+    FLOOR_QUESTIONS held-out test questions exactly, through the loop with the real tools."""
+    from lragent_jax.engine import Engine
+    from lragent_jax.session import Session
+    from lragent_jax.task import make_tools, run_episode, score
+
+    model, lora, tok, world = miniature.load_miniature("shared")
+    engine, tools = Engine(model, lora), make_tools(world)
+    questions = world.questions["test"][:FLOOR_QUESTIONS]
+    em = []
+    for q in questions:
+        session = Session(engine, "non_shared", max_len=model.config.max_position_embeddings, tokenizer=tok)
+        em.append(score(run_episode(session, q.text, tools=tools).answer, q.answer)["em"])
+    assert np.mean(em) >= FLOOR_EM, f"EM {np.mean(em):.2f} over {len(em)} questions < floor {FLOOR_EM}"
