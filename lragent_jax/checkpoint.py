@@ -21,6 +21,7 @@ target absent or holding the previous checkpoint, never a partial one.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -130,18 +131,18 @@ def save_session(session: Session, path) -> None:
         raise CheckpointError(f"{path}: exists and is not a session checkpoint; refusing to overwrite it")
     _, caches = _split_state(session.scheme)
     meta = session_metadata(session)
-    if not os.path.exists(path):
-        _write(path, caches, meta)
-        return
-    # Replace an existing checkpoint: write the new one beside it, then swap the two folders.
+    # Write beside the target (orbax itself writes a temp folder and renames it to `fresh` when
+    # complete), then move it in: the target is never a partial checkpoint.
     tag = uuid.uuid4().hex[:8]
     fresh, old = f"{path}.new-{tag}", f"{path}.old-{tag}"
     try:
         _write(fresh, caches, meta)
     except BaseException:
-        shutil.rmtree(fresh, ignore_errors=True)
+        for leftover in [fresh, *glob.glob(glob.escape(fresh) + ".orbax-checkpoint-tmp*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
         raise
-    os.rename(path, old)
+    if os.path.exists(path):
+        os.rename(path, old)
     os.rename(fresh, path)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -301,6 +301,9 @@ class FullShared(_OneCacheScheme):
         rows = [list(traj[b][fork[b]:]) for b in range(B) for _ in agents]
         sampling = _stack_sampling([sampling_for(a, 1) for a in agents], B)
         logits, view = self.engine.prefill(view, rows, np.repeat(fork, N), ids)
+        # The read-only prefix went through the donating step: hold its live copy at once, so a
+        # failure later in the turn rolls back to valid arrays.
+        self.cache = view.prefix
         first = first_fn(logits, sampling, keys[0][0])
         tokens, counts, view = self.engine.decode(view, first, np.repeat(T, N), ids, sampling, keys[0][1],
                                                   max_new_tokens=limits, stop_ids=stop_ids)
