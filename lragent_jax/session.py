@@ -281,7 +281,7 @@ class Session:
             self._agent(agent)
             if isinstance(req, Mapping):
                 req = dict(req)
-            elif isinstance(req, numbers.Number) or isinstance(req, str):
+            elif isinstance(req, numbers.Number):  # 2.5 is refused by checks.count below
                 req = {"max_new_tokens": req}
             else:
                 raise ValueError(f"agent {agent!r}: expected max_new_tokens (an int) or a dict of options, got {req!r}")
