@@ -50,10 +50,12 @@ def _digest(leaves) -> str:
     """sha256 (16 hex digits) of each array's shape, dtype and _SAMPLES values at fixed positions."""
     picks = []
     for a in leaves:
-        flat = jnp.ravel(a)
-        idx = np.unique(np.linspace(0, flat.size - 1, min(flat.size, _SAMPLES)).astype(np.int64)) if flat.size \
+        a = jnp.asarray(a)
+        flat = np.unique(np.linspace(0, a.size - 1, min(a.size, _SAMPLES)).astype(np.int64)) if a.size \
             else np.zeros((0,), np.int64)
-        picks.append((a.shape, a.dtype, flat[idx]))
+        # A gather at multi-dimensional indices: no flattened copy of a large weight.
+        vals = a[np.unravel_index(flat, a.shape)] if a.ndim else a.reshape(1)[:1]
+        picks.append((a.shape, a.dtype, vals))
     h = hashlib.sha256()
     for (shape, dtype, vals), host in zip(picks, jax.device_get([p[2] for p in picks])):
         h.update(f"{tuple(shape)}|{np.dtype(dtype).name}|".encode())
@@ -89,7 +91,7 @@ def _session_options(session: Session) -> dict:
     o = session.attn_options
     return {"scheme": session.scheme_name, "batch": session.batch, "max_len": session.max_len,
             "cache_dtype": jnp.dtype(session.scheme.dtype).name, "attention": o.impl,
-            "naive_expansion": o.naive_expansion, "critical_layers": list(session.critical_layers)}
+            "naive_expansion": o.naive_expansion, "critical_layers": None if session.critical_layers is None else list(session.critical_layers)}
 
 
 # ---- save ------------------------------------------------------------------------------------

@@ -99,11 +99,13 @@ class Session:
         if critical_layers is None:
             name = model_name if model_name in DROIDSPEAK_LAYERS else preset_name(cfg)
             critical_layers = default_critical_layers(cfg.num_layers, name)
-        critical_layers = check_critical_layers(critical_layers, cfg.num_layers)
+        # Only droidspeak reads the critical layers (other schemes keep None, as they ignore them).
+        critical_layers = check_critical_layers(critical_layers, cfg.num_layers) if scheme_name == "droidspeak" \
+            else None
         agents = tuple(engine.lora.names) if engine.lora is not None else (BASE_AGENT,)
         check_cache_fits(scheme_name, cfg, max_len=max_len, num_agents=len(agents), dtype=cache_dtype, batch=batch,
                          value_rank=engine.lora.value_rank() if engine.lora is not None else 0,
-                         num_critical=len(critical_layers))
+                         num_critical=len(critical_layers or ()))
 
         self.engine = engine
         self.scheme_name = scheme_name
