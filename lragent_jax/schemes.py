@@ -71,6 +71,14 @@ def check_critical_layers(critical_layers, num_layers: int) -> tuple[int, ...]:
     return crit
 
 
+def _copy_state(v):
+    """A dict is copied (its values are replaced per agent), a numpy count array too; jax arrays
+    and cache views are immutable and kept by reference."""
+    if isinstance(v, dict):
+        return {k: _copy_state(x) for k, x in v.items()}
+    return v.copy() if isinstance(v, np.ndarray) else v
+
+
 def _rows(traj, lo, hi):
     """Per-row token slices traj[b][lo[b]:hi[b]]."""
     return [list(t[a:b]) for t, a, b in zip(traj, lo, hi)]
@@ -117,6 +125,25 @@ class Scheme:
 
     def _ids(self, agent):
         return np.full((self.batch,), self.engine.adapter_ids([agent])[0], np.int32)
+
+    # ---- state a turn changes (Session snapshots it before a turn, checkpoints save it) -----
+    # Attributes fixed at construction; everything else (held counts, cache arrays) is state.
+    _FIXED = frozenset({"engine", "agents", "batch", "max_len", "dtype", "opts", "config", "critical",
+                        "_catch_up_layers"})
+
+    def state(self) -> dict:
+        """{attribute: value} of every held count (numpy, copied) and cache (jax pytree, by
+        reference: the arrays themselves are never written in place, a step returns new ones)."""
+        return {k: _copy_state(v) for k, v in vars(self).items() if k not in self._FIXED}
+
+    def set_state(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, _copy_state(v))
+
+    @staticmethod
+    def is_count(name: str) -> bool:
+        """Held counts (host bookkeeping) are the attributes named held*; the rest are caches."""
+        return name.startswith("held")
 
     # ---- concurrent branches -------------------------------------------------------------
     # The generic path (every scheme): each agent in turn catches up and decodes from the same
@@ -274,6 +301,9 @@ class FullShared(_OneCacheScheme):
         rows = [list(traj[b][fork[b]:]) for b in range(B) for _ in agents]
         sampling = _stack_sampling([sampling_for(a, 1) for a in agents], B)
         logits, view = self.engine.prefill(view, rows, np.repeat(fork, N), ids)
+        # The read-only prefix went through the donating step: hold its live copy at once, so a
+        # failure later in the turn rolls back to valid arrays.
+        self.cache = view.prefix
         first = first_fn(logits, sampling, keys[0][0])
         tokens, counts, view = self.engine.decode(view, first, np.repeat(T, N), ids, sampling, keys[0][1],
                                                   max_new_tokens=limits, stop_ids=stop_ids)

@@ -9,12 +9,24 @@
 append() only records tokens; generate() makes the agent catch up as its scheme
 requires, decodes, and appends what it generated to the trajectory. Every turn is
 recorded in `session.turns` with its catch-up work and timings.
+
+Integrity: every public method checks all of its input before it changes anything, and runs
+as one transaction: the pre-call host state (trajectory lengths, turn records, RNG counter,
+pending branches, the scheme's held counts and cache references) is kept by reference, and a
+failure rolls it back. The jitted steps donate their caches, so a step that ran leaves the old
+buffers deleted; but a step writes only slots past the held counts, so its output caches with the
+old counts are the old state (the slots it wrote are never read). Only when a step failed after
+its inputs were donated (no live output) is the Session marked broken. A Ctrl-C during a turn is
+held until the turn ends, then the turn is rolled back and KeyboardInterrupt raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
+import signal
+import threading
 import time
 from collections.abc import Mapping
 
@@ -22,11 +34,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checks
 from .cache import AttnOptions
+from .config import check_dtype, preset_name
 from .engine import BASE_AGENT, Engine
+from .memory import check_cache_fits
 from .sampling import SamplingParams
-from .config import preset_name
-from .schemes import DROIDSPEAK_LAYERS, canonical_scheme, default_critical_layers, make_scheme
+from .schemes import (DROIDSPEAK_LAYERS, Scheme, canonical_scheme, check_critical_layers, default_critical_layers,
+                      make_scheme)
+
+
+class SessionBrokenError(RuntimeError):
+    """A failure inside a jitted step consumed (donated) this Session's caches."""
 
 
 @dataclasses.dataclass
@@ -66,104 +85,179 @@ class Session:
                  tokenizer=None, attention: str = "auto", naive_expansion: bool = False,
                  critical_layers=None, model_name: str | None = None, cache_dtype=None,
                  stop_ids=None, seed: int = 0):
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2, got {max_len}")
         from .attention import check_impl
 
+        # Everything is checked before the caches are allocated.
+        batch = checks.count(batch, "batch")
+        max_len = checks.count(max_len, "max_len", minimum=2)
         check_impl(attention)
-        self.engine = engine
-        self.scheme_name = canonical_scheme(scheme)
-        # Without adapters there is one agent, "base" (the plain model).
-        self.agents = tuple(engine.lora.names) if engine.lora is not None else (BASE_AGENT,)
-        self.batch = batch
-        self.max_len = int(max_len)
-        self.tokenizer = tokenizer
-        self.stop_ids = tuple(engine.config.eos_token_ids if stop_ids is None else stop_ids)
-        if critical_layers is None:
-            name = model_name if model_name in DROIDSPEAK_LAYERS else preset_name(engine.config)
-            critical_layers = default_critical_layers(engine.config.num_layers, name)
+        scheme_name = canonical_scheme(scheme)
+        cache_dtype = check_dtype(engine.dtype if cache_dtype is None else cache_dtype, "cache_dtype")
+        stop_ids = _token_list(engine.config.eos_token_ids if stop_ids is None else stop_ids, "stop_ids")
+        seed = _integer(seed, "seed")
         cfg = engine.config
-        opts = AttnOptions(impl=attention, naive_expansion=naive_expansion,
-                           sliding_window=cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_len else None)
-        self.scheme = make_scheme(self.scheme_name, engine, self.agents, batch, self.max_len,
-                                  cache_dtype or engine.dtype, opts, critical_layers=critical_layers)
+        if critical_layers is None:
+            name = model_name if model_name in DROIDSPEAK_LAYERS else preset_name(cfg)
+            critical_layers = default_critical_layers(cfg.num_layers, name)
+        # Only droidspeak reads the critical layers (other schemes keep None, as they ignore them).
+        critical_layers = check_critical_layers(critical_layers, cfg.num_layers) if scheme_name == "droidspeak" \
+            else None
+        agents = tuple(engine.lora.names) if engine.lora is not None else (BASE_AGENT,)
+        check_cache_fits(scheme_name, cfg, max_len=max_len, num_agents=len(agents), dtype=cache_dtype, batch=batch,
+                         value_rank=engine.lora.value_rank() if engine.lora is not None else 0,
+                         num_critical=len(critical_layers or ()))
+
+        self.engine = engine
+        self.scheme_name = scheme_name
+        # Without adapters there is one agent, "base" (the plain model).
+        self.agents = agents
+        self.batch = batch
+        self.max_len = max_len
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.critical_layers = critical_layers
+        self.attn_options = AttnOptions(
+            impl=attention, naive_expansion=bool(naive_expansion),
+            sliding_window=cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_len else None)
+        self.scheme = make_scheme(self.scheme_name, engine, self.agents, batch, self.max_len, cache_dtype,
+                                  self.attn_options, critical_layers=critical_layers)
         self.trajectory: list[list[int]] = [[] for _ in range(batch)]
         self.turns: list[TurnStats] = []
         self._seed = seed
         self._key_counter = 0
         self._pending = None  # branches of the last generate_concurrent()
+        self._broken: str | None = None
+
+    # ---- integrity -----------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise SessionBrokenError(self._broken)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """Run the body as one step: on any failure the Session is as before (or marked broken)."""
+        self._check_usable()
+        saved = dict(lengths=[len(t) for t in self.trajectory], turns=len(self.turns), key_counter=self._key_counter,
+                     pending=self._pending, scheme=self.scheme.state())
+        with _HeldInterrupt() as interrupt:
+            try:
+                yield
+                interrupt.raise_if_pending()
+            except BaseException as error:
+                self._roll_back(saved, error)
+                raise
+
+    def _roll_back(self, saved: dict, error: BaseException) -> None:
+        for row, n in zip(self.trajectory, saved["lengths"]):
+            del row[n:]
+        del self.turns[saved["turns"]:]
+        self._key_counter = saved["key_counter"]
+        self._pending = saved["pending"]
+        old = saved["scheme"]
+        caches = lambda state: {k: v for k, v in state.items() if not Scheme.is_count(k)}  # noqa: E731
+        if _all_live(caches(old)):  # no step consumed them: the exact old state
+            self.scheme.set_state(old)
+            return
+        now = caches(self.scheme.state())
+        if _all_live(now):  # the steps' outputs with the old counts: slots past them are never read
+            self.scheme.set_state({**old, **now})
+            return
+        reason = " ".join(str(error).split()) or "no message"
+        self._broken = (f"this Session is unusable: {type(error).__name__} ({reason[:200]}) happened inside a jitted "
+                        f"step after its caches were donated; restore a checkpoint with Session.restore(path, engine) "
+                        f"or start a new Session")
 
     # ---- building the trajectory ---------------------------------------------------------
-    def _to_rows(self, tokens_or_text) -> list[list[int]]:
+    def _to_rows(self, tokens_or_text, what: str = "tokens") -> list[list[int]]:
         if isinstance(tokens_or_text, str):
             if self.tokenizer is None:
                 raise ValueError("append(text) needs a tokenizer; pass token ids or give Session a tokenizer")
             ids = self.tokenizer.encode(tokens_or_text, add_special_tokens=not any(self.trajectory))
-            return [list(ids) for _ in range(self.batch)]
-        seq = list(tokens_or_text)
-        if seq and isinstance(seq[0], (list, tuple, np.ndarray)):
-            if len(seq) != self.batch:
-                raise ValueError(f"got token lists for {len(seq)} rows; this session has batch={self.batch}")
-            return [[int(t) for t in r] for r in seq]
-        return [[int(t) for t in seq] for _ in range(self.batch)]
-
-    def append(self, tokens_or_text) -> None:
-        """Add context (text, token ids, or one id list per row) without computing anything."""
-        rows = self._to_rows(tokens_or_text)
+            rows = [list(ids) for _ in range(self.batch)]
+        else:
+            try:
+                seq = list(tokens_or_text)
+            except TypeError:
+                raise ValueError(f"{what}: expected text, token ids or one id list per row, got "
+                                 f"{tokens_or_text!r}") from None
+            if seq and isinstance(seq[0], (list, tuple, np.ndarray)):
+                if len(seq) != self.batch:
+                    raise ValueError(f"{what}: got token lists for {len(seq)} rows; this session has "
+                                     f"batch={self.batch}")
+                rows = [_token_list(r, what) for r in seq]
+            else:
+                rows = [_token_list(seq, what)] * self.batch
         V = self.engine.config.vocab_size
         for b, r in enumerate(rows):
             bad = [t for t in r if not 0 <= t < V]
             if bad:
-                raise ValueError(f"token ids out of range [0, {V}): {bad[:5]}")
+                raise ValueError(f"{what}: token ids out of range [0, {V}): {bad[:5]}")
             if len(self.trajectory[b]) + len(r) > self.max_len:
-                raise ValueError(
-                    f"context of {len(self.trajectory[b]) + len(r)} tokens exceeds max_len={self.max_len}")
+                raise ValueError(f"{what}: context of {len(self.trajectory[b]) + len(r)} tokens exceeds "
+                                 f"max_len={self.max_len}")
+        return [list(r) for r in rows]
+
+    def _extend(self, rows) -> None:
         for b, r in enumerate(rows):
             self.trajectory[b].extend(r)
-        self._pending = None  # concurrent branches forked before this point are stale
+
+    def append(self, tokens_or_text) -> None:
+        """Add context (text, token ids, or one id list per row) without computing anything."""
+        self._check_usable()
+        rows = self._to_rows(tokens_or_text)
+        with self._transaction():
+            self._extend(rows)
+            self._pending = None  # concurrent branches forked before this point are stale
 
     # ---- turns ---------------------------------------------------------------------------
+    def _agent(self, agent) -> str:
+        if not isinstance(agent, str) or agent not in self.agents:
+            raise KeyError(f"unknown agent {agent!r}; agents: {list(self.agents)}")
+        return agent
+
     def _next_key(self, seed):
         self._key_counter += 1
         base = self._seed if seed is None else seed
         return jax.random.fold_in(jax.random.key(base), self._key_counter)
 
-    def generate(self, agent: str, max_new_tokens: int = 32, *, greedy: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids=None) -> list[list[int]]:
-        """The agent catches up, then decodes up to max_new_tokens per row; returns each row's tokens."""
-        if agent not in self.agents:
-            raise KeyError(f"unknown agent {agent!r}; agents: {list(self.agents)}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def _check_room(self, max_new_tokens: int, what: str) -> np.ndarray:
         T = np.array([len(t) for t in self.trajectory])
         if T.min() == 0:
-            raise ValueError("the trajectory is empty: append() a prompt before generate()")
+            raise ValueError(f"the trajectory is empty: append() a prompt before {what}()")
         if T.max() + max_new_tokens > self.max_len:
             raise ValueError(f"trajectory of {T.max()} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"max_len={self.max_len}")
+        return T
+
+    def generate(self, agent: str, max_new_tokens: int = 32, *, greedy: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids=None) -> list[list[int]]:
+        """The agent catches up, then decodes up to max_new_tokens per row; returns each row's tokens."""
+        self._check_usable()
+        self._agent(agent)
+        max_new_tokens = checks.count(max_new_tokens, "max_new_tokens")
+        T = self._check_room(max_new_tokens, "generate")
         sampling = SamplingParams.make(self.batch, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
-        stops = self.stop_ids if stop_ids is None else tuple(stop_ids)
-        key = self._next_key(seed)
-        k_first, k_rest = jax.random.split(key)
+        stops = self.stop_ids if stop_ids is None else _token_list(stop_ids, "stop_ids")
+        seed = None if seed is None else _integer(seed, "seed")
 
-        t0 = time.perf_counter()
-        logits, catch_up, new = self.scheme.prepare(agent, self.trajectory)
-        jax.block_until_ready(logits)
-        t1 = time.perf_counter()
-        first = self.engine.sample(logits, sampling, k_first)
-        first = np.asarray(first)
-        t2 = time.perf_counter()
-        tokens, counts = self.scheme.decode(agent, first, T, sampling, k_rest, max_new_tokens, stops)
-        tokens = np.asarray(tokens)
-        t3 = time.perf_counter()
+        with self._transaction():
+            key = self._next_key(seed)
+            k_first, k_rest = jax.random.split(key)
+            t0 = time.perf_counter()
+            logits, catch_up, new = self.scheme.prepare(agent, self.trajectory)
+            jax.block_until_ready(logits)
+            t1 = time.perf_counter()
+            first = self.engine.sample(logits, sampling, k_first)
+            first = np.asarray(first)
+            t2 = time.perf_counter()
+            tokens, counts = self.scheme.decode(agent, first, T, sampling, k_rest, max_new_tokens, stops)
+            tokens = np.asarray(tokens)
+            t3 = time.perf_counter()
 
-        out = [tokens[b, : counts[b]].tolist() for b in range(self.batch)]
-        for b in range(self.batch):
-            self.trajectory[b].extend(out[b])
-        self.turns.append(TurnStats(agent=agent, catch_up_tokens=catch_up, new_tokens=new, prefill_s=t1 - t0,
-                                    ttft_s=t2 - t0, decode_s=t3 - t2, generated_tokens=int(np.sum(counts))))
+            out = [tokens[b, : counts[b]].tolist() for b in range(self.batch)]
+            self._extend(out)
+            self.turns.append(TurnStats(agent=agent, catch_up_tokens=catch_up, new_tokens=new, prefill_s=t1 - t0,
+                                        ttft_s=t2 - t0, decode_s=t3 - t2, generated_tokens=int(np.sum(counts))))
         return out
 
     # ---- concurrent agents ---------------------------------------------------------------
@@ -179,54 +273,50 @@ class Session:
         in one jitted loop reading the shared prefix once per step; the other schemes run the
         branches one after another (each agent catches up first).
         """
+        self._check_usable()
         if not isinstance(requests, Mapping) or not requests:
             raise ValueError("generate_concurrent takes a non-empty dict {agent: max_new_tokens or options}, "
                              f"got {requests!r}")
         defaults = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
         opts, max_new = {}, {}
         for agent, req in requests.items():
-            if agent not in self.agents:
-                raise KeyError(f"unknown agent {agent!r}; agents: {list(self.agents)}")
-            if isinstance(req, numbers.Integral) and not isinstance(req, bool):
-                req = {"max_new_tokens": int(req)}
-            elif isinstance(req, Mapping):
+            self._agent(agent)
+            if isinstance(req, Mapping):
                 req = dict(req)
+            elif isinstance(req, numbers.Number):  # 2.5 is refused by checks.count below
+                req = {"max_new_tokens": req}
             else:
                 raise ValueError(f"agent {agent!r}: expected max_new_tokens (an int) or a dict of options, got {req!r}")
-            n = req.pop("max_new_tokens", 32)
+            n = checks.count(req.pop("max_new_tokens", 32), f"agent {agent!r}: max_new_tokens")
             bad = set(req) - set(defaults)
             if bad:
                 raise ValueError(f"agent {agent!r}: unknown options {sorted(bad)}; allowed: max_new_tokens, "
                                  f"{', '.join(defaults)}")
-            if n < 1:
-                raise ValueError(f"agent {agent!r}: max_new_tokens must be >= 1, got {n}")
             opts[agent] = SamplingParams.make(1, **{**defaults, **req})
-            max_new[agent] = int(n)
-        T = np.array([len(t) for t in self.trajectory])
-        if T.min() == 0:
-            raise ValueError("the trajectory is empty: append() a prompt before generate_concurrent()")
-        if T.max() + max(max_new.values()) > self.max_len:
-            raise ValueError(f"trajectory of {T.max()} tokens + max_new_tokens={max(max_new.values())} exceeds "
-                             f"max_len={self.max_len}")
+            max_new[agent] = n
+        T = self._check_room(max(max_new.values()), "generate_concurrent")
         agents = list(requests)
-        stops = self.stop_ids if stop_ids is None else tuple(stop_ids)
-        key = self._next_key(seed)
-        keys = [tuple(jax.random.split(k)) for k in jax.random.split(key, len(agents))]
+        stops = self.stop_ids if stop_ids is None else _token_list(stop_ids, "stop_ids")
+        seed = None if seed is None else _integer(seed, "seed")
 
         def sampling_for(agent, rows):
             return jax.tree.map(lambda x: jnp.repeat(x, rows), opts[agent])
 
-        t0 = time.perf_counter()
-        out, pending = self.scheme.branch(agents, self.trajectory, self.engine.sample, max_new, stops,
-                                          sampling_for, keys)
-        elapsed = time.perf_counter() - t0
-        branches = {a: [tok[b, : cnt[b]].tolist() for b in range(self.batch)] for a, (tok, cnt) in out.items()}
-        self._pending = dict(T=T, branches=branches, scheme_state=pending, elapsed_s=elapsed)
+        with self._transaction():
+            key = self._next_key(seed)
+            keys = [tuple(jax.random.split(k)) for k in jax.random.split(key, len(agents))]
+            t0 = time.perf_counter()
+            out, pending = self.scheme.branch(agents, self.trajectory, self.engine.sample, max_new, stops,
+                                              sampling_for, keys)
+            elapsed = time.perf_counter() - t0
+            branches = {a: [tok[b, : cnt[b]].tolist() for b in range(self.batch)] for a, (tok, cnt) in out.items()}
+            self._pending = dict(T=T, branches=branches, scheme_state=pending, elapsed_s=elapsed)
         return branches
 
     def adopt(self, agent: str) -> list[list[int]]:
         """The agent's branch from the last generate_concurrent() joins the trajectory."""
-        pending = getattr(self, "_pending", None)
+        self._check_usable()
+        pending = self._pending
         if pending is None:
             raise ValueError("no concurrent branches to adopt: call generate_concurrent() first")
         if agent not in pending["branches"]:
@@ -234,12 +324,14 @@ class Session:
         if not np.array_equal(np.array([len(t) for t in self.trajectory]), pending["T"]):
             raise ValueError("the trajectory changed since generate_concurrent(); its branches are stale")
         tokens = pending["branches"][agent]
-        self._pending = None
-        self.scheme.adopt(agent, self.trajectory, tokens, pending["scheme_state"])
+        with self._transaction():
+            self._pending = None
+            self.scheme.adopt(agent, self.trajectory, tokens, pending["scheme_state"])
         return tokens
 
     def discard_branches(self) -> None:
         """Drop the branches of the last generate_concurrent() (nothing in the caches to undo)."""
+        self._check_usable()
         self._pending = None
 
     def score(self, agent: str, tokens) -> list[np.ndarray]:
@@ -247,23 +339,43 @@ class Session:
         them (they join the trajectory). Returns per row the float32 logits [n, V] the agent
         assigned before each of the n tokens (row i predicts tokens[i]).
         """
-        if agent not in self.agents:
-            raise KeyError(f"unknown agent {agent!r}; agents: {list(self.agents)}")
-        rows = self._to_rows(tokens)
+        self._check_usable()
+        self._agent(agent)
+        rows = self._to_rows(tokens, "score() tokens")
         if any(len(r) == 0 for r in rows):
             raise ValueError("score() needs at least one token per row")
         if min(len(t) for t in self.trajectory) == 0:
             raise ValueError("the trajectory is empty: append() a prompt before score()")
-        first, _, _ = self.scheme.prepare(agent, self.trajectory)
-        first = np.asarray(first)
-        self.append([r[:-1] for r in rows])
-        rest, _, _ = self.scheme.prepare(agent, self.trajectory, want_logits="all")
-        self.append([r[-1:] for r in rows])
+        with self._transaction():
+            first, _, _ = self.scheme.prepare(agent, self.trajectory)
+            first = np.asarray(first)
+            self._extend([r[:-1] for r in rows])
+            rest, _, _ = self.scheme.prepare(agent, self.trajectory, want_logits="all")
+            self._extend([r[-1:] for r in rows])
+            self._pending = None
         out = []
         for b, r in enumerate(rows):
             tail = rest[b][len(rest[b]) - (len(r) - 1):] if len(r) > 1 else rest[b][:0]
             out.append(np.concatenate([first[b : b + 1], tail]))
         return out
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write this Session (caches, trajectory, counts, RNG position, identities) to the folder
+        `path`, atomically: an interrupted save leaves `path` absent or holding the previous
+        checkpoint. Pending concurrent branches are not saved. See checkpoint.py."""
+        from .checkpoint import save_session
+
+        self._check_usable()
+        save_session(self, path)
+
+    @classmethod
+    def restore(cls, path, engine: Engine, *, scheme: str | None = None, tokenizer=None) -> "Session":
+        """The Session saved at `path`, on `engine` (which must hold the same model weights and
+        adapters; `scheme`, if given, must be the saved one). It continues token for token."""
+        from .checkpoint import restore_session
+
+        return restore_session(path, engine, scheme=scheme, tokenizer=tokenizer)
 
     # ---- reporting -----------------------------------------------------------------------
     @property
@@ -292,3 +404,64 @@ class Session:
             "tokens_per_s": total_tokens / elapsed if elapsed > 0 else 0.0,
             "cache_bytes": self.cache_bytes,
         }
+
+
+def _integer(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _token_list(values, what: str) -> tuple[int, ...]:
+    """Integer token ids (Python or numpy ints); 2.5 or "7" is refused, not truncated or parsed."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{what}: expected token ids, got the string {values!r}")
+    try:
+        seq = list(values)
+    except TypeError:
+        raise ValueError(f"{what}: expected a list of token ids, got {values!r}") from None
+    bad = [t for t in seq if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+    if bad:
+        raise ValueError(f"{what}: token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return tuple(int(t) for t in seq)
+
+
+def _all_live(tree) -> bool:
+    """True when every array in `tree` still exists (not donated) and computed without error."""
+    leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+    if any(x.is_deleted() for x in leaves):
+        return False
+    try:
+        jax.block_until_ready(leaves)
+    except Exception:  # an asynchronous failure (e.g. out of memory) poisons the outputs
+        return False
+    return True
+
+
+class _HeldInterrupt:
+    """Holds a Ctrl-C (SIGINT with Python's default handler, main thread) until the turn ends.
+
+    A KeyboardInterrupt raised between a jitted step's return and the assignment of its output
+    would lose the only live copy of a donated cache; held, it is raised at the end of the turn,
+    which is then rolled back.
+    """
+
+    def __enter__(self):
+        self.pending = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.pending = True
+
+    def raise_if_pending(self):
+        if self.pending:
+            raise KeyboardInterrupt("interrupted during a Session call; the call was rolled back")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

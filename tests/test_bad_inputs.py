@@ -245,9 +245,6 @@ def test_count_validator():
         finite_number(0.0, "x", low=0.0, low_open=True)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="session.py (not this branch's file) must call checks.count(max_new_tokens, ...) "
-                          "before any work; today generate(n=2.5) decodes 2 tokens")
 def test_session_generate_refuses_fractional_count():
     from lragent_jax.embedded import embedded_model
     from lragent_jax.engine import Engine
