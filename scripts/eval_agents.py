@@ -64,9 +64,9 @@ ROLES = ("plan", "action", "reflect")
 KIND_LABELS = {"full": "full V", "base": "base X W_v", "adapter": "adapter s(XA)B", "lr": "LR X A"}
 PAPER_SIMILARITY = "paper (Llama-3.1-8B, Table 1-2): full 0.958, base 0.973, adapter 0.054, LR ~0.95 with shared A"
 QUICK = dict(questions=4, max_steps=2, turn_tokens="plan=32,action=24,reflect=32", max_len=1024,
-             similarity_questions=1, resamples=1000, svd_ranks="8", warmup=0)
+             similarity_questions=1, resamples=1000, svd_ranks="8", warmup=0, prefill_buckets="64")
 DEFAULTS = dict(questions=500, max_steps=6, turn_tokens=None, max_len=2048, similarity_questions=4,
-                resamples=10000, svd_ranks="8", warmup=1)
+                resamples=10000, svd_ranks="8", warmup=1, prefill_buckets=None)
 
 
 # ---- configurations ---------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def _nan_to_none(x):
 
 
 # ---- reporting --------------------------------------------------------------------------------
-def _ci(d, pct=True, signed=False):
+def _ci(d, signed=False):
     f = (lambda x: f"{100 * x:+.1f}") if signed else (lambda x: f"{100 * x:.1f}")
     return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
@@ -526,6 +526,9 @@ def parse_args(argv):
                      help=f"cache capacity per Session (default {DEFAULTS['max_len']}, quick {QUICK['max_len']})")
     run.add_argument("--critical-layers", default=None, help="droidspeak critical layers (default: a third)")
     run.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
+    run.add_argument("--prefill-buckets", default=None, metavar="N,...",
+                     help="the Engines' prefill chunk lengths (default: the Engine's; quick 64: one compiled "
+                          "prefill per scheme)")
     run.add_argument("--warmup", type=int, default=None,
                      help="questions of another split run first per configuration and not counted, so compiles "
                           f"stay out of tokens/s (default {DEFAULTS['warmup']}, quick {QUICK['warmup']})")
@@ -552,6 +555,7 @@ def parse_args(argv):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     args.svd_ranks = positive_int_list(args.svd_ranks, "--svd-ranks") if args.svd_ranks else []
     args.turn_limits = parse_turn_tokens(args.turn_tokens)
+    args.buckets = positive_int_list(args.prefill_buckets, "--prefill-buckets") if args.prefill_buckets else None
     args.critical = int_list(args.critical_layers, "--critical-layers") if args.critical_layers else None
     return args
 
@@ -601,7 +605,8 @@ def evaluate(args) -> dict:
     for config in configs:
         if config.adapter_set not in engines:
             model, lora = _materialise(sets, share_reports, config.adapter_set)
-            engines[config.adapter_set] = Engine(model, lora)
+            engines[config.adapter_set] = Engine(model, lora, **({"prefill_buckets": tuple(args.buckets)}
+                                                                 if args.buckets else {}))
         engine = engines[config.adapter_set]
         run = lambda q: run_question(engine, config, q, tools, tokenizer, args, args.turn_limits,  # noqa: E731
                                      args.critical)
@@ -624,7 +629,7 @@ def evaluate(args) -> dict:
         "world_config": dataclasses.asdict(world.config), "dtype": args.dtype, "max_len": args.max_len,
         "max_steps": args.max_steps, "turn_tokens": args.turn_limits, "resamples": args.resamples,
         "seed": args.seed, "confidence": 0.95, "similarity_questions": args.similarity_questions,
-        "warmup": args.warmup, "critical_layers": args.critical, "attention": args.attention,
+        "warmup": args.warmup, "prefill_buckets": args.buckets, "critical_layers": args.critical, "attention": args.attention,
         "wall_s": time.perf_counter() - started, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -86,15 +86,15 @@ def test_paired_difference_uses_the_same_questions():
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_agents")
     world = build_world(WORLD_SEED, SMALL_CONFIG)
-    episodes = gold_episodes(world, "train")[:12]
-    tok_dir = train_tokenizer(base_corpus(world)[:60] + [render(s) for s in episodes], str(root / "tok"),
-                              vocab_size=400)
+    episodes = sorted(gold_episodes(world, "train"), key=lambda s: len(render(s)))[:8]  # short: a small seq_len
+    corpus = base_corpus(world)
+    tok_dir = train_tokenizer(corpus[:60] + [render(s) for s in episodes], str(root / "tok"), vocab_size=400)
     tok = load_tokenizer(tok_dir)
     cfg = ModelConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                       num_kv_heads=2, head_dim=16, bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,))
     model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    docs = [tok.encode(d) for d in base_corpus(world)[:40]]
-    model, _ = train.pretrain(model, docs, steps=4, batch_size=4, seq_len=128, progress=False)
+    docs = [tok.encode(d) for d in corpus[:40]]
+    model, _ = train.pretrain(model, docs, steps=3, batch_size=4, seq_len=64, progress=False)
     examples = examples_by_role(tok, episodes)
     base = save_model(model, root / "base", tokenizer=tok)
     adapters = root / "adapters"
