@@ -409,15 +409,16 @@ def markdown_snippet(results) -> str:
         "position (mean over questions); identical: fraction of questions with no differing token.",
         "",
         "| configuration | EM | ΔEM | F1 | ΔF1 | token agreement | identical | traj. tokens | tool calls | "
-        "gen. tokens/s | cache MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "gen. tokens/s | cache MiB | stop reasons |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["configurations"].values():
         ta = c["token_agreement"]
         lines.append(f"| `{c['name']}` | {_ci(c['em'])} | {_ci(c['em_diff'], signed=True)} | {_ci(c['f1'])} | "
                      f"{_ci(c['f1_diff'], signed=True)} | {ta['mean']:.3f} | {ta['identical_fraction']:.2f} | "
                      f"{c['trajectory_tokens_mean']:.0f} | {c['tool_calls_mean']:.2f} | "
-                     f"{c['generated_tokens_per_s']:.0f} | {c['cache_bytes'] / 2 ** 20:.2f} |")
+                     f"{c['generated_tokens_per_s']:.0f} | {c['cache_bytes'] / 2 ** 20:.2f} | "
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(c['stop_reasons'].items()))} |")
     for name, rep in results["share_a"].items():
         if rep:
             kept = ", ".join(f"{a} {100 * f:.1f}%" for a, f in rep["kept"].items())
@@ -427,7 +428,7 @@ def markdown_snippet(results) -> str:
               f"{m['similarity_questions']} gold {m['split']} trajectories)", "",
               "Mean over agent pairs and tokens of the cosine similarity, averaged over layers "
               "(per layer in the figure and results.json).", "",
-              "| adapters | A shared | full V | base X W_v | adapter s(XA)B | LR X A | mean abs(adapter)/abs(base) |",
+              "| adapters | A shared | full V | base X W_v | adapter s(XA)B | LR X A | mean ‖adapter‖ / ‖base‖ |",
               "|---|---|---|---|---|---|---|"]
     for name, sim in results["similarity"].items():
         av = sim["average"]
@@ -450,20 +451,28 @@ def plot(results, out_dir) -> list:
         print("warning: matplotlib is not installed; no PNG written (pip install matplotlib)", file=sys.stderr)
         return []
     written = []
+    import matplotlib.ticker
+
     confs = list(results["configurations"].values())
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(confs)), 4))
     x = np.arange(len(confs))
+    names = [c["name"] for c in confs]
+    fig, (ax, dax) = plt.subplots(1, 2, figsize=(max(9, 2 * len(confs)), 4.2))
     for off, metric, label in ((-0.18, "em", "exact match"), (0.18, "f1", "F1")):
-        mean = np.array([100 * c[metric]["mean"] for c in confs])
-        err = np.array([[100 * (c[metric]["mean"] - c[metric]["lo"]) for c in confs],
-                        [100 * (c[metric]["hi"] - c[metric]["mean"]) for c in confs]])
-        ax.bar(x + off, mean, 0.36, yerr=err, capsize=3, label=label)
-    ax.set_xticks(x, [c["name"] for c in confs], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("% of questions (95% bootstrap CI)")
+        for axis, key in ((ax, metric), (dax, f"{metric}_diff")):
+            mean = np.array([100 * c[key]["mean"] for c in confs])
+            err = np.array([[100 * (c[key]["mean"] - c[key]["lo"]) for c in confs],
+                            [100 * (c[key]["hi"] - c[key]["mean"]) for c in confs]])
+            axis.bar(x + off, mean, 0.36, yerr=err, capsize=3, label=label)
     m = results["meta"]
+    ax.set_ylabel("% of questions (95% bootstrap CI)")
     ax.set_title(f"{m['model']}: {m['questions']} {m['split']} questions", fontsize=9)
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8)
+    dax.set_ylabel("points vs non_shared, same adapters (paired 95% CI)")
+    dax.set_title("paired difference to non_shared", fontsize=9)
+    dax.axhline(0, color="gray", lw=0.5)
+    for axis in (ax, dax):
+        axis.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        axis.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "eval_agents_accuracy.png")
     fig.savefig(path, dpi=120)
@@ -479,6 +488,7 @@ def plot(results, out_dir) -> list:
                 ax.plot(range(len(ys)), ys, marker="o", label=label)
             ax.set_title(f"{name} (A {'shared' if sim['shared_a'] else 'not shared'})", fontsize=9)
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.axhline(0, color="gray", lw=0.5)
         axes[0][0].set_ylabel("cosine similarity between agents")
         axes[0][0].legend(fontsize=7)
