@@ -119,12 +119,6 @@ def paired_difference(a, b, indices: np.ndarray, confidence: float = 0.95) -> di
     return bootstrap_interval(np.asarray(a, np.float64) - np.asarray(b, np.float64), indices, confidence)
 
 
-def compare_generated(got, ref) -> tuple:
-    from lragent_jax.fidelity import compare_tokens
-
-    return compare_tokens(got, ref)
-
-
 # ---- inputs -----------------------------------------------------------------------------------
 def parse_turn_tokens(text):
     if text is None:
@@ -262,13 +256,15 @@ def run_question(engine, config, question, tools, tokenizer, args, limits, criti
 
 
 def summarise(config, records, baseline_records, indices, warmup_records) -> dict:
+    from lragent_jax.fidelity import compare_tokens
+
     em = np.array([r["em"] for r in records])
     f1 = np.array([r["f1"] for r in records])
     base_em = np.array([r["em"] for r in baseline_records])
     base_f1 = np.array([r["f1"] for r in baseline_records])
     agreements, firsts = [], []
     for r, b in zip(records, baseline_records):
-        agree, first = compare_generated(r["generated"], b["generated"])
+        agree, first = compare_tokens(r["generated"], b["generated"])
         agreements.append(agree)
         firsts.append(first)
     diverged = [f for f in firsts if f is not None]
@@ -428,7 +424,8 @@ def markdown_snippet(results) -> str:
               f"{m['similarity_questions']} gold {m['split']} trajectories)", "",
               "Mean over agent pairs and tokens of the cosine similarity, averaged over layers "
               "(per layer in the figure and results.json).", "",
-              "| adapters | A shared | full V | base X W_v | adapter s(XA)B | LR X A | mean ‖adapter‖ / ‖base‖ |",
+              "| adapters | A shared | full V | base X W_v | adapter s(XA)B | LR X A "
+              "| mean ‖adapter‖ / ‖base‖ |",
               "|---|---|---|---|---|---|---|"]
     for name, sim in results["similarity"].items():
         av = sim["average"]
@@ -639,7 +636,8 @@ def evaluate(args) -> dict:
         "world_config": dataclasses.asdict(world.config), "dtype": args.dtype, "max_len": args.max_len,
         "max_steps": args.max_steps, "turn_tokens": args.turn_limits, "resamples": args.resamples,
         "seed": args.seed, "confidence": 0.95, "similarity_questions": args.similarity_questions,
-        "warmup": args.warmup, "prefill_buckets": args.buckets, "critical_layers": args.critical, "attention": args.attention,
+        "warmup": args.warmup, "prefill_buckets": args.buckets, "critical_layers": args.critical,
+        "attention": args.attention,
         "wall_s": time.perf_counter() - started, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
