@@ -36,14 +36,6 @@ def int_list(text: str, what: str) -> list[int]:
         raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
-def positive_int_list(text: str, what: str) -> list[int]:
-    """int_list with at least one value, every one >= 1."""
-    vals = int_list(text, what)
-    if not vals or min(vals) < 1:
-        raise UsageError(f"{what} must be comma-separated integers >= 1, got {text!r}")
-    return vals
-
-
 def parse_adapter_specs(specs) -> dict:
     """['plan=./plan', ...] -> {'plan': './plan', ...}."""
     adapters = {}
@@ -55,15 +47,6 @@ def parse_adapter_specs(specs) -> dict:
             raise UsageError(f"--adapter {name!r} given twice")
         adapters[name] = path
     return adapters
-
-
-def check_model_and_adapters(model, adapters, hint: str = "") -> None:
-    """The benchmarks' rule: a real --model comes with the trace's three agents' adapters,
-    and adapters only with a real model (hint: what replaces them without one)."""
-    if adapters and not model:
-        raise UsageError("--adapter needs --model" + (f" ({hint})" if hint else ""))
-    if model and not adapters:
-        raise UsageError("--model needs --adapter plan=... --adapter action=... --adapter reflect=...")
 
 
 def load_agents(model_path, adapter_specs, dtype_name=None, seed: int = 0):
