@@ -15,20 +15,12 @@ import sys
 import time
 import traceback
 
-from lragent_jax.cli import UsageError, int_list
+from lragent_jax.cli import UsageError, positive_int_list  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS_ROOT = "results"  # relative to the cwd; /results/ is in .gitignore
 
 
 # ---- command line ------------------------------------------------------------------------------
-def positive_int_list(text: str, what: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3] with at least one value, every one >= 1; a UsageError naming the flag."""
-    vals = int_list(text, what)
-    if not vals or min(vals) < 1:
-        raise UsageError(f"{what} must be comma-separated integers >= 1, got {text!r}")
-    return vals
-
-
 def check_model_and_adapters(model, adapters, hint: str = "") -> None:
     """A real --model comes with the trace's three agents' adapters, and adapters only with a
     real model (hint: what replaces them without one)."""

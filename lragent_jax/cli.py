@@ -36,6 +36,14 @@ def int_list(text: str, what: str) -> list[int]:
         raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+def positive_int_list(text: str, what: str) -> list[int]:
+    """int_list with at least one value, every one >= 1."""
+    vals = int_list(text, what)
+    if not vals or min(vals) < 1:
+        raise UsageError(f"{what} must be comma-separated integers >= 1, got {text!r}")
+    return vals
+
+
 def parse_adapter_specs(specs) -> dict:
     """['plan=./plan', ...] -> {'plan': './plan', ...}."""
     adapters = {}
