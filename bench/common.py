@@ -104,15 +104,14 @@ def run_info() -> dict:
     dev = jax.devices()[0]
     return {"card": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
             "jax_version": jax.__version__, "python": platform.python_version(), "host": platform.node(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join([os.path.basename(sys.executable), "-m",
-                                 _module_name(), *sys.argv[1:]])}
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command_line()}
 
 
-def _module_name() -> str:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    return spec.name if spec is not None else (sys.argv[0] if sys.argv else "?")
+def command_line() -> str:
+    """How this process was started, as `python -m bench.X ARGS` (no JAX needed)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    what = ["-m", spec.name] if spec is not None else [sys.argv[0] if sys.argv else "?"]
+    return " ".join([os.path.basename(sys.executable), *what, *sys.argv[1:]])
 
 
 def write_json(path, payload):

@@ -59,7 +59,9 @@ import sys
 import time
 import warnings
 
-from bench.common import UsageError, check_model_and_adapters, failed_point, log, results_dir, write_json
+from bench.common import (
+    UsageError, check_model_and_adapters, command_line, failed_point, log, results_dir, write_json,
+)
 from bench.trace import (
     DEFAULT_LCTX, DEFAULT_LCTX_LARGE, PAPER_AT_33K, PAPER_LCTX, QUICK_LCTX, QUICK_SCALE, SHAPES, paper_ratios,
     parse_adapters, parse_int_list, plot, print_table, ratios, random_prefills, token_range, trace_agents,
@@ -785,7 +787,7 @@ def main(argv=None):
         "card": card, "device": str(device), "torch_version": torch.__version__,
         "transformers_version": transformers.__version__, "peft_version": peft.__version__,
         "python": platform.python_version(), "host": platform.node(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command_line(), "args": vars(args),
         "model": args.shape or args.model, "random_weights": args.shape is not None, "dtype": str(dtype),
         "modes": modes, "compile_backend": args.compile if decode_step else None,
         "cudagraphs": decode_step.cudagraphs if decode_step else None,
