@@ -57,15 +57,6 @@ def parse_adapter_specs(specs) -> dict:
     return adapters
 
 
-def check_model_and_adapters(model, adapters, hint: str = "") -> None:
-    """The benchmarks' rule: a real --model comes with the trace's three agents' adapters,
-    and adapters only with a real model (hint: what replaces them without one)."""
-    if adapters and not model:
-        raise UsageError("--adapter needs --model" + (f" ({hint})" if hint else ""))
-    if model and not adapters:
-        raise UsageError("--model needs --adapter plan=... --adapter action=... --adapter reflect=...")
-
-
 def load_agents(model_path, adapter_specs, dtype_name=None, seed: int = 0):
     """The model, its agents' adapters and tokenizer: the embedded demo when model_path is None.
 

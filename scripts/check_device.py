@@ -11,10 +11,7 @@ CPU CI covers the kernels in interpret mode; this runs the real compiled kernels
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp

@@ -27,9 +27,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from lragent_jax.cli import (  # noqa: E402
+from lragent_jax.cli import (
     DTYPES, UsageError, int_list, load_agents, parse_adapter_specs, strict_parser)
 
 

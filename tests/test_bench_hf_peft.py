@@ -1,4 +1,4 @@
-"""scripts/bench_hf_peft.py: the HF transformers + PEFT trace baseline, eager and tuned, on the tiny shape (CPU).
+"""bench.hf_peft: the HF transformers + PEFT trace baseline, eager and tuned, on the tiny shape (CPU).
 
 Timings are never asserted (benchmarks are scripts); counts, tokens and files are. The tuned mode's
 correctness check: its greedy tokens equal the eager mode's at every step of the trace, exactly (float32
@@ -21,14 +21,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from lragent_jax.trace import trace_steps, trace_total_tokens  # noqa: E402
+from bench import hf_peft as bench_hf_peft  # noqa: E402
+from bench.common import UsageError  # noqa: E402
+from bench.trace import trace_steps, trace_total_tokens  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "scripts")
-sys.path.insert(0, SCRIPTS)
-
-import bench_hf_peft  # noqa: E402
-from lragent_jax.cli import UsageError  # noqa: E402
 
 # Scale 1/8, Lctx 16 (hand-counted in tests/test_trace.py): 178 tokens; non_shared catch-up per step.
 SMALL = dict(lctx=16, scale=0.125)
@@ -81,7 +78,7 @@ def test_parse_args_modes_and_bad_input(tmp_path):
         with pytest.raises(UsageError, match=match):
             bench_hf_peft.parse_args(bad)
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(UsageError, match="bad.json.*not a bench_trace"):
+    with pytest.raises(UsageError, match="bad.json.*not a bench.trace"):
         bench_hf_peft.load_ours(str(tmp_path / "bad.json"), 1)
     assert bench_hf_peft.main(["--mode", "slow"]) == 2
 
@@ -166,7 +163,7 @@ def test_tuned_inductor_cpu_tokens_equal_eager(tiny):
 
 def _run_script(args, tmp_path, timeout=600):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_hf_peft.py"), "--shape", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "bench.hf_peft", "--shape", "tiny",
                            "--threads", "1", "--no-progress", "--out", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""The paper's efficiency trace (DESIGN.md section 3): step table, totals, the runner's counts,
-and smoke runs of scripts/bench_trace.py on the tiny shape (bench_hf_peft.py: test_bench_hf_peft.py).
+"""The paper's efficiency trace (docs/trace.md): step table, totals, the runner's counts,
+and smoke runs of `python -m bench.trace` on the tiny shape (bench.hf_peft: test_bench_hf_peft.py).
 
 Timings are never asserted (benchmarks are scripts); counts and files are.
 """
@@ -19,14 +19,14 @@ from lragent_jax.config import preset
 from lragent_jax.engine import Engine
 from lragent_jax.lora import random_adapters
 from lragent_jax.model import Llama
-from lragent_jax.trace import (
+from bench import trace as bench_trace
+from bench.trace import (
     PAPER_LCTX, expected_catch_up, random_prefills, run_trace, token_range, trace_steps, trace_total_tokens,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "scripts")
 
-# DESIGN.md section 3, row by row: (steps, agent, prefill, gen); "L" = Lctx.
+# docs/trace.md, row by row: (steps, agent, prefill, gen); "L" = Lctx.
 DESIGN_TABLE = [
     ((1,), "plan", 512, 32),
     ((2,), "plan", 8, 8),
@@ -70,7 +70,7 @@ def test_total_tokens(lctx):
 
 
 def test_paper_lengths():
-    # DESIGN.md: 1.9k ... 66.4k; 33.7k at Lctx 8192.
+    # docs/trace.md: 1.9k ... 66.4k; 33.7k at Lctx 8192.
     assert [round(trace_total_tokens(l) / 1000, 1) for l in (256, 8192, 16384)] == [1.9, 33.7, 66.4]
 
 
@@ -143,9 +143,6 @@ def test_run_trace_needs_the_agents():
 
 
 def test_bench_trace_records_oom_and_goes_on(tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, SCRIPTS)
-    import bench_trace
-
     calls = []
 
     def fake_point(engine, scheme, naive, lctx, batch, args, scale, critical, model_name):
@@ -177,12 +174,17 @@ def test_bench_trace_records_oom_and_goes_on(tmp_path, monkeypatch, capsys):
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def _run_script(args, tmp_path, timeout=600):
-    out = tmp_path / "out"
-    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()}
-    proc = subprocess.run([sys.executable, *args, "--out", str(out), "--no-progress"], cwd=ROOT,
+def _run_script(args, tmp_path, timeout=600, out=None):
+    """`python -m bench.trace ARGS` with cwd tmp_path (the package found through PYTHONPATH, as an
+    installed one would be); without `out` the results go to the default folder under the cwd."""
+    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip(),
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "bench.trace", *args, "--no-progress",
+                           *(["--out", str(out)] if out else [])], cwd=tmp_path,
                           capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if out is None:  # exactly one results/trace/<timestamp>/ folder
+        (out,) = (tmp_path / "results" / "trace").iterdir()
     data = json.loads((out / "results.json").read_text())
     assert (out / "trace.png").stat().st_size > 1000
     return data, proc.stdout
@@ -190,9 +192,10 @@ def _run_script(args, tmp_path, timeout=600):
 
 def test_bench_trace_script_quick(tmp_path):
     # One scheme keeps this fast (compiling is most of it); all schemes: test_bench_trace_script_all.
-    data, stdout = _run_script([os.path.join(SCRIPTS, "bench_trace.py"), "--shape", "tiny", "--quick",
-                                "--schemes", "full_shared"], tmp_path)
+    # No --out: the default folder is results/trace/<timestamp>/ under the cwd.
+    data, stdout = _run_script(["--shape", "tiny", "--quick", "--schemes", "full_shared"], tmp_path)
     assert data["card"] and data["jax_version"] and data["date"] and data["args"]["shape"] == "tiny"
+    assert data["command"].split()[1:5] == ["-m", "bench.trace", "--shape", "tiny"]
     assert data["compile_excluded"] and data["scale"] == 0.125
     rows = {(r["label"], r["lctx"]): r for r in data["results"]}
     assert set(rows) == {("full_shared", 16), ("full_shared", 32)}
@@ -204,8 +207,7 @@ def test_bench_trace_script_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_trace_script_all(tmp_path):
-    data, stdout = _run_script([os.path.join(SCRIPTS, "bench_trace.py"), "--shape", "tiny", "--quick",
-                                "--naive-expansion"], tmp_path)
+    data, stdout = _run_script(["--shape", "tiny", "--quick", "--naive-expansion"], tmp_path, out=tmp_path / "out")
     labels = {r["label"] for r in data["results"]}
     assert labels == {"non_shared", "full_shared", "droidspeak", "base_shared", "base_lr_shared",
                       "base_shared+naive", "base_lr_shared+naive"}
@@ -213,3 +215,13 @@ def test_bench_trace_script_all(tmp_path):
     ns = {r["lctx"]: r for r in data["results"] if r["label"] == "non_shared"}
     assert ns[16]["catch_up_tokens"] == 332
     assert data["ratios"] and "paper 4.23x" in stdout
+
+
+def test_default_results_folder_is_git_ignored():
+    """A benchmark run from the repository root writes under results/, which git ignores, so
+    `python -m bench.trace --quick` there leaves no untracked files."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")) and not os.path.isfile(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    probe = os.path.join("results", "trace", "20260101-000000", "results.json")
+    proc = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT)
+    assert proc.returncode == 0, f"{probe} is not git-ignored: add /results/ to .gitignore"

@@ -1,34 +1,64 @@
-#!/usr/bin/env python3
-"""Time the paper's 17-step agent trace (docs/trace.md) under each cache scheme.
+"""The paper's 17-step agent trace (docs/trace.md): the step table, a timed runner over a
+Session, and the benchmark that times it under each cache scheme.
 
-Prints a table (throughput, TTFT, end-to-end time, cache and peak memory, catch-up tokens),
-writes results.json and trace.png to --out. Compile time is excluded: each (scheme, Lctx)
-first replays the same steps on a throwaway session (see lragent_jax/trace.py).
+One iteration is 17 agent steps. Before each step `prefill` tokens are appended to the
+trajectory (prompt, observation, tool output); then the step's agent takes its turn and
+generates exactly `gen` tokens (greedy, no stop tokens):
 
-  python scripts/bench_trace.py --shape tiny --quick                  # CPU smoke run, seconds
-  python scripts/bench_trace.py --shape llama-3.1-8b                  # GPU: Lctx 1024,4096,8192
-  python scripts/bench_trace.py --shape llama-3.1-8b --paper          # Lctx 256 ... 16384
-  python scripts/bench_trace.py --model PATH --adapter plan=P --adapter action=A --adapter reflect=R
+    step  agent    prefill  gen
+    1     plan     512      32
+    2     plan     8        8
+    3     action   8        8
+    4     plan     Lctx     32      (also 7, 10, 13)
+    5     plan     8        8       (also 8, 11, 14)
+    6     action   8        8       (also 9, 12, 15)
+    16    reflect  32       32
+    17    reflect  8        8
+
+The trajectory ends with 912 + 4 * Lctx tokens. `scale` shrinks the fixed 512/32/8 sizes
+(for fast tests only; the default 1 is exactly the paper's trace).
+
+    from bench.trace import run_trace
+    result = run_trace(engine, "base_lr_shared", 1024, seed=0)
+    result["throughput_tok_s"], result["ttft_s"], result["cache_bytes"]
+
+Timing excludes compilation: with warmup=True (the default) the runner first replays the same
+steps on a throwaway session of the same max_len, batch and options, so every jitted program
+the timed run needs has been compiled; `result["compiles_during_timing"]` counts traces of the
+engine's jitted functions during the timed run (0 = clean).
+
+The benchmark prints a table (throughput, TTFT, end-to-end time, cache and peak memory,
+catch-up tokens) and writes results.json and trace.png to --out (default
+results/trace/<timestamp>/):
+
+  python -m bench.trace --shape tiny --quick                  # CPU smoke run, seconds
+  python -m bench.trace --shape llama-3.1-8b                  # GPU: Lctx 1024,4096,8192
+  python -m bench.trace --shape llama-3.1-8b --paper          # Lctx 256 ... 16384
+  python -m bench.trace --model PATH --adapter plan=P --adapter action=A --adapter reflect=R
 
 --shape builds RANDOM weights of a preset (no download) with random shared-A q/v LoRA adapters
 (rank 8, alpha 16) named plan, action, reflect. Out-of-memory runs are recorded as OOM and the
 sweep goes on. Exit code 2 on bad arguments, 1 if some run failed for another reason.
+
+The step table, token helpers and reporting import no JAX (bench.hf_peft uses them with torch).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+
+from bench.common import (
+    UsageError, check_model_and_adapters, failed_point, log, positive_int_list, results_dir, run_info, save_plot,
+    write_json,
+)
 
 SHAPES = ("tiny", "llama-3.2-1b", "llama-3.1-8b", "ministral-8b")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,13 +69,283 @@ QUICK_LCTX = (16, 32)
 QUICK_SCALE = 0.125
 QUICK_BUCKETS = (64,)  # one prefill bucket: fewer programs to compile in a smoke run
 NAIVE_SCHEMES = ("base_shared", "base_lr_shared")
-# DESIGN.md section 3: Llama-3.1-8B, one A6000, at 33.7k tokens (Lctx 8192).
+# The paper's Table (docs/trace.md): Llama-3.1-8B, one A6000, at 33.7k tokens (Lctx 8192).
 # (throughput tok/s, TTFT s) per scheme.
 PAPER_AT_33K = {"non_shared": (683.2, 38.87), "full_shared": (1697.6, 9.13), "droidspeak": (931.0, 25.43),
                 "base_shared": (969.6, 23.91), "base_lr_shared": (1678.1, 9.19)}
 PAPER_TTFT_NS_OVER_BLR = 38.87 / 9.19  # 4.23x
 PAPER_TPUT_BLR_OVER_NS = 1678.1 / 683.2  # 2.46x
 PAPER_RATIO_LCTX = 8192
+
+
+# ---- the trace: step table and timed runner -----------------------------------------------------
+PAPER_FIXED_TOKENS = 912  # trajectory tokens of one iteration besides the 4 Lctx prefills
+LCTX_STEPS = (4, 7, 10, 13)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceStep:
+    step: int  # 1-based
+    agent: str  # plan | action | reflect
+    prefill: int  # tokens appended before the step
+    gen: int  # tokens the agent generates
+
+
+def _scaled(n: int, scale: float) -> int:
+    return n if scale == 1 else max(1, int(round(n * scale)))
+
+
+def trace_steps(lctx: int, *, scale: float = 1.0) -> list[TraceStep]:
+    """The 17 steps of one iteration with context length `lctx` at steps 4, 7, 10, 13.
+
+    scale: multiplies the fixed sizes (512, 32, 8; at least 1 token each) - for quick tests;
+    Lctx is never scaled. The default 1 is the paper's trace.
+    """
+    if int(lctx) != lctx or lctx < 1:
+        raise ValueError(f"lctx must be a positive integer, got {lctx!r}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    lctx = int(lctx)
+    s = lambda n: _scaled(n, scale)  # noqa: E731
+    steps = [TraceStep(1, "plan", s(512), s(32)), TraceStep(2, "plan", s(8), s(8)),
+             TraceStep(3, "action", s(8), s(8))]
+    for i in range(4):
+        k = 4 + 3 * i
+        steps += [TraceStep(k, "plan", lctx, s(32)), TraceStep(k + 1, "plan", s(8), s(8)),
+                  TraceStep(k + 2, "action", s(8), s(8))]
+    steps += [TraceStep(16, "reflect", s(32), s(32)), TraceStep(17, "reflect", s(8), s(8))]
+    return steps
+
+
+def trace_total_tokens(lctx: int, *, scale: float = 1.0) -> int:
+    """Trajectory length at the end of the iteration (per row): 912 + 4 * lctx at scale 1."""
+    return sum(st.prefill + st.gen for st in trace_steps(lctx, scale=scale))
+
+
+def trace_agents(steps) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(st.agent for st in steps))
+
+
+def expected_catch_up(scheme: str, steps, *, batch: int = 1) -> int:
+    """Catch-up tokens (recomputed context some cache already held) the session must report.
+
+    non_shared: each agent processes every token it has not processed yet, its own last
+    generated token included (it is never fed back during decode); base_shared and droidspeak
+    recompute (part of) the same tokens, so their counts equal non_shared's. full_shared and
+    base_lr_shared recompute nothing.
+    """
+    from lragent_jax.schemes import canonical_scheme
+
+    scheme = canonical_scheme(scheme)
+    if scheme in ("full_shared", "base_lr_shared"):
+        return 0
+    held = {a: 0 for a in trace_agents(steps)}
+    processed = 0  # tokens some cache holds
+    T = 0
+    total = 0
+    for st in steps:
+        T += st.prefill
+        total += processed - held[st.agent]
+        processed = held[st.agent] = T + st.gen - 1
+        T += st.gen
+    return total * batch
+
+
+def special_token_ids(config) -> set[int]:
+    ids = set(config.eos_token_ids or ())
+    if config.bos_token_id is not None:
+        ids.add(int(config.bos_token_id))
+    return ids
+
+
+def token_range(config) -> tuple[int, int]:
+    """[low, high) of ordinary token ids: special ids near the top (Llama 3: >= 128000, the byte
+    tokenizer: >= 256) cap `high`, special ids near the bottom (Mistral: 0..2) raise `low`."""
+    low, high = 0, int(config.vocab_size)
+    for t in sorted(special_token_ids(config)):
+        if t >= config.vocab_size / 2:
+            high = min(high, t)
+        else:
+            low = max(low, t + 1)
+    if high - low < 2:
+        low, high = 0, int(config.vocab_size)
+    return low, high
+
+
+def random_prefills(config, steps, *, batch: int = 1, seed: int = 0) -> list[list[list[int]]]:
+    """Per step, per row, the random token ids appended before the step (no special ids)."""
+    rng = np.random.default_rng(seed)
+    low, high = token_range(config)
+    return [[rng.integers(low, high, st.prefill).tolist() for _ in range(batch)] for st in steps]
+
+
+def _device_memory():
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = None
+    return stats or None
+
+
+def _compiles(engine) -> int:
+    return int(sum(engine.trace_counts.values()))
+
+
+def _replay(session, steps, prefills, *, progress=False, desc=""):
+    """Run the steps on `session`; returns (per-step rows, end-to-end seconds, live-bytes max)."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    live_max = None
+    bar = tqdm(total=len(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for st, toks in zip(steps, prefills):
+        session.append(toks)
+        out = session.generate(st.agent, st.gen, greedy=True, stop_ids=())
+        turn = session.turns[-1]
+        got = {len(r) for r in out}
+        if got != {st.gen}:
+            raise RuntimeError(f"step {st.step}: asked for exactly {st.gen} tokens per row, got {sorted(got)}")
+        mem = _device_memory()
+        if mem and "bytes_in_use" in mem:
+            live_max = max(live_max or 0, int(mem["bytes_in_use"]))
+        rows.append({
+            "step": st.step, "agent": st.agent, "prefill": st.prefill, "gen": st.gen,
+            "catch_up_tokens": turn.catch_up_tokens, "new_tokens": turn.new_tokens,
+            "prefill_s": turn.prefill_s, "ttft_s": turn.ttft_s, "decode_s": turn.decode_s,
+        })
+        bar.update(1)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    return rows, elapsed, live_max
+
+
+# Programs compile per (engine, shapes, static options); a second run with the same key needs no
+# warm-up (e.g. --repeats). Keyed by id(engine), so a warm-up is only skipped for a live engine.
+_WARM: set = set()
+
+
+def run_trace(engine, scheme: str, lctx: int, *, batch: int = 1, seed: int = 0, attention: str = "auto",
+              naive_expansion: bool = False, critical_layers=None, model_name: str | None = None,
+              progress: bool = True, warmup: bool = True, scale: float = 1.0, label: str | None = None,
+              max_len: int | None = None) -> dict:
+    """Time one iteration of the trace for one scheme; returns a JSON-ready result dict.
+
+    Args:
+      engine: an Engine whose adapters include plan, action and reflect.
+      scheme: a name from schemes.SCHEMES (or alias).
+      lctx: context tokens appended before steps 4, 7, 10, 13.
+      batch: independent trajectories (different random tokens) advanced together; every
+        count and the throughput include all rows.
+      seed: token ids (and the throwaway warm-up's ids, seed + 1).
+      attention, naive_expansion, critical_layers, model_name: passed to Session.
+      progress: tqdm bar over the steps.
+      warmup: replay the same steps first on a throwaway session (same max_len), so the timed
+        run compiles nothing; skipped when this engine already ran the same configuration.
+      scale: shrink the fixed step sizes (tests only; 1 = the paper's trace).
+      label: the row name in reports (default: scheme, "+naive" with naive_expansion).
+      max_len: cache capacity (default: the trace's length). A sweep that gives every Lctx the
+        same capacity compiles its programs once (shapes depend on capacity, not on Lctx).
+
+    Result keys: scheme, label, lctx, batch, max_len, tokens_per_row, total_tokens, steps (per
+    step: agent, prefill, gen, catch_up_tokens, new_tokens, prefill_s, ttft_s, decode_s),
+    ttft_s (sum over steps of the time to each step's first token, catch-up included),
+    decode_s, end_to_end_s (first append to last token, host time included), throughput_tok_s
+    (total_tokens / end_to_end_s), catch_up_tokens, generated_tokens, cache_bytes (the
+    scheme's preallocated cache arrays), peak_bytes (device allocator's peak since process
+    start, or None where the backend has no memory stats), peak_bytes_before (the same before
+    this run and its warm-up: peak_bytes > peak_bytes_before means the peak is this
+    configuration's own),
+    live_bytes_max (largest bytes_in_use seen after a step), warmup_s, compiles_during_timing,
+    compile_excluded.
+    """
+    from lragent_jax.schemes import canonical_scheme
+    from lragent_jax.session import Session
+
+    scheme = canonical_scheme(scheme)
+    steps = trace_steps(lctx, scale=scale)
+    agents = trace_agents(steps)
+    names = tuple(engine.lora.names) if engine.lora is not None else ()
+    missing = [a for a in agents if a not in names]
+    if missing:
+        raise ValueError(f"the trace needs adapters named {list(agents)}; the engine has {list(names)} "
+                         f"(missing {missing})")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    per_row = trace_total_tokens(lctx, scale=scale)
+    label = label or (scheme + ("+naive" if naive_expansion else ""))
+    if max_len is not None and max_len < per_row:
+        raise ValueError(f"max_len={max_len} is shorter than the trace ({per_row} tokens at Lctx={lctx})")
+    capacity = int(max_len or per_row)
+    kw = dict(batch=batch, max_len=capacity, attention=attention, naive_expansion=naive_expansion,
+              critical_layers=critical_layers, model_name=model_name, stop_ids=())
+
+    # Same programs <=> same capacity and options, whatever Lctx is.
+    key = (id(engine), scheme, ("cap", capacity) if max_len else int(lctx), float(scale), batch, attention,
+           naive_expansion,
+           tuple(critical_layers) if critical_layers is not None else None, model_name)
+    warmup_s = 0.0
+    mem0 = _device_memory()  # before the warm-up, whose peak equals the timed run's (same shapes)
+    if warmup and key not in _WARM:
+        t0 = time.perf_counter()
+        ws = Session(engine, scheme, seed=seed + 1, **kw)
+        _replay(ws, steps, random_prefills(engine.config, steps, batch=batch, seed=seed + 1),
+                progress=progress, desc=f"{label} Lctx={lctx} warm-up")
+        del ws
+        gc.collect()
+        warmup_s = time.perf_counter() - t0
+        _WARM.add(key)
+
+    prefills = random_prefills(engine.config, steps, batch=batch, seed=seed)
+    session = Session(engine, scheme, seed=seed, **kw)
+    c0 = _compiles(engine)
+    rows, e2e, live_max = _replay(session, steps, prefills, progress=progress, desc=f"{label} Lctx={lctx}")
+    compiles = _compiles(engine) - c0
+    if warmup:
+        _WARM.add(key)
+    mem1 = _device_memory()
+
+    lengths = [len(t) for t in session.trajectory]
+    if set(lengths) != {per_row}:
+        raise RuntimeError(f"trajectory lengths {sorted(set(lengths))} != expected {per_row} tokens per row")
+    total = per_row * batch
+    cache_bytes = int(session.cache_bytes)
+    alloc = session.scheme.capacity  # every cache array has one slot per token of capacity
+    stats = session.stats()
+    del session
+    gc.collect()
+
+    ttft = float(sum(r["ttft_s"] for r in rows))
+    return {
+        "scheme": scheme,
+        "label": label,
+        "naive_expansion": bool(naive_expansion),
+        "lctx": int(lctx),
+        "scale": float(scale),
+        "batch": int(batch),
+        "max_len": capacity,
+        "tokens_per_row": per_row,
+        "total_tokens": total,
+        "steps": rows,
+        "ttft_s": ttft,
+        "prefill_s": float(sum(r["prefill_s"] for r in rows)),
+        "decode_s": float(sum(r["decode_s"] for r in rows)),
+        "end_to_end_s": float(e2e),
+        "throughput_tok_s": total / e2e if e2e > 0 else float("nan"),
+        "catch_up_tokens": int(stats["catch_up_tokens"]),
+        "new_tokens": int(stats["new_tokens"]),
+        "generated_tokens": int(stats["generated_tokens"]),
+        "cache_bytes": cache_bytes,
+        "cache_bytes_trajectory": cache_bytes * per_row // alloc,  # the arrays cut to the trajectory
+        "peak_bytes": int(mem1["peak_bytes_in_use"]) if mem1 and "peak_bytes_in_use" in mem1 else None,
+        "peak_bytes_before": int(mem0["peak_bytes_in_use"]) if mem0 and "peak_bytes_in_use" in mem0 else None,
+        "live_bytes_max": live_max,
+        "warmup_s": warmup_s,
+        "compiles_during_timing": compiles,
+        "compile_excluded": bool(warmup) and compiles == 0,
+    }
 
 
 def paper_ratios(ours: str) -> tuple[float, float]:
@@ -55,14 +355,7 @@ def paper_ratios(ours: str) -> tuple[float, float]:
     return f_ns / f, t / t_ns
 
 
-from lragent_jax.cli import UsageError, positive_int_list  # noqa: E402  (no jax at import: bench_hf_peft reuses this file)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-# ---- shared reporting helpers (bench_hf_peft.py imports these; keep them free of jax) ---------
+# ---- reporting (bench.hf_peft imports these; keep them free of jax) ---------------------------
 parse_int_list = positive_int_list  # '4,8' -> [4, 8]; a UsageError naming the flag otherwise
 
 
@@ -74,25 +367,6 @@ def parse_adapters(specs):
     if missing:
         raise UsageError(f"the trace needs adapters plan, action and reflect; missing --adapter for {missing}")
     return adapters
-
-
-def is_oom(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__}: {exc}".lower()
-    return any(s in text for s in ("resource_exhausted", "resource exhausted", "outofmemory", "out of memory"))
-
-
-def failed_point(exc: BaseException, base: dict) -> dict:
-    """The result row of a point that raised: OOM (the sweep goes on) or ERROR (logged with
-    its traceback; the script's exit code becomes 1)."""
-    if is_oom(exc):
-        res = {**base, "status": "OOM", "error": str(exc).splitlines()[0][:300]}
-        log(f"    OOM: {res['error'][:160]}")
-    else:
-        res = {**base, "status": "ERROR", "error": f"{type(exc).__name__}: {exc}"[:1000]}
-        log(f"    ERROR: {res['error'][:300]}")
-        traceback.print_exc()
-        sys.stderr.flush()
-    return res
 
 
 def mib(x):
@@ -178,21 +452,7 @@ def plot(rows, path, title):
             ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [f"{n / 1000:.1f}k" if n >= 1000 else str(n) for n in lengths])
     axes[1].set_yscale("log")
-    return _save(fig, axes, path, title)
-
-
-def _save(fig, axes, path, title):
-    import matplotlib.pyplot as plt
-
-    for ax in axes:
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, axes, path, title)
 
 
 def plot_batches(rows, path, title):
@@ -218,17 +478,7 @@ def plot_batches(rows, path, title):
         ax.set_ylabel(name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
-    return _save(fig, axes, path, title)
-
-
-def write_json(path, payload):
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-
-
-def default_out(prefix="trace"):
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("bench", "results", f"{prefix}-{stamp}")
+    return save_plot(fig, axes, path, title)
 
 
 # ---- this benchmark ---------------------------------------------------------------------------
@@ -270,9 +520,9 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent JAX compilation cache (reused by later invocations)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/trace-<date>)")
+    p.add_argument("--out", default=None, help="output folder (default results/trace/<timestamp>/, git-ignored)")
 
-    from lragent_jax.cli import check_model_and_adapters, strict_parser
+    from lragent_jax.cli import strict_parser
 
     args = strict_parser(p).parse_args(argv)
     check_model_and_adapters(args.model, args.adapter, hint="--shape makes its own random adapters")
@@ -360,8 +610,6 @@ def build_engine(args):
 
 
 def run_point(engine, scheme, naive, lctx, batch, args, scale, critical, model_name):
-    from lragent_jax.trace import run_trace
-
     reps = []
     for _ in range(args.repeats):
         reps.append(run_trace(engine, scheme, lctx, batch=batch, seed=args.seed, attention=args.attention,
@@ -401,12 +649,9 @@ def main(argv=None):
 
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-    from lragent_jax.trace import trace_total_tokens
-
-    out = args.out or default_out("trace")
-    os.makedirs(out, exist_ok=True)
-    dev = jax.devices()[0]
-    card = getattr(dev, "device_kind", str(dev))
+    out = results_dir("trace", args.out)
+    info = run_info()
+    card = info["card"]
     log(f"device: {card} ({jax.default_backend()}), jax {jax.__version__}; building "
         f"{args.shape or args.model} ...")
     t0 = time.perf_counter()
@@ -456,13 +701,8 @@ def main(argv=None):
     print_ratios(rs)
 
     payload = {
-        "benchmark": "lragent_jax trace (DESIGN.md section 3)",
-        "card": card,
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "benchmark": "lragent_jax trace (docs/trace.md)",
+        **info,
         "args": vars(args),
         "model": args.shape or args.model,
         "random_weights": args.shape is not None,

@@ -6,11 +6,11 @@ Two halves, because the profiler runs on the GPU machine and the summary anywher
   # on the GPU: the timed region is only the decode loop (compile and prefill excluded)
   ncu --profile-from-start off --clock-control none --csv --print-units base \\
       --metrics gpu__time_duration.sum,dram__bytes_read.sum --log-file step.csv \\
-      python scripts/profile_step.py run --shape llama-3.1-8b --context 4096
+      python -m bench.profile_step run --shape llama-3.1-8b --context 4096
   # anywhere: per-kernel time per step, its share, and its read bandwidth
-  python scripts/profile_step.py summarize step.csv --steps 4
+  python -m bench.profile_step summarize step.csv --steps 4
   # no profiler: only the step's weight products, timed (the rest of a step is the difference)
-  python scripts/profile_step.py products --shape llama-3.1-8b
+  python -m bench.profile_step products --shape llama-3.1-8b
 
 `run` opens the profiler range (cuProfilerStart) around one decode call of
 --new-tokens steps on a warm, compiled engine; without ncu it just times that call.
@@ -29,9 +29,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from lragent_jax.config import PRESETS  # noqa: E402  (no jax: summarize runs without it)
+from lragent_jax.config import PRESETS  # no jax: summarize runs without it
 
 
 def run(args):
@@ -45,7 +43,7 @@ def run(args):
     from lragent_jax.engine import Engine
     from lragent_jax.lora import random_adapters
     from lragent_jax.model import Llama
-    from scripts.bench_step import decode_step_time, random_prompt
+    from bench.step import decode_step_time, random_prompt
 
     cfg = preset(args.shape)
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")
@@ -88,7 +86,7 @@ def products(args):
 
     from lragent_jax.config import preset
     from lragent_jax.model import Llama, _matmul
-    from scripts.bench_step import median_time
+    from bench.common import median_time
 
     cfg = preset(args.shape)
     dtype = jnp.dtype("float32" if args.shape == "tiny" else "bfloat16")

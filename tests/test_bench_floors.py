@@ -1,10 +1,10 @@
-"""scripts/trace_floor.py: the floors of a bench_trace row, checked by hand on a tiny shape."""
+"""bench.floors: the floors of a bench.trace row, checked by hand on a tiny shape."""
 import json
 
 import pytest
 
 from lragent_jax.config import preset
-from scripts import trace_floor
+from bench import floors as trace_floor
 
 
 def _row(steps, scheme="base_lr_shared", batch=1):
@@ -72,7 +72,7 @@ def test_cli_table(tmp_path, capsys):
       bad.write_text("not json")
     with pytest.raises(SystemExit) as e:
       trace_floor.main([str(bad), "--copy-gbps", "1", "--tflops", "1"])
-    assert e.value.code == 2 and "not a readable bench_trace results.json" in capsys.readouterr().err
+    assert e.value.code == 2 and "not a readable bench.trace results.json" in capsys.readouterr().err
   # a checkpoint run: the config comes from --shape (here the path does not exist)
   data = json.loads(path.read_text())
   data.update(random_weights=False, model=str(tmp_path / "missing"), args=dict(shape=None), dtype="float32")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How far a bench_trace run is from its floor (issue 5): TTFT against the prefill floor,
+"""How far a bench.trace run is from its floor (issue 5): TTFT against the prefill floor,
 end-to-end time against prefill floor + decode floor.
 
   prefill floor = sum over prefill calls of max(FLOPs / bf16 matmul rate,
@@ -14,9 +14,9 @@ end-to-end time against prefill floor + decode floor.
       cached K, V_base (and LR for base_lr_shared) of every earlier token of its row.
 
 The floors are the device's copy bandwidth and matmul rate measured on the same card
-(bench_step and bench_kernels print them):
+(bench.step and bench.kernels print them):
 
-  python scripts/trace_floor.py bench/results/.../results.json --copy-gbps 3314 --tflops 620.9
+  python -m bench.floors bench/results/.../results.json --copy-gbps 3314 --tflops 620.9
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import argparse
 import json
 import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # schemes whose attention also reads the agent's LR (rank values per token and layer)
 LR_SCHEMES = ("base_lr_shared", "base_shared")
@@ -47,7 +45,7 @@ def model_counts(cfg, itemsize=2):
 
 
 def row_floors(row, cfg, copy_bps, flops_per_s, rank=8, itemsize=2):
-    """Prefill and decode floors (seconds) of one bench_trace result row (its steps'
+    """Prefill and decode floors (seconds) of one bench.trace result row (its steps'
     new_tokens count every row of the batch)."""
     mult, head, wbytes, kv_tok, lr_tok_rank = model_counts(cfg, itemsize)
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
@@ -76,7 +74,7 @@ def jnp_itemsize(dtype: str) -> int:
 
 
 def run_config(data, shape, parser):
-    """The model config of a bench_trace run: --shape, the run's preset, or its checkpoint."""
+    """The model config of a bench.trace run: --shape, the run's preset, or its checkpoint."""
     from lragent_jax.config import ConfigError, ModelConfig, preset
 
     name = shape or (data.get("args") or {}).get("shape")
@@ -91,7 +89,7 @@ def run_config(data, shape, parser):
 
 
 def check_results(data) -> None:
-    """ValueError naming what a bench_trace results.json lacks that the floors read."""
+    """ValueError naming what a bench.trace results.json lacks that the floors read."""
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ValueError("no 'results' list")
     ok = [r for r in data["results"] if isinstance(r, dict) and r.get("status", "ok") == "ok"]
@@ -105,7 +103,7 @@ def check_results(data) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", help="bench_trace results.json")
+    p.add_argument("results", help="bench.trace results.json")
     p.add_argument("--copy-gbps", type=float, required=True, help="measured copy bandwidth, GB/s")
     p.add_argument("--tflops", type=float, required=True, help="measured bf16 matmul rate, TFLOP/s")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the run (LR bytes)")
@@ -119,7 +117,7 @@ def main(argv=None):
             data = json.load(f)
         check_results(data)
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-        p.error(f"{args.results}: not a readable bench_trace results.json ({e})")
+        p.error(f"{args.results}: not a readable bench.trace results.json ({e})")
     cfg = run_config(data, args.shape, p)
     itemsize = jnp_itemsize(data.get("dtype", "bfloat16"))
     print(f"{data['card']}, jax {data['jax_version']}, {data['date'][:10]}; floors: copy "

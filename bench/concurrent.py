@@ -7,33 +7,29 @@ all agents) against the same N branches decoded one after another (the generic p
 Step time = (time for G tokens - time for 1 token) / (G - 1), compile excluded (each
 configuration runs once untimed first).
 
-  python scripts/bench_concurrent.py --shape llama-3.1-8b --context 8192,32768,131072 --agents 1,2,4,8
-  python scripts/bench_concurrent.py --shape tiny --quick          # CPU smoke run
+  python -m bench.concurrent --shape llama-3.1-8b --context 8192,32768,131072 --agents 1,2,4,8
+  python -m bench.concurrent --shape tiny --quick          # CPU smoke run
 
 Target (issue 6, H100/H200): N = 4 at 32k <= 1.3x one agent's step; N = 8 <= 1.6x.
-Prints a table; writes JSON to --out.
+Prints a table; writes JSON to --out (default results/concurrent/<timestamp>/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.common import UsageError, positive_int_list, results_dir, run_info, write_json
+
 
 def main(argv=None):
-    from lragent_jax.cli import UsageError, positive_int_list
     from lragent_jax.config import ConfigError, preset
     from lragent_jax.engine import Engine
     from lragent_jax.lora import random_adapters
@@ -118,12 +114,9 @@ def main(argv=None):
     print(f"\n{'context':>8} {'N':>3} {'path':>11} {'ms/step':>9} {'x 1 agent':>10}")
     for r in rows:
         print(f"{r['context']:>8} {r['agents']:>3} {r['path']:>11} {r['step_ms']:>9.2f} {r.get('vs_one_agent', 0):>10.2f}")
-    result = dict(card=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
-                  shape=args.shape, scheme=args.scheme, gen=gen, rows=rows)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"concurrent-{args.shape}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    result = dict(**run_info(), jax=jax.__version__, shape=args.shape, scheme=args.scheme, gen=gen, rows=rows)
+    out = results_dir("concurrent", args.out)
+    print(f"wrote {write_json(os.path.join(out, f'concurrent-{args.shape}.json'), result)}")
     return result
 
 

@@ -28,8 +28,8 @@ back-to-back executions, divided by the number of calls.
 few shapes and prints PASS/FAIL. --tune (default on a GPU) picks block sizes
 from a handful of configurations before the sweep.
 
-GPU:  python scripts/bench_kernels.py --check --out bench/results/kernels
-CPU:  python scripts/bench_kernels.py --quick --check --out /tmp/kb   (interpret mode, tiny shapes)
+GPU:  python -m bench.kernels --check
+CPU:  python -m bench.kernels --quick --check   (interpret mode, tiny shapes)
 """
 from __future__ import annotations
 
@@ -45,13 +45,12 @@ import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from pallas_kernels import flash_lora_attention, naive_lora_attention, reference_attention  # noqa: E402
-from pallas_kernels.triton import tuning as triton_tuning  # noqa: E402
+from bench.common import results_dir
+from pallas_kernels import flash_lora_attention, naive_lora_attention, reference_attention
+from pallas_kernels.triton import tuning as triton_tuning
 
 L2_BYTES = 50 * 2**20          # H100: 50 MiB
 ROTATE_TARGET = 4 * L2_BYTES   # rotated inputs span at least this much
@@ -557,7 +556,7 @@ def plot(recs, floors, info, path):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU: Pallas interpret mode)")
-  ap.add_argument("--out", default="bench/results/kernels", help="output directory (JSON + PNG)")
+  ap.add_argument("--out", default=None, help="output directory (JSON + PNG; default results/kernels/<timestamp>/)")
   ap.add_argument("--only", choices=["decode", "prefill"], default=None)
   ap.add_argument("--kv-lens", type=parse_lens, default=None, help="e.g. 4k,16k,32k")
   ap.add_argument("--check", action="store_true", help="verify numerics first (PASS/FAIL)")
@@ -579,9 +578,9 @@ def main(argv=None):
     global MAX_ROT
     MAX_ROT = 2
   print(f"device: {info['device_kind']} ({info['platform']}), jax {info['jax_version']}, {info['date']}")
-  os.makedirs(args.out, exist_ok=True)
+  args.out = results_dir("kernels", args.out)
 
-  result = dict(info=info, args=vars(args) | {"kv_lens": args.kv_lens}, records=[])
+  result = dict(info=info, command=" ".join(sys.argv), args=vars(args) | {"kv_lens": args.kv_lens}, records=[])
   if args.check:
     result["check"] = run_checks(args, interpret)
   floors = measure_floors(args, timer)

@@ -1,32 +1,29 @@
 #!/usr/bin/env python3
 """Long context with many agents: which schemes fit, and how fast base_lr_shared runs there.
 
-For each scheme it predicts the cache bytes for N agents at T tokens (DESIGN.md section 2
+For each scheme it predicts the cache bytes for N agents at T tokens (docs/design.md
 formulas), allocates the scheme's caches (fit check), and for the schemes in --run runs
 the trajectory: append T random tokens, then every agent generates --gen tokens.
 
-  python scripts/bench_long_context.py --shape llama-3.1-8b --tokens 131072 --agents 8
-  python scripts/bench_long_context.py --shape tiny --tokens 2048 --agents 4     # CPU smoke run
+  python -m bench.long_context --shape llama-3.1-8b --tokens 131072 --agents 8
+  python -m bench.long_context --shape tiny --tokens 2048 --agents 4     # CPU smoke run
 
-Prints a table; writes JSON to --out.
+Prints a table; writes JSON to --out (default results/long_context/<timestamp>/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from bench.common import is_oom, results_dir, run_info, write_json
 
 
 def predicted_cache_bytes(cfg, scheme, agents, tokens, rank, itemsize, critical):
@@ -41,11 +38,6 @@ def predicted_cache_bytes(cfg, scheme, agents, tokens, rank, itemsize, critical)
     if scheme == "droidspeak":
         return tokens * itemsize * (L * kv + agents * len(critical) * kv + cfg.hidden_size)
     return tokens * itemsize * L * per_layer_token[scheme]
-
-
-def is_oom(e: Exception) -> bool:
-    text = f"{type(e).__name__} {e}"
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "OOM" in text
 
 
 def main(argv=None):
@@ -136,13 +128,10 @@ def main(argv=None):
             row["max_tokens_predicted"] = int((limit - weight_bytes) // per_token)
             print(f"{row['scheme']:<15} caches + weights fit up to ~{row['max_tokens_predicted']:,} tokens "
                   f"with {args.agents} agents (allocator limit, activations not counted)", flush=True)
-    result = dict(card=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
-                  shape=args.shape, tokens=T, agents=args.agents, gen=args.gen, weight_bytes=weight_bytes,
+    result = dict(**run_info(), jax=jax.__version__, shape=args.shape, tokens=T, agents=args.agents, gen=args.gen, weight_bytes=weight_bytes,
                   bytes_limit=limit, rows=rows)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"long-context-{args.shape}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    out = results_dir("long_context", args.out)
+    print(f"wrote {write_json(os.path.join(out, f'long-context-{args.shape}.json'), result)}")
     return result
 
 

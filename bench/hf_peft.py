@@ -27,19 +27,19 @@ hf_<variant>_<mode>.
 --per-token CTX[,CTX]: a micro-benchmark before the trace: ms per one-token decode step at CTX
 tokens of context, one q/v adapter active, for eager DynamicCache, StaticCache eager and StaticCache
 + torch.compile (the issue-15 figures). --no-trace runs only that.
---ours PATH: a bench_trace.py results.json; its rows are printed and plotted beside HF's.
+--ours PATH: a bench.trace results.json; its rows are printed and plotted beside HF's.
 
-  python scripts/bench_hf_peft.py --shape tiny --quick                    # CPU smoke run
-  python scripts/bench_hf_peft.py --shape tiny --quick --mode eager,tuned --compile aot_eager
-  python scripts/bench_hf_peft.py --shape llama-3.1-8b --shared-cache     # GPU: Lctx 1024,4096,8192
-  python scripts/bench_hf_peft.py --shape llama-3.1-8b --per-token 8192 --no-trace
-  python scripts/bench_hf_peft.py --shape llama-3.1-8b --per-token 8192 --lctx 8192,1024  # GPU: both modes
-  python scripts/bench_hf_peft.py --from-json OUT/results.json --ours TRACE_OUT/results.json  # side by side
-  python scripts/bench_hf_peft.py --model PATH --adapter plan=P --adapter action=A --adapter reflect=R
+  python -m bench.hf_peft --shape tiny --quick                    # CPU smoke run
+  python -m bench.hf_peft --shape tiny --quick --mode eager,tuned --compile aot_eager
+  python -m bench.hf_peft --shape llama-3.1-8b --shared-cache     # GPU: Lctx 1024,4096,8192
+  python -m bench.hf_peft --shape llama-3.1-8b --per-token 8192 --no-trace
+  python -m bench.hf_peft --shape llama-3.1-8b --per-token 8192 --lctx 8192,1024  # GPU: both modes
+  python -m bench.hf_peft --from-json OUT/results.json --ours TRACE_OUT/results.json  # side by side
+  python -m bench.hf_peft --model PATH --adapter plan=P --adapter action=A --adapter reflect=R
 
 --shape builds a RANDOM-weight LlamaForCausalLM from lragent_jax's preset config with random q/v
 LoRA adapters (rank 8, alpha 16), bf16 on cuda, float32 on CPU, attn_implementation="sdpa".
-Same table / results.json / trace.png conventions as bench_trace.py. Eager timing starts after a
+Same table / results.json / trace.png conventions as bench.trace. Eager timing starts after a
 warm-up pass (a short trace), tuned after a full replay per point; torch.cuda.synchronize around
 timings on GPU; peak memory is torch.cuda.max_memory_allocated per run (reset before each run).
 OOM runs are recorded as OOM.
@@ -59,14 +59,13 @@ import sys
 import time
 import warnings
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-
-from bench_trace import (  # noqa: E402
-    DEFAULT_LCTX, DEFAULT_LCTX_LARGE, PAPER_AT_33K, PAPER_LCTX, QUICK_LCTX, QUICK_SCALE, SHAPES, UsageError,
-    default_out, failed_point, log, paper_ratios, parse_adapters, parse_int_list, plot, print_table, ratios,
-    write_json,
+from bench.common import (
+    UsageError, check_model_and_adapters, command_line, failed_point, log, results_dir, write_json,
+)
+from bench.trace import (
+    DEFAULT_LCTX, DEFAULT_LCTX_LARGE, PAPER_AT_33K, PAPER_LCTX, QUICK_LCTX, QUICK_SCALE, SHAPES, paper_ratios,
+    parse_adapters, parse_int_list, plot, print_table, ratios, random_prefills, token_range, trace_agents,
+    trace_steps, trace_total_tokens,
 )
 
 VARIANTS = ("non_shared", "full_shared")
@@ -105,7 +104,7 @@ def parse_args(argv):
     p.add_argument("--per-token-steps", type=int, default=32, help="timed decode steps per --per-token point")
     p.add_argument("--no-trace", action="store_true", help="only the --per-token micro-benchmark")
     p.add_argument("--ours", default=None, metavar="RESULTS_JSON",
-                   help="a bench_trace.py results.json to print and plot beside HF's rows")
+                   help="a bench.trace results.json to print and plot beside HF's rows")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
                    help="run nothing: print and plot an earlier results.json of this script again (with --ours: "
                         "side by side); writes to --out (default: that file's folder)")
@@ -128,9 +127,9 @@ def parse_args(argv):
                    help=f"smoke run: Lctx {','.join(map(str, QUICK_LCTX))}, --scale {QUICK_SCALE}")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/hf-peft-<date>)")
+    p.add_argument("--out", default=None, help="output folder (default results/hf_peft/<timestamp>/, git-ignored)")
 
-    from lragent_jax.cli import check_model_and_adapters, strict_parser
+    from lragent_jax.cli import strict_parser
 
     args = strict_parser(p).parse_args(argv)
     check_model_and_adapters(args.model, args.adapter)
@@ -155,9 +154,9 @@ def parse_args(argv):
     if args.no_trace and not args.per_token_list:
         raise UsageError("--no-trace leaves nothing to run without --per-token")
     if args.from_json and not os.path.isfile(args.from_json):
-        raise UsageError(f"--from-json {args.from_json}: no such file (a bench_hf_peft.py results.json)")
+        raise UsageError(f"--from-json {args.from_json}: no such file (a bench.hf_peft results.json)")
     if args.ours and not os.path.isfile(args.ours):
-        raise UsageError(f"--ours {args.ours}: no such file (a bench_trace.py results.json)")
+        raise UsageError(f"--ours {args.ours}: no such file (a bench.trace results.json)")
     if args.paper:
         args.lctx_list = list(PAPER_LCTX)
     elif args.lctx:
@@ -354,8 +353,6 @@ def run_hf_trace(model, cfg, device, lctx, *, variant, mode="eager", batch=1, se
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from lragent_jax.trace import random_prefills, trace_agents, trace_steps, trace_total_tokens
-
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {MODES}")
     tuned = mode == "tuned"
@@ -460,8 +457,6 @@ def run_hf_trace(model, cfg, device, lctx, *, variant, mode="eager", batch=1, se
 def run_point(model, cfg, device, lctx, variant, mode, args, decode_step, torch):
     """Median of --repeats replays. Tuned: caches sized to the trajectory, a first replay that compiles
     (timed apart as warmup_s / compile_s), then the timed replays on the same caches."""
-    from lragent_jax.trace import trace_total_tokens
-
     common = dict(variant=variant, mode=mode, batch=args.batch, seed=args.seed, scale=args.scale_value,
                   prefill_chunk=args.prefill_chunk, progress=not args.no_progress, torch=torch)
     extra = {"compile_backend": None, "warmup_s": None, "compile_s": None, "graphs_compiled_warmup": 0,
@@ -500,8 +495,6 @@ def per_token_point(model, cfg, device, ctx, kind, *, steps, batch, seed, decode
     the compiled step. The context is prefilled in one forward; PER_TOKEN_WARMUP untimed steps
     (compiling and recording CUDA graphs for the compiled kind) come before the `steps` timed ones."""
     from transformers import DynamicCache, StaticCache
-
-    from lragent_jax.trace import token_range
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -642,14 +635,14 @@ def tuned_vs_eager(results):
 
 
 def load_ours(path, batch):
-    """The ok rows of a bench_trace.py results.json at `batch`, labelled ours_<scheme>, with
+    """The ok rows of a bench.trace results.json at `batch`, labelled ours_<scheme>, with
     decode_ms_per_token computed as for HF rows (decode time / one-token forwards per row)."""
     try:
         with open(path) as f:
             data = json.load(f)
         rows = data["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--ours {path}: not a bench_trace.py results.json ({type(e).__name__}: {e})") from e
+        raise UsageError(f"--ours {path}: not a bench.trace results.json ({type(e).__name__}: {e})") from e
     out = []
     for r in rows:
         if r.get("status") != "ok" or r.get("batch", 1) != batch:
@@ -728,7 +721,7 @@ def finish(payload, ours, out, t_start, *, compile_excluded):
 
 def report_only(args, ours, t_start):
     """--from-json: the tables and plot again from an earlier results.json of this script, no model run
-    (with --ours: side by side with a bench_trace.py run made apart)."""
+    (with --ours: side by side with a bench.trace run made apart)."""
     try:
         with open(args.from_json) as f:
             payload = json.load(f)
@@ -738,7 +731,7 @@ def report_only(args, ours, t_start):
         if missing:
             raise KeyError(", ".join(missing[:4]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--from-json {args.from_json}: not a bench_hf_peft.py results.json "
+        raise UsageError(f"--from-json {args.from_json}: not a bench.hf_peft results.json "
                          f"({type(e).__name__}: {e})") from e
     if not payload.get("complete", True):
         log(f"NOTE: {args.from_json} is from a run that did not finish (complete: false)")
@@ -759,13 +752,10 @@ def main(argv=None):
         return 2
     import torch
 
-    from lragent_jax.trace import trace_total_tokens
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    out = args.out or default_out("hf-peft")
-    os.makedirs(out, exist_ok=True)
+    out = results_dir("hf_peft", args.out)
     t0 = time.perf_counter()
     try:
         model, cfg, device, dtype = build(args, torch)
@@ -797,7 +787,7 @@ def main(argv=None):
         "card": card, "device": str(device), "torch_version": torch.__version__,
         "transformers_version": transformers.__version__, "peft_version": peft.__version__,
         "python": platform.python_version(), "host": platform.node(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command_line(), "args": vars(args),
         "model": args.shape or args.model, "random_weights": args.shape is not None, "dtype": str(dtype),
         "modes": modes, "compile_backend": args.compile if decode_step else None,
         "cudagraphs": decode_step.cudagraphs if decode_step else None,

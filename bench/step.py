@@ -5,8 +5,8 @@ Floors measured in the same run: device copy bandwidth (read + write) and the bf
 matmul rate. The decode floor at batch B is (weight bytes + cache bytes read) /
 bandwidth; the prefill floor is FLOPs / matmul rate.
 
-  python scripts/bench_step.py --shape llama-3.1-8b --context 4096 --variants scan,per_layer
-  python scripts/bench_step.py --shape tiny --quick          # CPU smoke run
+  python -m bench.step --shape llama-3.1-8b --context 4096 --variants scan,per_layer
+  python -m bench.step --shape tiny --quick          # CPU smoke run
 
 Prints a table; writes JSON (+ PNG when matplotlib is there) to --out.
 """
@@ -15,41 +15,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def median_time(f, *args, reps=10):
-    """Median wall time of f(*args) after one warm-up call (compile excluded)."""
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def copy_bandwidth(nbytes=2 << 30, reps=10):
-    """Bytes read + written per second by a large on-device copy."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    return 2 * nbytes / median_time(jax.jit(lambda a: a + 1.0), x, reps=reps)
-
-
-def matmul_rate(n=8192, reps=10, dtype=jnp.bfloat16):
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    return 2 * n**3 / median_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
+from bench.common import (
+    UsageError, copy_bandwidth, matmul_rate, median_time, positive_int_list, results_dir, run_info, write_json,
+)
 
 
 def gemv_bandwidth(d, f, dtype, reps=20, n=8, rows=1, min_rows=1):
@@ -136,9 +112,8 @@ def main(argv=None):
     p.add_argument("--min-matmul-rows", default=None,
                    help="comma list of Llama(min_matmul_rows=) values to compare (default: the model's default)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output folder (default results/step/<timestamp>/)")
     args = p.parse_args(argv)
-    from lragent_jax.cli import UsageError, positive_int_list
 
     try:
         batches = positive_int_list(args.batch, "--batch")
@@ -215,14 +190,11 @@ def main(argv=None):
                   f"(floor {row['decode_floor_ms']:.2f}, x{row['decode_vs_floor']:.2f})  prefill {prefill_s:7.3f} s "
                   f"(floor {prefill_floor:.3f}, x{row['prefill_vs_floor']:.2f}, {row['prefill_tflops']:.0f} TFLOP/s)",
                   flush=True)
-    result = dict(card=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                  date=datetime.date.today().isoformat(), shape=args.shape, dtype=str(dtype),
+    result = dict(**run_info(), jax=jax.__version__, shape=args.shape, dtype=str(dtype),
                   attention=args.attention, copy_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12,
                   weight_bytes=weight_bytes, weight_bytes_read_per_step=read_bytes, gemv_GBps=gemv, rows=rows)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"step-{args.shape}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    out = results_dir("step", args.out)
+    print(f"wrote {write_json(os.path.join(out, f'step-{args.shape}.json'), result)}")
     return result
 
 

@@ -1,9 +1,9 @@
-"""scripts/profile_step.py summarize: an ncu CSV grouped by kernel, per decode step."""
+"""bench.profile_step summarize: an ncu CSV grouped by kernel, per decode step."""
 import json
 
 import pytest
 
-from scripts import profile_step
+from bench import profile_step
 
 CSV = '''==PROF== Connected to process 1
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"

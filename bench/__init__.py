@@ -1,0 +1,1 @@
+"""Benchmarks of lragent_jax, one module each, run as `python -m bench.<name>` (docs/benchmarks.md)."""
