@@ -326,7 +326,7 @@ class ModelConfig:
         return d
 
 
-# Random-weight shapes users can run without downloading anything (bench_trace --shape).
+# Random-weight shapes users can run without downloading anything (python -m bench.trace --shape).
 _LLAMA31_ROPE = {
     "factor": 8.0,
     "low_freq_factor": 1.0,

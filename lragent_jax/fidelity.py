@@ -1,6 +1,6 @@
 """Is cache sharing safe for *your* adapters? Value-cache similarity and scheme fidelity.
 
-Two measurements, both on the user's own checkpoint (DESIGN.md section 1 notation):
+Two measurements, both on the user's own checkpoint (docs/design.md section 1 notation):
 
 1. `value_similarity(engine, tokens)` -- the paper's Tables 1-2. Every agent runs the
    model over the same trajectory with its own adapter (so each agent has its own hidden

@@ -4,7 +4,7 @@ A scheme owns its cache arrays and knows, per batch row, how many trajectory tok
 each of them holds (slots [0, held)). When an agent takes a turn, `prepare` runs the
 catch-up its scheme requires and then the tokens nobody has processed yet, and returns
 the logits at the last token; `decode` generates with the right cache view. The
-semantics are DESIGN.md section 2:
+semantics are docs/design.md section 2:
 
   non_shared      per agent K, V                    catch up on everything unseen
   full_shared     one K, V (producer's LoRA in V)   nothing to catch up
@@ -33,7 +33,7 @@ SCHEMES = ("non_shared", "full_shared", "droidspeak", "base_shared", "base_lr_sh
 SCHEME_ALIASES = {"ns": "non_shared", "fs": "full_shared", "ds": "droidspeak", "bs": "base_shared",
                   "blr": "base_lr_shared"}
 
-# DroidSpeak critical layers from the paper (DESIGN.md section 2), by preset shape name.
+# DroidSpeak critical layers from the paper (docs/design.md section 2), by preset shape name.
 DROIDSPEAK_LAYERS = {
     "llama-3.1-8b": (0, 2, 16, 19, 20, 22, 23, 24, 26, 30, 31),
     "ministral-8b": (1, 4, 5, 12, 14, 15, 17, 21, 22, 25, 29, 31),

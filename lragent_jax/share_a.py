@@ -1,4 +1,4 @@
-"""Make any set of LoRA adapters shared-A, so base_lr_shared can serve them (DESIGN.md section 1).
+"""Make any set of LoRA adapters shared-A, so base_lr_shared can serve them (docs/design.md section 1).
 
 "stack": per layer and projection, A = [A_1 | ... | A_N] (rank R = r_1 + ... + r_N) and agent
 i's B_i' holds s_i B_i in its own r_i rows and zeros elsewhere. Then x A B_i' = s_i x A_i B_i for

@@ -1,6 +1,6 @@
 """Merging attention over disjoint key ranges with log-sum-exp weights.
 
-Concurrent agents decoding on one shared prefix (DESIGN.md section 1):
+Concurrent agents decoding on one shared prefix (docs/design.md section 1):
 
 1. the prefix is attended ONCE for all agents, their queries stacked as extra
    query heads of each KV head (``stack_query_heads``; per-query-head lora_b

@@ -36,8 +36,6 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 QUESTION = "Which city hosted the first modern Olympic Games, and how many years before 2025 was that?"
 
 

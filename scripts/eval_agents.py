@@ -36,7 +36,7 @@ folders); the configurations of a missing flavour are skipped with a note. The w
 and tools) is build_world(--world-seed, --world-config): it must be the one the model was trained
 on. Writes results.json, episodes.jsonl (every episode), eval_agents_accuracy.png,
 eval_agents_similarity.png and fidelity_snippet.md (for docs/fidelity.md) into --out (default
-out/eval_agents/<UTC time> in the repository, a git-ignored folder). Exit code 2 with one line on
+results/eval_agents/<UTC time> under the current folder, git-ignored in the repository). Exit code 2 with one line on
 bad input.
 """
 
@@ -52,8 +52,6 @@ import os
 import sys
 import time
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
@@ -547,7 +545,7 @@ def parse_args(argv):
     run.add_argument("--seed", type=int, default=0, help="bootstrap seed (decoding is greedy)")
     run.add_argument("--quick", action="store_true", help="CPU smoke run: small defaults (see each flag)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", metavar="DIR", help="output folder (default out/eval_agents/<UTC time>)")
+    out.add_argument("--out", metavar="DIR", help="output folder (default results/eval_agents/<UTC time>)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = strict_parser(p).parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
@@ -679,8 +677,8 @@ def write_outputs(results, out_dir) -> list:
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        out_dir = args.out or os.path.join(
-            REPO, "out", "eval_agents", datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+        out_dir = args.out or os.path.join(  # git-ignored, like the benchmarks' results
+            "results", "eval_agents", datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
         results = evaluate(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,8 +34,6 @@ import os
 import sys
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from lragent_jax.cli import DTYPES, UsageError, int_list, load_agents, strict_parser  # noqa: E402
 from lragent_jax.sampling import check_sampling  # noqa: E402
 

@@ -8,7 +8,6 @@ import sys
 import jax
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import hf_fixtures`
 
 from hf_fixtures import AGENTS, MODEL_KINDS, make_adapters, make_model  # noqa: E402
 

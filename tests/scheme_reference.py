@@ -1,6 +1,6 @@
 """An independent float64 numpy reference of the five cache schemes, and the tiny model it runs.
 
-Written from the definitions (DESIGN.md section 2), not from the engine: a plain Llama forward
+Written from the definitions (docs/design.md section 2), not from the engine: a plain Llama forward
 (RMSNorm, rotate-half RoPE with Llama-3 scaling, GQA, SwiGLU, LoRA s (x A) B on q and v) run one
 token at a time over explicit per-layer cache arrays. Who computes each layer's K / V / V_base /
 LR, with whose hidden states and whose adapter:

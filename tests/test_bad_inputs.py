@@ -29,7 +29,6 @@ from lragent_jax.loading import AdapterError, WeightsError, load_adapters, load_
 from lragent_jax.sampling import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import generate  # noqa: E402
 

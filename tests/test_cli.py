@@ -9,7 +9,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import generate  # noqa: E402
 

@@ -3,7 +3,7 @@ Mistral checkpoints loaded through lragent_jax.loading.
 
 Tolerance: float32 everywhere, so the only differences are summation order (XLA vs torch CPU
 matmul blocking, the fused rope/softmax): ~1e-7 relative is typical. We assert max |diff| <=
-1e-5 * max |logit| (DESIGN.md: float32 ~1e-5 relative), with the logits of different agents
+1e-5 * max |logit| (docs/design.md: float32 ~1e-5 relative), with the logits of different agents
 differing by far more than that, so a wrong adapter, scale or mapping cannot pass.
 """
 

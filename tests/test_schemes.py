@@ -1,4 +1,4 @@
-"""Invariants of the five cache schemes (DESIGN.md section 2), on a tiny model whose greedy
+"""Invariants of the five cache schemes (docs/design.md section 2), on a tiny model whose greedy
 outputs vary from token to token (tests/scheme_reference.py's weights; asserted in ns_reference),
 so token equality carries information. What each scheme computes is checked against an
 independent float64 reference in tests/test_scheme_reference.py.

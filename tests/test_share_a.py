@@ -143,7 +143,7 @@ def test_bad_arguments_are_clear_errors(adapters):
 def test_base_lr_shared_serves_stacked_adapters(adapters):
     """base_lr_shared refuses the independent adapters and runs the stacked ones; with one agent
     taking every turn it must equal that agent's plain forward with the original adapters
-    (DESIGN.md section 2 invariant), so the rank-20 LR cache path is checked end to end. Float32,
+    (docs/design.md section 2 invariant), so the rank-20 LR cache path is checked end to end. Float32,
     cache vs cache-free attention: rel 1e-5."""
     from lragent_jax.session import Session
     from lragent_jax.train import forward_logits
