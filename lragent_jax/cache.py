@@ -12,7 +12,7 @@ Views (per layer, `update_and_attend(layer, q, k, values, step)`):
   LoRAKV       K, V_base = X W_v, LR = X A_v            base_shared, base_lr_shared
   DroidSpeakKV shared K, V for all layers + own K, V at critical layers, + hidden cache
   ConcurrentKV N agents' branches over one read-only shared prefix
-  ChunkKV      stores nothing: attention over the chunk's own K/V (model.forward_logits)
+  ChunkKV      stores nothing: attention over the chunk's own K/V (forward.forward_logits)
 What the engine and the model ask of a view is the CacheView protocol.
 Static flags (write / write_base / write_shared) select what a call may write, so the
 catch-up of one agent never overwrites what another agent produced.
@@ -329,7 +329,7 @@ class ConcurrentKV(ViewDefaults):
 class ChunkKV(ViewDefaults):
     """Stores nothing: each layer attends over the chunk's own K and full V (causal, keys
     below step.kv_lengths) through the XLA attention path, so gradients flow. The cache-free
-    forward of model.forward_logits (training)."""
+    forward of forward.forward_logits (training)."""
 
     capacity: int = struct.field(pytree_node=False, default=0)
 

@@ -34,7 +34,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .schemes import Scheme
-from .session import Session, TurnStats
 
 FORMAT = "lragent-session"
 VERSION = 1
@@ -87,7 +86,7 @@ def adapter_identities(engine) -> list[dict]:
     return out
 
 
-def _session_options(session: Session) -> dict:
+def _session_options(session: "Session") -> dict:
     o = session.attn_options
     return {"scheme": session.scheme_name, "batch": session.batch, "max_len": session.max_len,
             "cache_dtype": jnp.dtype(session.scheme.dtype).name, "attention": o.impl,
@@ -107,7 +106,7 @@ def _split_state(scheme: Scheme) -> tuple[dict, dict]:
     return counts, caches
 
 
-def session_metadata(session: Session) -> dict:
+def session_metadata(session: "Session") -> dict:
     counts, _ = _split_state(session.scheme)
     return {
         "format": FORMAT, "version": VERSION, **_session_options(session),
@@ -127,7 +126,7 @@ def _write(path: str, caches: dict, meta: dict) -> None:
                                                  session=ocp.args.JsonSave(meta)))
 
 
-def save_session(session: Session, path) -> None:
+def save_session(session: "Session", path) -> None:
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not _is_checkpoint(path):
         raise CheckpointError(f"{path}: exists and is not a session checkpoint; refusing to overwrite it")
@@ -199,11 +198,11 @@ def _check_identity(path: str, meta: dict, engine, scheme: str | None) -> None:
                 differ(f"adapter {s['name']!r} of {field}", s[field], f"the engine's has {n[field]}")
 
 
-def restore_session(path, engine, *, scheme: str | None = None, tokenizer=None) -> Session:
+def restore_session(path, engine, *, session_cls, turn_cls, scheme: str | None = None, tokenizer=None):
     path = os.path.abspath(os.fspath(path))
     meta = read_metadata(path)
     _check_identity(path, meta, engine, scheme)
-    session = Session(engine, meta["scheme"], batch=meta["batch"], max_len=meta["max_len"], tokenizer=tokenizer,
+    session = session_cls(engine, meta["scheme"], batch=meta["batch"], max_len=meta["max_len"], tokenizer=tokenizer,
                       attention=meta["attention"], naive_expansion=meta["naive_expansion"],
                       critical_layers=meta["critical_layers"], cache_dtype=meta["cache_dtype"],
                       stop_ids=meta["stop_ids"], seed=meta["seed"])
@@ -218,6 +217,6 @@ def restore_session(path, engine, *, scheme: str | None = None, tokenizer=None) 
                   else np.asarray(v, np.int64)) for k, v in meta["counts"].items()}
     session.scheme.set_state({**counts, **caches})
     session.trajectory = [list(map(int, t)) for t in meta["trajectory"]]
-    session.turns = [TurnStats(**t) for t in meta["turns"]]
+    session.turns = [turn_cls(**t) for t in meta["turns"]]
     session._key_counter = int(meta["key_counter"])
     return session

@@ -375,7 +375,7 @@ class Session:
         adapters; `scheme`, if given, must be the saved one). It continues token for token."""
         from .checkpoint import restore_session
 
-        return restore_session(path, engine, scheme=scheme, tokenizer=tokenizer)
+        return restore_session(path, engine, session_cls=cls, turn_cls=TurnStats, scheme=scheme, tokenizer=tokenizer)
 
     # ---- reporting -----------------------------------------------------------------------
     @property

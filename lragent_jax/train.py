@@ -23,7 +23,8 @@ from flax import nnx
 
 from .config import LoraConfig
 from .lora import LoraProjection, LoraWeights
-from .model import Llama, forward_logits
+from .forward import forward_logits
+from .model import Llama
 
 __all__ = [
     "pretrain", "train_adapters", "eval_loss", "masked_loss", "pack_sequences", "plot_losses",

@@ -215,7 +215,7 @@ def test_forward_logits_matches_engine_prefill_and_pads():
     """model.forward_logits (cache-free, for training) gives the engine's all-position prefill
     logits (float32 on both sides, same ops: 1e-5); a right-padded row's valid positions
     equal the unpadded row's."""
-    from lragent_jax.model import forward_logits
+    from lragent_jax.forward import forward_logits
 
     cfg = preset("tiny")
     model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
@@ -240,7 +240,7 @@ def test_forward_logits_gradient_matches_finite_differences():
     """jax.grad of a loss over forward_logits w.r.t. the LoRA arrays, projected on two random
     directions, against central differences (float32: eps=3e-3 keeps truncation ~1e-5 and
     rounding ~1e-4 relative; rtol 1e-2)."""
-    from lragent_jax.model import forward_logits
+    from lragent_jax.forward import forward_logits
 
     cfg = preset("tiny")
     model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
