@@ -17,7 +17,7 @@ from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
-CELL_TIMEOUT_S = 300  # the slowest cell (all five schemes of the default demo) takes ~40 s on 2 cores
+CELL_TIMEOUT_S = 300  # per cell; the slowest (the default demo, five schemes; the trace) take ~30-40 s on 2 cores
 KERNEL = "lragent-test-python"
 SCHEMES = ("non_shared", "base_lr_shared")
 # A row of bench.trace.print_table: label, Lctx, batch, total, tput, TTFT, e2e, cache MiB, peak MiB, catch-up
