@@ -60,7 +60,7 @@ def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
     _kernel_spec(str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # also on a GPU machine: its GPU / TPU cells skip, install nothing
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ.get(
         "LRAGENT_TEST_JAX_CACHE", os.path.join(ROOT, ".pytest_cache", "jax")))
@@ -77,8 +77,8 @@ def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
 
     install = _text(cells["install"])
     assert f"lragent_jax from: {os.path.join(ROOT, 'lragent_jax')}" in install, install
-    assert "no NVIDIA GPU: skipped" in _text(cells["gpu-setup"])
-    assert "no TPU: skipped" in _text(cells["tpu-setup"])
+    assert "no NVIDIA GPU in JAX_PLATFORMS: skipped" in _text(cells["gpu-setup"])
+    assert "no TPU in JAX_PLATFORMS: skipped" in _text(cells["tpu-setup"])
     assert "backend cpu" in _text(cells["platform"])
 
     # The default demo: every scheme ran and printed its turns.
