@@ -23,6 +23,7 @@ Exit code 2 with a one-line message on bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -39,11 +40,11 @@ BASE_MODEL_REF = "lragent-jax-miniature"  # what the PEFT configs name as their 
 
 # Model shape and training lengths. "default": one H200 in a few minutes; "tiny": CPU in CI.
 PRESETS = {
-    "default": dict(world="default", vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
+    "default": dict(world="default", train_worlds=16, vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
                     intermediate=768, max_positions=1024, pretrain_seq=512, steps_base=1200, steps_adapter=800,
                     batch_size=64, adapter_batch=32, lr_base=1e-3, lr_adapter=2e-3, eval_questions=40,
-                    val_loss_episodes=256, browsing=2.0, max_seq=None, turn_tokens=None, max_steps=6),
-    "tiny": dict(world="small", vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
+                    val_loss_episodes=256, browsing=1.0, max_seq=None, turn_tokens=None, max_steps=6),
+    "tiny": dict(world="small", train_worlds=6, vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                  intermediate=128, max_positions=512, pretrain_seq=128, steps_base=12, steps_adapter=10,
                  batch_size=8, adapter_batch=2, lr_base=3e-3, lr_adapter=1e-2, eval_questions=2,
                  val_loss_episodes=4, browsing=0.5, max_seq=192, turn_tokens=8, max_steps=1),
@@ -112,13 +113,38 @@ def settings(args) -> dict:
 
 # ---- steps ----------------------------------------------------------------------------------------
 def build_data(s, seed):
-    from lragent_jax.task import SMALL_CONFIG, WorldConfig, base_corpus, build_world, gold_episodes
+    """The evaluation world (seed `seed`; only its validation / test splits are used) and the
+    training data: base corpus and gold trajectories of s["train_worlds"] fresh worlds whose
+    names share no word with the evaluation world, so nothing held out can be memorised."""
+    from lragent_jax.task import (SMALL_CONFIG, TRAIN_WORLD_CONFIG, WorldConfig, build_training_data, build_world,
+                                  gold_episodes, training_world_seeds)
 
-    world = build_world(seed, SMALL_CONFIG if s["world"] == "small" else WorldConfig())
-    train_eps = gold_episodes(world, "train")
+    small = s["world"] == "small"
+    world = build_world(seed, SMALL_CONFIG if small else WorldConfig())
+    data = build_training_data(training_world_seeds(seed, s["train_worlds"]),
+                               SMALL_CONFIG if small else TRAIN_WORLD_CONFIG,
+                               reserved_words=world.name_words(), browsing_per_question=s["browsing"],
+                               gold_episodes_total=max(s["steps_adapter"] * s["adapter_batch"], 512),
+                               shuffle_seed=seed)
     val_eps = gold_episodes(world, "validation")
-    corpus = base_corpus(world, region="train", browsing_per_question=s["browsing"], seed=seed)
-    return world, train_eps, val_eps, corpus
+    return world, data, val_eps
+
+
+def tokenizer_texts(corpus, gold, max_chars=4_000_000):
+    """A sample of corpus documents and gold trajectories (about max_chars, from every world:
+    the inputs are shuffled) to train the BPE on: syllable merges learnt from many worlds'
+    names split a new world's names like training ones; the whole corpus would only be slower."""
+    from lragent_jax.task import render
+
+    out, n = [], 0
+    for i in range(max(len(corpus), len(gold))):
+        for text in ((corpus[i] if i < len(corpus) else None), (render(gold[i]) if i < len(gold) else None)):
+            if text is not None:
+                out.append(text)
+                n += len(text)
+        if n >= max_chars:
+            break
+    return out
 
 
 def model_config(s, tokenizer):
@@ -133,14 +159,18 @@ def model_config(s, tokenizer):
 
 
 def pretrain_rows(tokenizer, corpus, seq_len):
-    """The corpus as packed rows [N, seq_len]: each document BOS ... EOS, concatenated."""
+    """The corpus as packed rows [N, seq_len]: each document BOS ... EOS, concatenated (one
+    batched encode; numpy packing, as lragent_jax.train.pack_sequences but for ~40M tokens)."""
     import numpy as np
 
-    from lragent_jax.train import pack_sequences
-
-    encoded = tokenizer(corpus, add_special_tokens=True)["input_ids"]  # BOS added by the tokenizer
-    rows = pack_sequences(encoded, seq_len, sep_id=tokenizer.eos_token_id)
-    return list(np.asarray(rows)), int(sum(len(e) for e in encoded))
+    backend = tokenizer.backend_tokenizer  # Rust encode_batch on all cores; BOS added by its post-processor
+    encoded = [e.ids for e in backend.encode_batch(corpus, add_special_tokens=True)]
+    lengths = np.fromiter((len(e) + 1 for e in encoded), np.int64, len(encoded))
+    stream = np.fromiter((t for e in encoded for t in (*e, tokenizer.eos_token_id)), np.int32, int(lengths.sum()))
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"pretrain_rows: {len(stream)} tokens are fewer than seq_len={seq_len}")
+    return list(stream[: n * seq_len].reshape(n, seq_len)), int(len(stream) - len(encoded))
 
 
 def _window(ids, mask, n):
@@ -239,7 +269,7 @@ def train(args) -> dict:
     from lragent_jax.loading import load_tokenizer
     from lragent_jax.miniature import world_record
     from lragent_jax.model import Llama
-    from lragent_jax.task import examples_by_role, render, train_tokenizer
+    from lragent_jax.task import SMALL_CONFIG, TRAIN_WORLD_CONFIG, examples_by_role, train_tokenizer
     from lragent_jax.train import eval_loss, plot_losses, pretrain, train_adapters
 
     s = settings(args)
@@ -255,14 +285,17 @@ def train(args) -> dict:
         f"preset {'tiny' if args.tiny else 'default'}, seed {args.seed}")
 
     t = time.perf_counter()
-    world, train_eps, val_eps, corpus = build_data(s, args.seed)
+    world, data, val_eps = build_data(s, args.seed)
+    corpus, train_eps = data.corpus, data.gold
     times["world_s"] = time.perf_counter() - t
-    log(f"world: {len(world.entities)} entities, questions {({k: len(v) for k, v in world.questions.items()})}, "
-        f"corpus {len(corpus)} documents")
+    log(f"evaluation world {args.seed}: {len(world.entities)} entities, questions "
+        f"{({k: len(v) for k, v in world.questions.items()})}; {len(data.seeds)} training worlds: "
+        f"corpus {len(corpus)} documents, {len(train_eps)} gold trajectories "
+        f"({times['world_s']:.1f} s; no name word shared with the evaluation world)")
 
     t = time.perf_counter()
     base_dir = os.path.join(out, "base")
-    train_tokenizer(corpus + [render(e) for e in train_eps], base_dir, vocab_size=s["vocab"])
+    train_tokenizer(tokenizer_texts(corpus, train_eps), base_dir, vocab_size=s["vocab"])
     tok = load_tokenizer(base_dir)
     times["tokenizer_s"] = time.perf_counter() - t
     cfg = model_config(s, tok)
@@ -346,6 +379,8 @@ def train(args) -> dict:
     sizes.pop("train_log.json", None)
     record = {
         "world": world_record(world),
+        "training_worlds": {"seeds": data.seeds, "config": dataclasses.asdict(
+            SMALL_CONFIG if s["world"] == "small" else TRAIN_WORLD_CONFIG)},
         "preset": "tiny" if args.tiny else "default",
         "settings": s,
         "seed": args.seed,
