@@ -188,7 +188,7 @@ def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_toke
     after time_limit seconds (the questions done so far count), so a slow device cannot stall the run."""
     from lragent_jax.engine import Engine
     from lragent_jax.session import Session
-    from lragent_jax.task import make_tools, run_episode, score
+    from lragent_jax.task import gold_segments, make_tools, run_episode, score
 
     engine = Engine(model, lora)
     tools = make_tools(world)
@@ -203,6 +203,10 @@ def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_toke
         hits += em
         rows.append({"question": q.text, "gold": q.answer, "answer": res.answer, "em": em,
                      "stop_reason": res.stop_reason, "tool_calls": res.tool_calls})
+        if i == 0:  # the format the agents write, next to the gold one, to spot a broken loop
+            gold = [(r, t) for r, t in gold_segments(world, q, tools) if r in ("plan", "action", "reflect")]
+            log("  first episode, gold:  " + " | ".join(f"{r}:{t!r}" for r, t in gold[:3]))
+            log("  first episode, agents: " + " | ".join(f"{t['role']}:{t['text']!r}" for t in res.turns[:3]))
         if i < 3 or (i + 1) % 10 == 0 or i + 1 == len(questions):
             log(f"  eval {i + 1}/{len(questions)}: EM so far {hits / (i + 1):.3f}  "
                 f"(gold {q.answer!r}, got {res.answer!r}, {res.stop_reason})")
@@ -355,9 +359,15 @@ def train(args) -> dict:
     val_loss = {"base": eval_loss(model, val_ex, None, seq_len=adapter_seq)}
     for flavour, lora in adapters.items():
         val_loss[flavour] = eval_loss(model, val_ex, lora, seq_len=adapter_seq)
+    # The same measure on as many training-world trajectories: validation should track it (a
+    # gap means the adapters recall training facts instead of copying them from observations).
+    seen_ex = {r: exs[: len(val_ex[r])] for r, exs in train_ex.items()}
+    train_loss = {flavour: eval_loss(model, seen_ex, lora, seq_len=adapter_seq) for flavour, lora in adapters.items()}
     times["val_loss_s"] = time.perf_counter() - t
     for k, v in val_loss.items():
-        log(f"validation loss ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
+        log(f"validation loss ({k}): " + ", ".join(f"{r} {x:.4f} (gold p~{np.exp(-x):.2f})" for r, x in v.items()))
+    for k, v in train_loss.items():
+        log(f"training-world loss, teacher forced ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
 
     em, em_rows, em_error = None, [], None
     if s["eval_questions"]:
@@ -393,6 +403,7 @@ def train(args) -> dict:
                  "gold_train_tokens": gold_tokens, "adapter_epochs": epochs},
         "losses": {"base": base_hist["loss"], **{f"adapters_{k}": h for k, h in hists.items()}},
         "validation_loss": val_loss,
+        "training_world_loss": train_loss,
         "validation_em": em,
         "validation_em_questions": em_rows,
         "validation_em_error": em_error,
