@@ -2,9 +2,12 @@
 """Train the miniature end to end: world -> tokenizer -> base Llama -> plan/action/reflect LoRA adapters.
 
 Seeded and deterministic up to float rounding on the device. Steps:
-  1. build the task world (lragent_jax.task) and its gold trajectories;
-  2. train a BPE tokenizer on the base corpus and the train split's trajectories;
-  3. pre-train a small Llama (float32) on the base corpus: the world's train-region text and
+  1. build the evaluation world (seed --seed; its validation / test splits) and --train-worlds fresh
+     training worlds (other seeds, no name word in common with it: lragent_jax.task.multiworld),
+     their base corpus and gold trajectories; one world would be memorised, many force the model
+     to copy facts from the observations;
+  2. train a BPE tokenizer on a sample of the training worlds' text;
+  3. pre-train a small Llama (float32) on the base corpus: the training worlds' paragraphs and
      browsing trajectories of the format, not the roles' behaviour;
   4. fine-tune q/v LoRA adapters (rank 8, alpha 16) for plan / action / reflect, each loss on its
      own role's tokens, twice: independent adapters and shared-A multi-LoRA;
@@ -76,7 +79,7 @@ def parse_args(argv):
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     p.add_argument("--eval-questions", type=int, default=None,
                    help="validation questions run through the agent loop (non_shared, 0 = skip)")
-    p.add_argument("--eval-seconds", type=float, default=120.0,
+    p.add_argument("--eval-seconds", type=float, default=75.0,
                    help="stop the agent-loop evaluation after this long (the questions done count)")
     p.add_argument("--archive", default=None, metavar="PATH.tar.gz", help="also pack the result folder into this file")
     p.add_argument("--install", action="store_true", help="copy the result into lragent_jax/assets/miniature/")
@@ -164,7 +167,9 @@ def pretrain_rows(tokenizer, corpus, seq_len):
     import numpy as np
 
     backend = tokenizer.backend_tokenizer  # Rust encode_batch on all cores; BOS added by its post-processor
-    encoded = [e.ids for e in backend.encode_batch(corpus, add_special_tokens=True)]
+    encoded = []
+    for lo in range(0, len(corpus), 4096):  # chunks: an Encoding (offsets, strings) weighs far more than its ids
+        encoded += [e.ids for e in backend.encode_batch(corpus[lo:lo + 4096], add_special_tokens=True)]
     lengths = np.fromiter((len(e) + 1 for e in encoded), np.int64, len(encoded))
     stream = np.fromiter((t for e in encoded for t in (*e, tokenizer.eos_token_id)), np.int32, int(lengths.sum()))
     n = len(stream) // seq_len

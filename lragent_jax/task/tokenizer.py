@@ -119,7 +119,10 @@ def _encode_batch(tokenizer, texts) -> list:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        out = []
+        for lo in range(0, len(texts), 16384):  # chunks: an Encoding weighs far more than its ids
+            out += [e.ids for e in backend.encode_batch(texts[lo:lo + 16384], add_special_tokens=False)]
+        return out
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
