@@ -70,6 +70,8 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="tiny model, small world, few steps (CPU, for CI)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"result folder (default {os.path.relpath(DEFAULT_OUT, ROOT)})")
     p.add_argument("--seed", type=int, default=0, help="world, initialisation and data-order seed")
+    p.add_argument("--train-worlds", type=int, default=None,
+                   help="fresh training worlds (seeds other than --seed; default 16, tiny 6)")
     p.add_argument("--steps-base", type=int, default=None, help="pre-training steps")
     p.add_argument("--steps-adapter", type=int, default=None, help="LoRA steps per flavour")
     p.add_argument("--batch-size", type=int, default=None, help="pre-training rows per step")
@@ -91,13 +93,14 @@ def settings(args) -> dict:
     s = dict(PRESETS["tiny" if args.tiny else "default"])
     for flag, key in (("steps_base", "steps_base"), ("steps_adapter", "steps_adapter"), ("batch_size", "batch_size"),
                       ("adapter_batch_size", "adapter_batch"), ("lr_base", "lr_base"), ("lr_adapter", "lr_adapter"),
-                      ("vocab_size", "vocab"), ("eval_questions", "eval_questions")):
+                      ("vocab_size", "vocab"), ("eval_questions", "eval_questions"),
+                      ("train_worlds", "train_worlds")):
         v = getattr(args, flag)
         if v is not None:
             s[key] = v
     from lragent_jax.cli import UsageError
 
-    for key in ("steps_base", "steps_adapter", "batch_size", "adapter_batch"):
+    for key in ("steps_base", "steps_adapter", "batch_size", "adapter_batch", "train_worlds"):
         if s[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
     for key in ("lr_base", "lr_adapter"):
