@@ -2,9 +2,12 @@
 """Train the miniature end to end: world -> tokenizer -> base Llama -> plan/action/reflect LoRA adapters.
 
 Seeded and deterministic up to float rounding on the device. Steps:
-  1. build the task world (lragent_jax.task) and its gold trajectories;
-  2. train a BPE tokenizer on the base corpus and the train split's trajectories;
-  3. pre-train a small Llama (float32) on the base corpus: the world's train-region text and
+  1. build the evaluation world (seed --seed; its validation / test splits) and --train-worlds fresh
+     training worlds (other seeds, no name word in common with it: lragent_jax.task.multiworld),
+     their base corpus and gold trajectories; one world would be memorised, many force the model
+     to copy facts from the observations;
+  2. train a BPE tokenizer on a sample of the training worlds' text;
+  3. pre-train a small Llama (float32) on the base corpus: the training worlds' paragraphs and
      browsing trajectories of the format, not the roles' behaviour;
   4. fine-tune q/v LoRA adapters (rank 8, alpha 16) for plan / action / reflect, each loss on its
      own role's tokens, twice: independent adapters and shared-A multi-LoRA;
@@ -23,6 +26,7 @@ Exit code 2 with a one-line message on bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -39,11 +43,11 @@ BASE_MODEL_REF = "lragent-jax-miniature"  # what the PEFT configs name as their 
 
 # Model shape and training lengths. "default": one H200 in a few minutes; "tiny": CPU in CI.
 PRESETS = {
-    "default": dict(world="default", vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
+    "default": dict(world="default", train_worlds=16, vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
                     intermediate=768, max_positions=1024, pretrain_seq=512, steps_base=1200, steps_adapter=800,
                     batch_size=64, adapter_batch=32, lr_base=1e-3, lr_adapter=2e-3, eval_questions=40,
-                    val_loss_episodes=256, browsing=2.0, max_seq=None, turn_tokens=None, max_steps=6),
-    "tiny": dict(world="small", vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
+                    val_loss_episodes=256, browsing=1.0, max_seq=None, turn_tokens=None, max_steps=6),
+    "tiny": dict(world="small", train_worlds=6, vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                  intermediate=128, max_positions=512, pretrain_seq=128, steps_base=12, steps_adapter=10,
                  batch_size=8, adapter_batch=2, lr_base=3e-3, lr_adapter=1e-2, eval_questions=2,
                  val_loss_episodes=4, browsing=0.5, max_seq=192, turn_tokens=8, max_steps=1),
@@ -66,6 +70,8 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="tiny model, small world, few steps (CPU, for CI)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"result folder (default {os.path.relpath(DEFAULT_OUT, ROOT)})")
     p.add_argument("--seed", type=int, default=0, help="world, initialisation and data-order seed")
+    p.add_argument("--train-worlds", type=int, default=None,
+                   help="fresh training worlds (seeds other than --seed; default 16, tiny 6)")
     p.add_argument("--steps-base", type=int, default=None, help="pre-training steps")
     p.add_argument("--steps-adapter", type=int, default=None, help="LoRA steps per flavour")
     p.add_argument("--batch-size", type=int, default=None, help="pre-training rows per step")
@@ -75,7 +81,7 @@ def parse_args(argv):
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     p.add_argument("--eval-questions", type=int, default=None,
                    help="validation questions run through the agent loop (non_shared, 0 = skip)")
-    p.add_argument("--eval-seconds", type=float, default=120.0,
+    p.add_argument("--eval-seconds", type=float, default=75.0,
                    help="stop the agent-loop evaluation after this long (the questions done count)")
     p.add_argument("--archive", default=None, metavar="PATH.tar.gz", help="also pack the result folder into this file")
     p.add_argument("--install", action="store_true", help="copy the result into lragent_jax/assets/miniature/")
@@ -87,13 +93,14 @@ def settings(args) -> dict:
     s = dict(PRESETS["tiny" if args.tiny else "default"])
     for flag, key in (("steps_base", "steps_base"), ("steps_adapter", "steps_adapter"), ("batch_size", "batch_size"),
                       ("adapter_batch_size", "adapter_batch"), ("lr_base", "lr_base"), ("lr_adapter", "lr_adapter"),
-                      ("vocab_size", "vocab"), ("eval_questions", "eval_questions")):
+                      ("vocab_size", "vocab"), ("eval_questions", "eval_questions"),
+                      ("train_worlds", "train_worlds")):
         v = getattr(args, flag)
         if v is not None:
             s[key] = v
     from lragent_jax.cli import UsageError
 
-    for key in ("steps_base", "steps_adapter", "batch_size", "adapter_batch"):
+    for key in ("steps_base", "steps_adapter", "batch_size", "adapter_batch", "train_worlds"):
         if s[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
     for key in ("lr_base", "lr_adapter"):
@@ -112,13 +119,38 @@ def settings(args) -> dict:
 
 # ---- steps ----------------------------------------------------------------------------------------
 def build_data(s, seed):
-    from lragent_jax.task import SMALL_CONFIG, WorldConfig, base_corpus, build_world, gold_episodes
+    """The evaluation world (seed `seed`; only its validation / test splits are used) and the
+    training data: base corpus and gold trajectories of s["train_worlds"] fresh worlds whose
+    names share no word with the evaluation world, so nothing held out can be memorised."""
+    from lragent_jax.task import (SMALL_CONFIG, TRAIN_WORLD_CONFIG, WorldConfig, build_training_data, build_world,
+                                  gold_episodes, training_world_seeds)
 
-    world = build_world(seed, SMALL_CONFIG if s["world"] == "small" else WorldConfig())
-    train_eps = gold_episodes(world, "train")
+    small = s["world"] == "small"
+    world = build_world(seed, SMALL_CONFIG if small else WorldConfig())
+    data = build_training_data(training_world_seeds(seed, s["train_worlds"]),
+                               SMALL_CONFIG if small else TRAIN_WORLD_CONFIG,
+                               reserved_words=world.name_words(), browsing_per_question=s["browsing"],
+                               gold_episodes_total=max(s["steps_adapter"] * s["adapter_batch"], 512),
+                               shuffle_seed=seed)
     val_eps = gold_episodes(world, "validation")
-    corpus = base_corpus(world, region="train", browsing_per_question=s["browsing"], seed=seed)
-    return world, train_eps, val_eps, corpus
+    return world, data, val_eps
+
+
+def tokenizer_texts(corpus, gold, max_chars=4_000_000):
+    """A sample of corpus documents and gold trajectories (about max_chars, from every world:
+    the inputs are shuffled) to train the BPE on: syllable merges learnt from many worlds'
+    names split a new world's names like training ones; the whole corpus would only be slower."""
+    from lragent_jax.task import render
+
+    out, n = [], 0
+    for i in range(max(len(corpus), len(gold))):
+        for text in ((corpus[i] if i < len(corpus) else None), (render(gold[i]) if i < len(gold) else None)):
+            if text is not None:
+                out.append(text)
+                n += len(text)
+        if n >= max_chars:
+            break
+    return out
 
 
 def model_config(s, tokenizer):
@@ -133,14 +165,20 @@ def model_config(s, tokenizer):
 
 
 def pretrain_rows(tokenizer, corpus, seq_len):
-    """The corpus as packed rows [N, seq_len]: each document BOS ... EOS, concatenated."""
+    """The corpus as packed rows [N, seq_len]: each document BOS ... EOS, concatenated (one
+    batched encode; numpy packing, as lragent_jax.train.pack_sequences but for ~40M tokens)."""
     import numpy as np
 
-    from lragent_jax.train import pack_sequences
-
-    encoded = tokenizer(corpus, add_special_tokens=True)["input_ids"]  # BOS added by the tokenizer
-    rows = pack_sequences(encoded, seq_len, sep_id=tokenizer.eos_token_id)
-    return list(np.asarray(rows)), int(sum(len(e) for e in encoded))
+    backend = tokenizer.backend_tokenizer  # Rust encode_batch on all cores; BOS added by its post-processor
+    encoded = []
+    for lo in range(0, len(corpus), 4096):  # chunks: an Encoding (offsets, strings) weighs far more than its ids
+        encoded += [e.ids for e in backend.encode_batch(corpus[lo:lo + 4096], add_special_tokens=True)]
+    lengths = np.fromiter((len(e) + 1 for e in encoded), np.int64, len(encoded))
+    stream = np.fromiter((t for e in encoded for t in (*e, tokenizer.eos_token_id)), np.int32, int(lengths.sum()))
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"pretrain_rows: {len(stream)} tokens are fewer than seq_len={seq_len}")
+    return list(stream[: n * seq_len].reshape(n, seq_len)), int(len(stream) - len(encoded))
 
 
 def _window(ids, mask, n):
@@ -158,7 +196,7 @@ def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_toke
     after time_limit seconds (the questions done so far count), so a slow device cannot stall the run."""
     from lragent_jax.engine import Engine
     from lragent_jax.session import Session
-    from lragent_jax.task import make_tools, run_episode, score
+    from lragent_jax.task import gold_segments, make_tools, run_episode, score
 
     engine = Engine(model, lora)
     tools = make_tools(world)
@@ -173,6 +211,10 @@ def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_toke
         hits += em
         rows.append({"question": q.text, "gold": q.answer, "answer": res.answer, "em": em,
                      "stop_reason": res.stop_reason, "tool_calls": res.tool_calls})
+        if i == 0:  # the format the agents write, next to the gold one, to spot a broken loop
+            gold = [(r, t) for r, t in gold_segments(world, q, tools) if r in ("plan", "action", "reflect")]
+            log("  first episode, gold:  " + " | ".join(f"{r}:{t!r}" for r, t in gold[:3]))
+            log("  first episode, agents: " + " | ".join(f"{t['role']}:{t['text']!r}" for t in res.turns[:3]))
         if i < 3 or (i + 1) % 10 == 0 or i + 1 == len(questions):
             log(f"  eval {i + 1}/{len(questions)}: EM so far {hits / (i + 1):.3f}  "
                 f"(gold {q.answer!r}, got {res.answer!r}, {res.stop_reason})")
@@ -239,7 +281,7 @@ def train(args) -> dict:
     from lragent_jax.loading import load_tokenizer
     from lragent_jax.miniature import world_record
     from lragent_jax.model import Llama
-    from lragent_jax.task import examples_by_role, render, train_tokenizer
+    from lragent_jax.task import SMALL_CONFIG, TRAIN_WORLD_CONFIG, examples_by_role, train_tokenizer
     from lragent_jax.train import eval_loss, plot_losses, pretrain, train_adapters
 
     s = settings(args)
@@ -255,14 +297,17 @@ def train(args) -> dict:
         f"preset {'tiny' if args.tiny else 'default'}, seed {args.seed}")
 
     t = time.perf_counter()
-    world, train_eps, val_eps, corpus = build_data(s, args.seed)
+    world, data, val_eps = build_data(s, args.seed)
+    corpus, train_eps = data.corpus, data.gold
     times["world_s"] = time.perf_counter() - t
-    log(f"world: {len(world.entities)} entities, questions {({k: len(v) for k, v in world.questions.items()})}, "
-        f"corpus {len(corpus)} documents")
+    log(f"evaluation world {args.seed}: {len(world.entities)} entities, questions "
+        f"{({k: len(v) for k, v in world.questions.items()})}; {len(data.seeds)} training worlds: "
+        f"corpus {len(corpus)} documents, {len(train_eps)} gold trajectories "
+        f"({times['world_s']:.1f} s; no name word shared with the evaluation world)")
 
     t = time.perf_counter()
     base_dir = os.path.join(out, "base")
-    train_tokenizer(corpus + [render(e) for e in train_eps], base_dir, vocab_size=s["vocab"])
+    train_tokenizer(tokenizer_texts(corpus, train_eps), base_dir, vocab_size=s["vocab"])
     tok = load_tokenizer(base_dir)
     times["tokenizer_s"] = time.perf_counter() - t
     cfg = model_config(s, tok)
@@ -322,9 +367,15 @@ def train(args) -> dict:
     val_loss = {"base": eval_loss(model, val_ex, None, seq_len=adapter_seq)}
     for flavour, lora in adapters.items():
         val_loss[flavour] = eval_loss(model, val_ex, lora, seq_len=adapter_seq)
+    # The same measure on as many training-world trajectories: validation should track it (a
+    # gap means the adapters recall training facts instead of copying them from observations).
+    seen_ex = {r: exs[: len(val_ex[r])] for r, exs in train_ex.items()}
+    train_loss = {flavour: eval_loss(model, seen_ex, lora, seq_len=adapter_seq) for flavour, lora in adapters.items()}
     times["val_loss_s"] = time.perf_counter() - t
     for k, v in val_loss.items():
-        log(f"validation loss ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
+        log(f"validation loss ({k}): " + ", ".join(f"{r} {x:.4f} (gold p~{np.exp(-x):.2f})" for r, x in v.items()))
+    for k, v in train_loss.items():
+        log(f"training-world loss, teacher forced ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
 
     em, em_rows, em_error = None, [], None
     if s["eval_questions"]:
@@ -346,6 +397,8 @@ def train(args) -> dict:
     sizes.pop("train_log.json", None)
     record = {
         "world": world_record(world),
+        "training_worlds": {"seeds": data.seeds, "config": dataclasses.asdict(
+            SMALL_CONFIG if s["world"] == "small" else TRAIN_WORLD_CONFIG)},
         "preset": "tiny" if args.tiny else "default",
         "settings": s,
         "seed": args.seed,
@@ -358,6 +411,7 @@ def train(args) -> dict:
                  "gold_train_tokens": gold_tokens, "adapter_epochs": epochs},
         "losses": {"base": base_hist["loss"], **{f"adapters_{k}": h for k, h in hists.items()}},
         "validation_loss": val_loss,
+        "training_world_loss": train_loss,
         "validation_em": em,
         "validation_em_questions": em_rows,
         "validation_em_error": em_error,

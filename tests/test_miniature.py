@@ -71,6 +71,8 @@ def test_tiny_run_trains_and_logs(tiny):
     assert log["validation_em_error"] is None and log["validation_em"] is not None
     assert len(log["validation_em_questions"]) == 2
     assert log["world"]["seed"] == 0 and log["weights_dtype"] == "float32"
+    assert 0 not in log["training_worlds"]["seeds"] and len(set(log["training_worlds"]["seeds"])) == 6
+    assert set(log["training_world_loss"]) == {"independent", "shared"}
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
     assert log["total_bytes"] == sum(log["file_bytes"].values()) < 30 * 2**20
     print(f"--tiny end to end: {wall:.1f} s wall")
@@ -213,3 +215,69 @@ def test_shipped_model_accuracy_floor():
         session = Session(engine, "non_shared", max_len=model.config.max_position_embeddings, tokenizer=tok)
         em.append(score(run_episode(session, q.text, tools=tools).answer, q.answer)["em"])
     assert np.mean(em) >= FLOOR_EM, f"EM {np.mean(em):.2f} over {len(em)} questions < floor {FLOOR_EM}"
+
+
+# ---- training data: many worlds, none of the evaluation world's names -------------------------
+def test_training_worlds_never_name_a_held_out_entity():
+    """Every held-out (validation / test) entity name of the evaluation world is absent from the
+    whole training text (corpus and gold trajectories), and the training worlds differ from each
+    other (fresh names per world), so no evaluated fact can be memorised."""
+    from lragent_jax.task import render
+
+    s = dict(train_miniature.PRESETS["tiny"])
+    world, data, val_eps = train_miniature.build_data(s, 0)
+    text = "\n".join(data.corpus) + "\n".join(render(g) for g in data.gold)
+    held_out = [e.name for r in ("validation", "test") for e in world.region_entities(r)]
+    assert held_out and not [n for n in held_out if n in text]
+    assert not world.name_words() & data.name_words
+    assert len(data.seeds) == s["train_worlds"] and 0 not in data.seeds
+    # the worlds are really different: a sample of gold questions names subjects of several worlds
+    assert len({render(g).split("\n")[0] for g in data.gold}) == len(data.gold)
+    assert val_eps and all(seg[0][1].startswith("Question:") for seg in val_eps)
+
+
+def test_build_training_data_is_the_same_for_any_worker_count():
+    from lragent_jax.task import SMALL_CONFIG, build_training_data
+
+    kw = dict(reserved_words={"abc"}, browsing_per_question=0.2, gold_episodes_total=30)
+    one = build_training_data([5, 6], SMALL_CONFIG, workers=1, **kw)
+    two = build_training_data([5, 6], SMALL_CONFIG, workers=2, **kw)
+    assert one.corpus == two.corpus and one.gold == two.gold and len(one.gold) == 30
+
+
+def test_reserved_words_keep_a_world_off_another_worlds_names():
+    from lragent_jax.task import SMALL_CONFIG, build_world
+
+    a = build_world(1, SMALL_CONFIG)
+    b = build_world(2, SMALL_CONFIG, reserved_words=a.name_words())
+    assert a.name_words() and not a.name_words() & b.name_words()
+
+
+def test_encode_episodes_matches_segment_by_segment_encoding(tmp_path):
+    from lragent_jax.loading import load_tokenizer
+    from lragent_jax.task import SMALL_CONFIG, build_world, encode_episodes, encode_segments, gold_episodes, render
+    from lragent_jax.task import train_tokenizer
+
+    world = build_world(4, SMALL_CONFIG)
+    eps = gold_episodes(world, "train")[:40]
+    tok = load_tokenizer(train_tokenizer([render(e) for e in eps], str(tmp_path / "tok"), vocab_size=400))
+    batched = encode_episodes(tok, eps)
+    assert len(batched) == len(eps)
+    for (ids, roles), segs in zip(batched, eps):
+        ref_ids, ref_roles = encode_segments(tok, segs)
+        assert ids.dtype == ref_ids.dtype and roles.dtype == ref_roles.dtype
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(roles, ref_roles)
+
+
+def test_pretrain_rows_packs_documents_with_eos(tmp_path):
+    from lragent_jax.loading import load_tokenizer
+    from lragent_jax.task import train_tokenizer
+    from lragent_jax.train import pack_sequences
+
+    docs = ["alpha beta gamma\n", "delta 1234 epsilon\n", "zeta\n"] * 20
+    tok = load_tokenizer(train_tokenizer(docs, str(tmp_path / "tok"), vocab_size=300))
+    rows, n_tokens = train_miniature.pretrain_rows(tok, docs, 16)
+    ref = pack_sequences(tok(docs, add_special_tokens=True)["input_ids"], 16, sep_id=tok.eos_token_id)
+    np.testing.assert_array_equal(np.stack(rows), ref)
+    assert n_tokens == sum(len(tok(d)["input_ids"]) for d in docs)

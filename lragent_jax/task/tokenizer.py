@@ -85,12 +85,52 @@ def encode_segments(tokenizer, segments, *, add_bos: bool = True, add_eos: bool 
     return np.asarray(ids, np.int32), np.asarray(roles, np.int8)
 
 
+def encode_episodes(tokenizer, episodes, *, add_bos: bool = True, add_eos: bool = True) -> list:
+    """[(ids, roles), ...] of many trajectories, equal to encode_segments on each, but every
+    segment of every episode goes through the tokenizer in one batch (the Rust tokenizer then
+    runs on all cores): tens of thousands of episodes in seconds, not minutes."""
+    texts, owners = [], []
+    for segs in episodes:
+        for role, text in segs:
+            if role not in ROLES:
+                raise ValueError(f"unknown segment role {role!r}; roles: {ROLES}")
+            texts.append(text)
+            owners.append(ROLES.index(role))
+    pieces = _encode_batch(tokenizer, texts)
+    lengths = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
+    flat = np.fromiter((t for p in pieces for t in p), np.int32, int(lengths.sum()))
+    flat_roles = np.repeat(np.asarray(owners, np.int8), lengths)
+    head = np.asarray([tokenizer.bos_token_id] if add_bos else [], np.int32)
+    tail = np.asarray([tokenizer.eos_token_id] if add_eos else [], np.int32)
+    head_r, tail_r = np.full(len(head), -1, np.int8), np.full(len(tail), -1, np.int8)
+    out, k, pos = [], 0, 0
+    for segs in episodes:
+        n = int(lengths[k:k + len(segs)].sum())
+        out.append((np.concatenate([head, flat[pos:pos + n], tail]),
+                    np.concatenate([head_r, flat_roles[pos:pos + n], tail_r])))
+        k, pos = k + len(segs), pos + n
+    return out
+
+
+def _encode_batch(tokenizer, texts) -> list:
+    """Token id lists of texts without special tokens, through the Rust tokenizer's
+    encode_batch when the tokenizer has one (a transformers fast tokenizer does)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        out = []
+        for lo in range(0, len(texts), 16384):  # chunks: an Encoding weighs far more than its ids
+            out += [e.ids for e in backend.encode_batch(texts[lo:lo + 16384], add_special_tokens=False)]
+        return out
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def examples_by_role(tokenizer, episodes, roles=AGENT_ROLES) -> dict:
     """{role: [(ids [T] int32, loss_mask [T] bool), ...]}: every episode (a segment list) once per
     role, its mask True on the tokens that role wrote (the targets of that role's adapter)."""
     out = {r: [] for r in roles}
-    for segs in episodes:
-        ids, token_roles = encode_segments(tokenizer, segs)
+    for ids, token_roles in encode_episodes(tokenizer, episodes):
         for r in roles:
             out[r].append((ids, token_roles == ROLES.index(r)))
     return out

@@ -198,6 +198,12 @@ class World:
     def corpus_entities(self, region: str = "train") -> list:
         return sorted(e.name for e in self.entities.values() if e.region == region)
 
+    def name_words(self, regions=REGIONS) -> frozenset:
+        """The lower-cased syllable words of the entity names of `regions` (not "The", the
+        work nouns or organisation kinds): what build_world(reserved_words=...) keeps out."""
+        return frozenset(w.lower() for e in self.entities.values() if e.region in regions
+                         for w in e.name.split() if w not in _RESERVED)
+
 
 def _reverse_index(entities: dict) -> dict:
     rev: dict = {}
@@ -213,9 +219,9 @@ class _Names:
     """Syllable words, each used once in the whole world: a word names exactly one entity,
     so no name is a part of another and a sentence's subject is never ambiguous."""
 
-    def __init__(self, rng: random.Random):
+    def __init__(self, rng: random.Random, reserved_words=()):
         self.rng = rng
-        self.used: set = set()
+        self.used: set = {w.lower() for w in reserved_words}  # words another world owns
 
     def word(self, lo: int, hi: int) -> str:
         r = self.rng
@@ -365,14 +371,16 @@ def _make_questions(ents: dict, region: str) -> list:
     return qs
 
 
-def build_world(seed: int = 0, config: WorldConfig | None = None) -> World:
+def build_world(seed: int = 0, config: WorldConfig | None = None, *, reserved_words=()) -> World:
     """The world of `seed`: three regions, their entities, and one question list per region
-    (train questions over the train region, validation and test over their own held-out regions)."""
+    (train questions over the train region, validation and test over their own held-out regions).
+    No entity name uses a word of `reserved_words` (e.g. another world's name_words()), so a
+    training world can be kept disjoint from an evaluation world."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"world seed must be an int, got {seed!r}")
     config = config or WorldConfig()
     rng = random.Random(seed)
-    names = _Names(rng)
+    names = _Names(rng, reserved_words)
     entities: dict = {}
     for region in REGIONS:
         entities.update(_build_region(region, config.counts(region), rng, names))
