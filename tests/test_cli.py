@@ -13,13 +13,15 @@ SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
 import generate  # noqa: E402
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=ROOT, env=None if env is None else {**os.environ, **env})
 
 
-def test_default_demo_json_contract():
-    r = run_cli("--json", "--scheme", "non_shared,base_lr_shared", "--turn", "plan:3", "--turn", "reflect:2")
+def test_random_demo_json_contract(tmp_path):
+    """Without the trained miniature (pointed at an empty folder) the random-weight demo runs."""
+    r = run_cli("--json", "--scheme", "non_shared,base_lr_shared", "--turn", "plan:3", "--turn", "reflect:2",
+                env={"LRAGENT_MINIATURE_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # stdout holds the JSON object and nothing else
     assert out["random_weights"] is True
