@@ -21,7 +21,9 @@ stacked queries, then each branch's suffix) can be merged exactly with
 """
 from __future__ import annotations
 
+import importlib.util
 import numbers
+import warnings
 
 import jax
 import numpy as np
@@ -44,6 +46,11 @@ KNOBS = {
 _DISPATCH_KEYS = ("kernel", "decode_max_q_len")
 
 
+def triton_available() -> bool:
+  """Whether this JAX still ships Pallas' Triton backend (deprecated in 0.12, to be removed)."""
+  return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
+
+
 def resolve_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -51,7 +58,11 @@ def resolve_backend(backend: str) -> str:
     return backend
   platform = jax.default_backend()
   if platform in ("gpu", "cuda", "rocm"):
-    return "triton"
+    if triton_available():
+      return "triton"
+    warnings.warn("this JAX has no Pallas Triton backend (deprecated since JAX 0.12): attention runs "
+                  "the XLA path on this GPU", stacklevel=2)
+    return "xla"
   if platform == "tpu":
     return "mosaic_tpu"
   return "xla"

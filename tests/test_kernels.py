@@ -576,3 +576,14 @@ def test_mosaic_block_sizes_defaults_and_checks():
   assert tpt.DecodeBlockSizes(num_splits=3).resolve() == tpt.DecodeBlockSizes(block_k=512, num_splits=3)
   with pytest.raises(ValueError, match="multiple of 16 for the mosaic_tpu backend"):
     tpt.DecodeBlockSizes(block_k=100)
+
+
+def test_auto_backend_falls_back_to_xla_when_jax_drops_triton(monkeypatch):
+  """When a JAX release removes Pallas Triton, "auto" on a GPU runs the XLA path (with a warning)."""
+  import importlib
+  fla = importlib.import_module("pallas_kernels.flash_lora_attention")  # the module, not the function
+  monkeypatch.setattr(fla.jax, "default_backend", lambda: "gpu")
+  assert fla.resolve_backend("auto") == ("triton" if fla.triton_available() else "xla")
+  monkeypatch.setattr(fla, "triton_available", lambda: False)
+  with pytest.warns(UserWarning, match="no Pallas Triton backend"):
+    assert fla.resolve_backend("auto") == "xla"
