@@ -18,8 +18,10 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
+from hf_fixtures import require_parity  # noqa: E402
+
+torch = require_parity()  # the HF + PEFT baseline itself
+pytestmark = pytest.mark.parity
 
 from bench import hf_peft as bench_hf_peft  # noqa: E402
 from bench.common import UsageError  # noqa: E402

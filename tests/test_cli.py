@@ -36,8 +36,12 @@ def test_random_demo_json_contract(tmp_path):
     assert out["runs"][0]["turns"][0]["token_ids"] == out["runs"][1]["turns"][0]["token_ids"]
 
 
+@pytest.mark.parity
 def test_greedy_turns_match_hf_peft(hf_case_factory):
     """--json greedy multi-turn generation == HF + PEFT generate with the matching adapter."""
+    from hf_fixtures import require_parity
+
+    require_parity()
     import numpy as np
     from test_parity_hf import TURNS, hf_turns, peft_model
 

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
+from hf_fixtures import require_parity
 from lragent_jax import train
 from lragent_jax.config import ModelConfig
 from lragent_jax.export import adapter_factors, save_adapters, save_model
@@ -69,6 +69,7 @@ def test_round_trip_through_loading_is_bitwise(exported):
 
 
 def _peft(folder: str, paths: dict):
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -80,8 +81,10 @@ def _peft(folder: str, paths: dict):
     return pm.eval()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kind", ["indep", "stacked"])
 def test_transformers_and_peft_give_our_logits(exported, kind):
+    torch = require_parity()
     model, lora = exported["model"], exported["loras"][kind]
     pm = _peft(exported["folder"], exported["paths"][kind])
     tokens = np.random.default_rng(5).integers(0, 256, 21)

@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from hf_fixtures import AGENTS, build_hf_model, make_adapter, make_model
+from hf_fixtures import AGENTS, hf_config, make_adapter, make_model
 from lragent_jax.config import ConfigError
 from lragent_jax.loading import (
     AdapterError, WeightsError, load_adapters, load_model, load_tokenizer, resolve_path,
@@ -28,9 +27,9 @@ def _params(model) -> dict:
 
 def _hf_expected(folder: str) -> dict:
     """Our per-layer layout computed independently from the HF state dict (transposed)."""
-    from transformers import AutoModelForCausalLM
-
-    sd = {k: v.detach().numpy() for k, v in AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict().items()}
+    sd = {}  # every safetensors file as written (no torch: read with safetensors.numpy)
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        sd.update(load_file(os.path.join(folder, file)))
     L = sum(1 for k in sd if k.endswith("input_layernorm.weight"))
     names = {"attn_norm": ("input_layernorm.weight", False), "mlp_norm": ("post_attention_layernorm.weight", False),
              "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
@@ -92,17 +91,15 @@ def test_default_dtype_is_bf16_and_bf16_checkpoints_load(tmp_path, llama_case):
     assert bf.dtype == jnp.bfloat16
     _assert_tree_equal(_params(bf), jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32))
     # A checkpoint stored in bfloat16 (as most hub checkpoints are).
-    hf = build_hf_model("llama", 0).to(torch.bfloat16)
-    hf.save_pretrained(tmp_path / "bf16", safe_serialization=True)
-    _assert_tree_equal(_params(load_model(tmp_path / "bf16")), _params(bf))
+    bf16 = make_model(str(tmp_path / "bf16"), "llama", seed=0, dtype="bfloat16")
+    _assert_tree_equal(_params(load_model(bf16)), _params(bf))
 
 
 def test_bin_only_folder_is_refused(tmp_path):
     folder = tmp_path / "binonly"
     folder.mkdir()
-    hf = build_hf_model("llama", 0)
-    hf.config.save_pretrained(folder)
-    torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    hf_config("llama").save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04")  # refused by name, never unpickled
     with pytest.raises(WeightsError, match=r"pytorch_model\.bin.*safetensors") as e:
         load_model(folder, jnp.float32)
     assert "save_pretrained" in str(e.value)
@@ -188,16 +185,14 @@ def test_load_tokenizer(tmp_path, llama_case):
 
 
 def test_save_hf_model_round_trip(tmp_path, hf_case):
-    from transformers import AutoModelForCausalLM
-
     model = load_model(hf_case["model"], jnp.float32)
     out = save_hf_model(model, tmp_path / "out")
     _assert_tree_equal(_params(load_model(out, jnp.float32)), _params(model))
-    ref = AutoModelForCausalLM.from_pretrained(hf_case["model"], dtype=torch.float32).state_dict()
-    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    _, ref = _hf_expected(hf_case["model"])  # the HF tensors, names and [out, in] layouts as written
+    _, back = _hf_expected(str(out))
     assert ref.keys() == back.keys()
     for k in ref:
-        torch.testing.assert_close(back[k], ref[k], rtol=0, atol=0)
+        np.testing.assert_array_equal(back[k], ref[k])
 
 
 # ---- adapters -----------------------------------------------------------------------------------

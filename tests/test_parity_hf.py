@@ -13,15 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
-from hf_fixtures import AGENTS, make_adapter
+from hf_fixtures import AGENTS, make_adapter, require_parity
 from lragent_jax.cache import DenseKV
 from lragent_jax.engine import Engine
 from lragent_jax.loading import load_adapters, load_model
 from lragent_jax.model import StepInputs
 from lragent_jax.sampling import SamplingParams
+
+torch = require_parity()  # HF transformers + PEFT are the reference
+pytestmark = pytest.mark.parity
 
 REL_TOL = 1e-5  # float32; see the module docstring
 SEQ_LEN = 23

@@ -12,12 +12,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from hf_fixtures import AGENTS, build_hf_model, make_adapters, make_model
+from hf_fixtures import AGENTS, build_hf_model, make_adapters, make_model, require_parity
 from lragent_jax.engine import Engine
 from lragent_jax.loading import load_adapters, load_model
 from lragent_jax.session import Session
+
+torch = require_parity()  # HF transformers + PEFT are the reference
+pytestmark = pytest.mark.parity
 
 REL_TOL = 1e-5
 WINDOW = 6
