@@ -28,12 +28,12 @@ MUTATIONS = {
         "lragent_jax/schemes.py", "        if catch_up:\n", "        if catch_up and self.name != 'base_shared':\n",
         "tests/test_scheme_reference.py -k base_shared"),
     "c_ds_hidden_one_early": (
-        "lragent_jax/engine.py", "jnp.minimum(positions, capacity - 1)",
-        "jnp.maximum(jnp.minimum(positions, capacity - 1) - 1, 0)",
+        "lragent_jax/cache.py", "jnp.minimum(positions, self.capacity - 1)",
+        "jnp.maximum(jnp.minimum(positions, self.capacity - 1) - 1, 0)",
         "tests/test_scheme_reference.py -k droidspeak"),
     "d_no_sliding_window_mask": (
-        "lragent_jax/attention.py",
-        "            mask &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window\n", "            pass\n",
+        "pallas_kernels/reference.py",
+        "valid = valid & (cols[None, None, :] > pos[:, :, None] - sliding_window)", "valid = valid",
         "tests/test_sliding_window.py tests/test_scheme_reference.py -k 'window'"),
     "e_fs_recomputes": (
         "lragent_jax/schemes.py", "    def _held(self, agent):\n        return self.held\n",
@@ -43,7 +43,7 @@ MUTATIONS = {
         "lragent_jax/config.py", "return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)",
         "return self.alpha / self.rank**0.5", "tests/test_scheme_reference.py -k non_shared"),
     "g_lr_term_unscaled": (
-        "lragent_jax/attention.py", "o = o + sc[:, None, :, :, None] * jnp.einsum", "o = o + jnp.einsum",
+        "pallas_kernels/reference.py", "o = o + scale.reshape(b, 1, hkv, g, 1) * lo", "o = o + lo",
         "tests/test_scheme_reference.py -k base_lr_shared"),
     "h_catch_up_writes_shared": (
         "lragent_jax/schemes.py",
@@ -51,10 +51,9 @@ MUTATIONS = {
         "_, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_own, held_shared)",
         "tests/test_scheme_reference.py -k 'base_shared or droidspeak'"),
     "i_pallas_drops_lora_scale": (
-        "lragent_jax/attention.py",
-        "lora_scale=lora_scale if lora_b is not None else 1.0,\n"
-        "            kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal, layer=layer",
-        "lora_scale=1.0,\n            kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal, layer=layer",
+        "pallas_kernels/flash_lora_attention.py",
+        "return fn(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale, causal=c.causal,",
+        "return fn(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale * 0 + 1, causal=c.causal,",
         "tests/test_pallas_model.py"),
 }
 
