@@ -32,6 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import generate  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def random_default_model(monkeypatch, tmp_path):
+    """generate.py's default model is the trained miniature when it ships; these checks are about
+    bad input, so they run on the small random demo (LRAGENT_MINIATURE_DIR at an empty folder)."""
+    monkeypatch.setenv("LRAGENT_MINIATURE_DIR", str(tmp_path / "no-miniature"))
+
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
 
