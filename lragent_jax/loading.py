@@ -292,12 +292,27 @@ def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
     return nnx.merge(graphdef, state)
 
 
+def _import_auto_tokenizer():
+    """transformers' AutoTokenizer, imported without its torch-not-found advisory: we need only its
+    tokenizers, and the scripts promise one line on stderr for an error."""
+    key, prev = "TRANSFORMERS_NO_ADVISORY_WARNINGS", os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ[key] = "1"
+    try:
+        from transformers import AutoTokenizer
+    finally:
+        if prev is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = prev
+    return AutoTokenizer
+
+
 def load_tokenizer(path_or_hub_id):
     """The folder's transformers tokenizer, or None if it has no tokenizer files."""
     folder = resolve_path(path_or_hub_id, MODEL_PATTERNS + TOKENIZER_FILES)
     if not any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    AutoTokenizer = _import_auto_tokenizer()
 
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
