@@ -96,8 +96,6 @@ def parse_args(argv):
     p.add_argument("--compile", default="inductor", choices=COMPILE_BACKENDS,
                    help="tuned mode's decode step: torch.compile backend (inductor, the default; aot_eager: "
                         "dynamo graphs without code generation, a fast CPU check; none: StaticCache uncompiled)")
-    p.add_argument("--no-cudagraphs", action="store_true",
-                   help="tuned mode on cuda: inductor without CUDA graphs (mode 'default', not 'reduce-overhead')")
     p.add_argument("--per-token", default=None, metavar="CTX[,CTX]",
                    help="also time one decode step at CTX context tokens: eager DynamicCache, StaticCache "
                         "eager, StaticCache + torch.compile")
@@ -773,7 +771,7 @@ def main(argv=None):
         f"{time.perf_counter() - t0:.1f} s")
     decode_step = None
     if "tuned" in modes or args.per_token_list:
-        decode_step = DecodeStep(model, torch, backend=args.compile, cudagraphs=cuda and not args.no_cudagraphs)
+        decode_step = DecodeStep(model, torch, backend=args.compile, cudagraphs=cuda)
         log(f"tuned decode step: torch.compile backend {args.compile}"
             + (", mode reduce-overhead (CUDA graphs)" if decode_step.cudagraphs else ", no CUDA graphs")
             + ("" if cuda or args.compile != "inductor" else
