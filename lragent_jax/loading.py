@@ -135,10 +135,9 @@ def resolve_path(path_or_hub_id, allow_patterns=MODEL_PATTERNS) -> str:
 # ---- the model -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Target:
-    """Where one HF tensor goes: params[path][layer] (layer None: the whole param at path)."""
+    """Where one HF tensor goes: the param at params[path] (layers are ("layers", i, name))."""
 
     path: tuple
-    layer: int | None
     hf_shape: tuple
     transpose: bool
 
@@ -147,11 +146,11 @@ def _weight_table(cfg: ModelConfig) -> dict[str, _Target]:
     """Every HF tensor name this config needs -> its target in the model's params."""
     d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     table = {
-        "model.embed_tokens.weight": _Target(("embed",), None, (V, d), False),
-        "model.norm.weight": _Target(("final_norm",), None, (d,), False),
+        "model.embed_tokens.weight": _Target(("embed",), (V, d), False),
+        "model.norm.weight": _Target(("final_norm",), (d,), False),
     }
     if not cfg.tie_word_embeddings:
-        table["lm_head.weight"] = _Target(("lm_head",), None, (V, d), True)
+        table["lm_head.weight"] = _Target(("lm_head",), (V, d), True)
     per_layer = {
         "self_attn.q_proj.weight": ("wq", (cfg.q_dim, d), True),
         "self_attn.k_proj.weight": ("wk", (cfg.kv_dim, d), True),
@@ -165,7 +164,7 @@ def _weight_table(cfg: ModelConfig) -> dict[str, _Target]:
     }
     for i in range(cfg.num_layers):
         for suffix, (name, shape, tr) in per_layer.items():
-            table[f"model.layers.{i}.{suffix}"] = _Target(("layers", i, name), None, shape, tr)
+            table[f"model.layers.{i}.{suffix}"] = _Target(("layers", i, name), shape, tr)
     return table
 
 
@@ -276,10 +275,7 @@ def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
                     t = (source.T if target.transpose else source).astype(np_dtype, copy=False)
                 _check_finite(t, source, file, name, WeightsError)
                 buf = _get(buffers, target.path)
-                if target.layer is None:
-                    buf[...] = t
-                else:
-                    buf[target.layer] = t
+                buf[...] = t
     missing = [n for n in table if n not in seen]
     if missing:
         hint = ""
@@ -584,7 +580,6 @@ def save_hf_model(model: Llama, folder) -> str:
     tensors = {}
     for name, t in _weight_table(cfg).items():
         value = _get(params, t.path)
-        value = value if t.layer is None else value[t.layer]
         tensors[name] = np.ascontiguousarray(value.T if t.transpose else value)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.to_hf_dict()
