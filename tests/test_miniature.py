@@ -282,3 +282,55 @@ def test_pretrain_rows_packs_documents_with_eos(tmp_path):
     ref = pack_sequences(tok(docs, add_special_tokens=True)["input_ids"], 16, sep_id=tok.eos_token_id)
     np.testing.assert_array_equal(np.stack(rows), ref)
     assert n_tokens == sum(len(tok(d)["input_ids"]) for d in docs)
+
+
+def test_solved_trajectories_are_of_the_chosen_templates_and_never_a_gold_question():
+    """The base corpus's solved trajectories (whole gold dialogues as text) are of the chosen
+    templates only, and none is a question whose gold trajectory the adapters train on."""
+    from lragent_jax.task import SMALL_CONFIG, build_training_data, build_world, render
+
+    world = build_world(5, SMALL_CONFIG)
+    templates = {"film_director_birth_year", "org_country"}
+    kw = dict(browsing_per_question=0.0, gold_episodes_total=40, workers=1)
+    data = build_training_data([5], SMALL_CONFIG, solved_templates=templates, solved_per_question=1.0, **kw)
+    plain = build_training_data([5], SMALL_CONFIG, **kw)
+    solved = [d for d in data.corpus if d.startswith("Question:")]
+    assert plain.solved == 0 and not [d for d in plain.corpus if d.startswith("Question:")]
+    assert data.gold == plain.gold and len(solved) == data.solved > 0
+    by_text = {f"Question: {q.text}\n": q for qs in world.questions.values() for q in qs}
+    gold_questions = {render(g).split("\n")[0] + "\n" for g in data.gold}
+    for doc in solved:
+        first = doc.split("\n")[0] + "\n"
+        assert by_text[first].template in templates and first not in gold_questions
+        assert "\nReflect: " in doc and doc.endswith(f"finish[{by_text[first].answer}]\n")
+    # every eligible question (chosen template, not gold) is there at fraction 1.0; half at 0.5
+    eligible = sum(1 for r, qs in world.questions.items() for q in qs[-(-40 // 3):] if q.template in templates)
+    assert data.solved == eligible
+    half = build_training_data([5], SMALL_CONFIG, solved_templates=templates, solved_per_question=0.5, **kw)
+    assert abs(half.solved - eligible / 2) <= 3
+    with pytest.raises(ValueError, match="solved_per_question"):
+        build_training_data([5], SMALL_CONFIG, solved_templates=templates, solved_per_question=1.5, **kw)
+
+
+def test_held_out_templates_are_compositions_of_base_template_steps():
+    """Each held-out template's steps (the facts read at each hop) occur in some base template
+    (the first hop may read a new pair of known facts), so the base knows every step and only
+    the composition is new."""
+    from lragent_jax.task import SMALL_CONFIG, build_world
+
+    world = build_world(0, SMALL_CONFIG)
+    base = train_miniature.base_templates("compositional", world)
+    held = set(train_miniature.HELD_OUT_TEMPLATES)
+    assert held and not held & set(base) and set(base) | held == {q.template for q in world.questions["train"]}
+    assert train_miniature.base_templates("none", world) == ()
+    assert set(train_miniature.base_templates("all", world)) == set(base) | held
+    examples = {}
+    for q in world.questions["train"]:
+        examples.setdefault(q.template, q)
+    steps = lambda q: [(h.tool, h.facts) for h in q.hops]  # noqa: E731
+    base_steps = {s for t in base for s in steps(examples[t])}
+    for t in held:
+        s = steps(examples[t])
+        assert set(s[1:]) <= base_steps, t  # the first hop's fact pair may be new (e.g. year + producer)
+        assert {f for _, facts in s for f in facts} <= {f for _, facts in base_steps for f in facts}, t
+        assert tuple(s) not in {tuple(steps(examples[b])) for b in base}, t  # and the chain itself is new
