@@ -75,6 +75,23 @@ def test_tiny_run_trains_and_logs(tiny):
     assert set(log["training_world_loss"]) == {"independent", "shared"}
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
     assert log["total_bytes"] == sum(log["file_bytes"].values()) < 30 * 2**20
+    # the recipe: solved trajectories of the base templates only, in whole-document rows
+    assert log["data"]["solved_trajectories"] > 0 and log["held_out_templates"] == list(train_miniature.HELD_OUT_TEMPLATES)
+    assert not set(log["base_templates"]) & set(log["held_out_templates"]) and len(log["base_templates"]) == 8
+    # the end-of-run evaluation: each default entry ran the same questions, split by template group
+    by_entry = log["validation_em_by_entry"]
+    assert list(by_entry) == ["non_shared", "base_lr_shared", "base_model"] and log["validation_em_entry"] == "non_shared"
+    for entry, r in by_entry.items():
+        assert r["error"] is None and r["questions"] == 2 and 0.0 <= r["em"] <= 1.0, entry
+        assert r["questions_base_templates"] + r["questions_held_out_templates"] == 2
+        assert [q["question"] for q in r["rows"]] == [q["question"] for q in log["validation_em_questions"]]
+    sim = log["similarity_shared"]
+    assert sim["episodes"] == 1 and 0 < sim["adapter_norm_ratio"] < 100
+    assert set(sim["cosine"]) == {"full", "base", "adapter", "lr"} and all(-1 <= v <= 1 for v in sim["cosine"].values())
+    assert set(log["validation_loss_held_out_templates"]) == {"base", "independent", "shared"}
+    with open(os.path.join(out, "train.log")) as f:
+        text = f.read()
+    assert "validation EM [base_lr_shared]" in text and "adapter/base norm" in text
     print(f"--tiny end to end: {wall:.1f} s wall")
 
 
@@ -125,6 +142,40 @@ def test_install_copies_a_complete_miniature(tiny, tmp_path, monkeypatch):
     assert miniature.assets_built(str(target)) and not miniature.assets_built(str(tmp_path))
 
 
+def test_install_from_an_archive(tiny, tmp_path, monkeypatch, capsys):
+    """--install-from unpacks a run's archive into the asset folder (here a temporary one) after
+    checking it is complete; anything else is one line, exit code 2, and nothing installed."""
+    out, archive, _ = tiny
+    target = tmp_path / "assets" / "miniature"
+    monkeypatch.setattr(miniature, "ASSET_DIR", str(target))
+    assert train_miniature.main(["--install-from", archive]) == 0
+    assert miniature.assets_built(str(target))
+    assert filecmp.cmp(os.path.join(out, "base/model.safetensors"), target / "base/model.safetensors", shallow=False)
+    capsys.readouterr()
+    partial = tmp_path / "partial.tar.gz"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(os.path.join(out, "base"), arcname="miniature/base")
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(os.path.join(out, "base"), arcname="elsewhere")
+    for bad, needle in ((partial, "incomplete"), (other, "one miniature/"), (tmp_path / "none.tar.gz", "no such file"),
+                        (tmp_path / "assets" / "miniature" / "train_log.json", "cannot read")):
+        assert train_miniature.main(["--install-from", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert miniature.assets_built(str(target))  # the installed one is untouched
+
+
+def test_evaluation_entries_skip_when_the_time_limit_is_reached():
+    """With no time left before the deadline an entry is recorded as skipped, not run."""
+    by_entry = train_miniature.run_evaluations(["non_shared", "base_model"], None, {}, None, None, [], 512,
+                                               {"turn_tokens": None, "max_steps": 1}, 30.0,
+                                               deadline=time.perf_counter() + 1.0)
+    assert list(by_entry) == ["non_shared", "base_model"]
+    for r in by_entry.values():
+        assert r["em"] is None and r["rows"] == [] and "time-limit" in r["error"]
+
+
 def test_missing_assets_one_line(tmp_path):
     with pytest.raises(miniature.MiniatureMissing) as e:
         miniature.load_miniature(folder=str(tmp_path))
@@ -136,7 +187,9 @@ def test_missing_assets_one_line(tmp_path):
 
 def test_train_miniature_bad_flags(capsys):
     for args, needle in ((["--archive", "x.zip"], "--archive"), (["--steps-base", "0"], "--steps-base"),
-                         (["--vocab-size", "10"], "--vocab-size")):
+                         (["--vocab-size", "10"], "--vocab-size"), (["--eval-schemes", "non_shared,bogus"], "--eval-schemes"),
+                         (["--eval-schemes", "non_shared,non_shared"], "--eval-schemes"), (["--solved", "1.5"], "--solved"),
+                         (["--base-templates", "some"], "--base-templates"), (["--time-limit", "0"], "--time-limit")):
         assert train_miniature.main(args) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
