@@ -74,14 +74,16 @@ DEFAULT_OUT = os.path.join(ROOT, "out", "miniature")  # /out/ is git-ignored
 SIZE_LIMIT_F32 = 30 * 2**20  # ship float32 when everything fits in this; else bfloat16 weights
 BASE_MODEL_REF = "lragent-jax-miniature"  # what the PEFT configs name as their base
 
-# Model shape and training lengths. "default": one H200 in about 8 minutes; "tiny": CPU in CI.
+# Model shape and training lengths. "default": one H200, ~7 minutes to the saved weights (the first
+# recipe: 0.069 s per pre-training step of 64 x 512 tokens, 0.14 s per adapter step; rows of 1024
+# cost up to 2x per token in attention), then the evaluation; "tiny": CPU in CI.
 # pretrain_seq = max_positions: every position the agents reach is trained (rows hold whole documents).
 # solved: fraction of the eligible questions (base templates, not an adapter's) whose solved trajectory
 # the base reads; browsing: browsing trajectories per question (halved from the first recipe: the
 # solved ones teach the format too).
 PRESETS = {
     "default": dict(world="default", train_worlds=24, vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
-                    intermediate=768, max_positions=1024, pretrain_seq=1024, steps_base=2400, steps_adapter=400,
+                    intermediate=768, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=400,
                     batch_size=32, adapter_batch=32, lr_base=1e-3, lr_adapter=1e-3, eval_questions=40,
                     val_loss_episodes=256, browsing=0.5, solved=1.0, base_templates="compositional", max_seq=None,
                     turn_tokens=None, max_steps=6, similarity_episodes=4),
@@ -340,8 +342,9 @@ def em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_toke
     return hits / max(len(rows), 1), rows
 
 
-def em_summary(rows, held_out=HELD_OUT_TEMPLATES) -> dict:
-    """EM over the questions done, and split into base templates / held-out templates."""
+def em_summary(rows, held_out) -> dict:
+    """EM over the questions done, and split into base templates (the base read solved
+    trajectories of them) / held-out templates (`held_out`: it did not)."""
     def mean(xs):
         return float(sum(xs) / len(xs)) if xs else None
 
@@ -352,7 +355,8 @@ def em_summary(rows, held_out=HELD_OUT_TEMPLATES) -> dict:
             "questions_held_out_templates": len(new)}
 
 
-def run_evaluations(entries, model, adapters, tokenizer, world, questions, max_len, s, time_limit, deadline=None):
+def run_evaluations(entries, model, adapters, tokenizer, world, questions, max_len, s, time_limit, deadline=None,
+                    held_out=HELD_OUT_TEMPLATES):
     """{entry: {"em", ..., "rows"}} for each --eval-schemes entry (see EVAL_CHOICES), each given
     at most time_limit seconds and an equal share of what is left before `deadline` (a
     time.perf_counter() value); an entry that fails, or finds no time left, is recorded with its
@@ -377,7 +381,7 @@ def run_evaluations(entries, model, adapters, tokenizer, world, questions, max_l
         try:
             em, rows = em_on_questions(model, lora, tokenizer, world, questions, max_len, turn_tokens=s["turn_tokens"],
                                        max_steps=s["max_steps"], time_limit=limit, scheme=scheme, label=entry)
-            out[entry] = {**em_summary(rows), "seconds": time.perf_counter() - t, "error": None, "rows": rows}
+            out[entry] = {**em_summary(rows, held_out), "seconds": time.perf_counter() - t, "error": None, "rows": rows}
             r = out[entry]
             log(f"validation EM [{entry}]: {em:.3f} over {len(rows)} questions "
                 f"(base templates {_fmt(r['em_base_templates'])} of {r['questions_base_templates']}, "
@@ -521,6 +525,8 @@ def train(args) -> dict:
     t = time.perf_counter()
     world, data, val_eps = build_data(s, args.seed)
     corpus, train_eps = data.corpus, data.gold
+    base_t = base_templates(s["base_templates"], world)  # the base read their solved trajectories
+    held_t = tuple(x for x in base_templates("all", world) if x not in base_t)  # it never read these
     times["world_s"] = time.perf_counter() - t
     log(f"evaluation world {args.seed}: {len(world.entities)} entities, questions "
         f"{({k: len(v) for k, v in world.questions.items()})}; {len(data.seeds)} training worlds: "
@@ -549,7 +555,7 @@ def train(args) -> dict:
     times["encode_s"] = time.perf_counter() - t
     gold_tokens = int(sum(len(ids) for ids, _ in train_ex["plan"]))
     log(f"data: pre-training {corpus_tokens} tokens ({len(corpus)} documents, {data.solved} of them solved "
-        f"trajectories of {len(base_templates(s['base_templates'], world))} templates) in {len(rows)} rows of "
+        f"trajectories of {len(base_t)} templates) in {len(rows)} rows of "
         f"{s['pretrain_seq']}; "
         f"gold train {len(train_eps)} episodes, {gold_tokens} tokens (longest {longest}, rows of {adapter_seq})")
     log(f"pre-training: {s['steps_base']} steps x {s['batch_size']} rows = "
@@ -593,8 +599,8 @@ def train(args) -> dict:
         "preset": "tiny" if args.tiny else "default",
         "settings": s,
         "seed": args.seed,
-        "base_templates": list(base_templates(s["base_templates"], world)),
-        "held_out_templates": list(HELD_OUT_TEMPLATES) if s["base_templates"] == "compositional" else [],
+        "base_templates": list(base_t),
+        "held_out_templates": list(held_t),
         "model_config": cfg.to_hf_dict(),
         "num_params": cfg.num_params(),
         "weights_dtype": weights_dtype,
@@ -631,9 +637,8 @@ def train(args) -> dict:
         log(f"training-world loss, teacher forced ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
     record.update(validation_loss=val_loss, training_world_loss=train_loss)
     # The same on the held-out templates' validation trajectories only (the base never read their kind).
-    held = [i for i, q in enumerate(world.questions["validation"][: len(val_ex["plan"])])
-            if q.template in HELD_OUT_TEMPLATES]
-    if held and s["base_templates"] == "compositional":
+    held = [i for i, q in enumerate(world.questions["validation"][: len(val_ex["plan"])]) if q.template in held_t]
+    if held and base_t:  # (with no base template, "held out" is every trajectory: the line above)
         held_ex = {r: [exs[i] for i in held] for r, exs in val_ex.items()}
         held_loss = {"base": eval_loss(model, held_ex, None, seq_len=adapter_seq),
                      **{k: eval_loss(model, held_ex, lora, seq_len=adapter_seq) for k, lora in adapters.items()}}
@@ -662,7 +667,8 @@ def train(args) -> dict:
             f"(held-out templates: {', '.join(record['held_out_templates']) or 'none'})")
         by_entry = run_evaluations(s["eval_schemes"], model, adapters, tok, world, questions,
                                    cfg.max_position_embeddings, s, args.eval_seconds,
-                                   deadline=None if args.time_limit is None else START + args.time_limit - 10)
+                                   deadline=None if args.time_limit is None else START + args.time_limit - 10,
+                                   held_out=held_t)
         first = by_entry[s["eval_schemes"][0]]
         record.update(validation_em=first["em"], validation_em_questions=first["rows"],
                       validation_em_error=first["error"], validation_em_entry=s["eval_schemes"][0],
