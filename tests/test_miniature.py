@@ -327,7 +327,7 @@ def test_encode_episodes_matches_segment_by_segment_encoding(tmp_path):
 def test_pretrain_rows_packs_documents_with_eos(tmp_path):
     from lragent_jax.loading import load_tokenizer
     from lragent_jax.task import train_tokenizer
-    from lragent_jax.train import pack_sequences
+    from lragent_jax.train import pack_documents, pack_sequences
 
     docs = ["alpha beta gamma\n", "delta 1234 epsilon\n", "zeta\n"] * 20
     tok = load_tokenizer(train_tokenizer(docs, str(tmp_path / "tok"), vocab_size=300))
@@ -335,6 +335,16 @@ def test_pretrain_rows_packs_documents_with_eos(tmp_path):
     ref = pack_sequences(tok(docs, add_special_tokens=True)["input_ids"], 16, sep_id=tok.eos_token_id)
     np.testing.assert_array_equal(np.stack(rows), ref)
     assert n_tokens == sum(len(tok(d)["input_ids"]) for d in docs)
+    # whole documents: (tokens, mask) rows, each document BOS ... EOS inside one row
+    whole, n_whole = train_miniature.pretrain_rows(tok, docs, 16, whole_documents=True)
+    assert n_whole == n_tokens
+    encoded = [ids + [tok.eos_token_id] for ids in tok(docs, add_special_tokens=True)["input_ids"]]
+    ref_tokens, ref_mask = pack_documents(encoded, 16)
+    np.testing.assert_array_equal(np.stack([t for t, _ in whole]), ref_tokens)
+    np.testing.assert_array_equal(np.stack([m for _, m in whole]), ref_mask)
+    row_text = [tok.decode(t[m]) for t, m in whole]
+    assert sum(text.count("</s>") for text in row_text) == len(docs)
+    assert all(text.count("<s>") == text.count("</s>") for text in row_text)  # no document split across rows
 
 
 def test_solved_trajectories_are_of_the_chosen_templates_and_never_a_gold_question():
