@@ -121,7 +121,6 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, *, open_row
     _check_positive(seq_len=seq_len, open_rows=open_rows)
     rows: list = []  # per row: list of token arrays
     free: list = []  # per row: tokens still free
-    first_open = 0
     for doc in documents:
         doc = np.asarray(doc, np.int32)
         if doc.ndim != 1:
@@ -130,7 +129,7 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, *, open_row
             piece = doc[lo:lo + seq_len]
             if len(piece) == 0:
                 continue
-            for r in range(max(first_open, len(rows) - open_rows), len(rows)):
+            for r in range(max(0, len(rows) - open_rows), len(rows)):
                 if free[r] >= len(piece):
                     break
             else:
@@ -139,7 +138,6 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, *, open_row
                 r = len(rows) - 1
             rows[r].append(piece)
             free[r] -= len(piece)
-        first_open = max(first_open, len(rows) - open_rows)
     if not rows:
         raise ValueError("pack_documents: no tokens")
     tokens = np.zeros((len(rows), seq_len), np.int32)
