@@ -27,7 +27,7 @@ from .forward import forward_logits
 from .model import Llama
 
 __all__ = [
-    "pretrain", "train_adapters", "eval_loss", "masked_loss", "pack_sequences", "plot_losses",
+    "pretrain", "train_adapters", "eval_loss", "masked_loss", "pack_sequences", "pack_documents", "plot_losses",
     "init_lora_params", "lora_from_params", "forward_logits",
 ]
 
@@ -110,6 +110,43 @@ def pack_sequences(sequences: Iterable[Sequence[int]], seq_len: int, sep_id: int
     if n == 0:
         raise ValueError(f"pack_sequences: {len(stream)} tokens are fewer than seq_len={seq_len}")
     return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, *, open_rows: int = 32):
+    """Pack documents into rows of seq_len tokens without cutting any: (tokens [N, seq_len] int32,
+    loss_mask [N, seq_len] bool), padding (id 0) masked out. A document goes into the first of the
+    last `open_rows` rows with room for it, else opens a new row (first fit over a window, so
+    packing stays linear); one longer than seq_len is cut into seq_len pieces. For pre-training
+    on trajectories: a cut one would train its second half without its question."""
+    _check_positive(seq_len=seq_len, open_rows=open_rows)
+    rows: list = []  # per row: list of token arrays
+    free: list = []  # per row: tokens still free
+    for doc in documents:
+        doc = np.asarray(doc, np.int32)
+        if doc.ndim != 1:
+            raise ValueError(f"pack_documents: a document must be a 1-D token sequence, got shape {doc.shape}")
+        for lo in range(0, len(doc), seq_len):
+            piece = doc[lo:lo + seq_len]
+            if len(piece) == 0:
+                continue
+            for r in range(max(0, len(rows) - open_rows), len(rows)):
+                if free[r] >= len(piece):
+                    break
+            else:
+                rows.append([])
+                free.append(seq_len)
+                r = len(rows) - 1
+            rows[r].append(piece)
+            free[r] -= len(piece)
+    if not rows:
+        raise ValueError("pack_documents: no tokens")
+    tokens = np.zeros((len(rows), seq_len), np.int32)
+    mask = np.zeros((len(rows), seq_len), bool)
+    for i, pieces in enumerate(rows):
+        n = seq_len - free[i]
+        tokens[i, :n] = np.concatenate(pieces)
+        mask[i, :n] = True
+    return tokens, mask
 
 
 def _batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator:

@@ -75,6 +75,23 @@ def test_tiny_run_trains_and_logs(tiny):
     assert set(log["training_world_loss"]) == {"independent", "shared"}
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
     assert log["total_bytes"] == sum(log["file_bytes"].values()) < 30 * 2**20
+    # the recipe: solved trajectories of the base templates only, in whole-document rows
+    assert log["data"]["solved_trajectories"] > 0 and set(log["held_out_templates"]) == set(train_miniature.HELD_OUT_TEMPLATES)
+    assert not set(log["base_templates"]) & set(log["held_out_templates"]) and len(log["base_templates"]) == 8
+    # the end-of-run evaluation: each default entry ran the same questions, split by template group
+    by_entry = log["validation_em_by_entry"]
+    assert list(by_entry) == ["non_shared", "base_lr_shared", "base_model"] and log["validation_em_entry"] == "non_shared"
+    for entry, r in by_entry.items():
+        assert r["error"] is None and r["questions"] == 2 and 0.0 <= r["em"] <= 1.0, entry
+        assert r["questions_base_templates"] + r["questions_held_out_templates"] == 2
+        assert [q["question"] for q in r["rows"]] == [q["question"] for q in log["validation_em_questions"]]
+    sim = log["similarity_shared"]
+    assert sim["episodes"] == 1 and 0 < sim["adapter_norm_ratio"] < 100
+    assert set(sim["cosine"]) == {"full", "base", "adapter", "lr"} and all(-1 <= v <= 1 for v in sim["cosine"].values())
+    assert set(log["validation_loss_held_out_templates"]) == {"base", "independent", "shared"}
+    with open(os.path.join(out, "train.log")) as f:
+        text = f.read()
+    assert "validation EM [base_lr_shared]" in text and "adapter/base norm" in text
     print(f"--tiny end to end: {wall:.1f} s wall")
 
 
@@ -125,6 +142,40 @@ def test_install_copies_a_complete_miniature(tiny, tmp_path, monkeypatch):
     assert miniature.assets_built(str(target)) and not miniature.assets_built(str(tmp_path))
 
 
+def test_install_from_an_archive(tiny, tmp_path, monkeypatch, capsys):
+    """--install-from unpacks a run's archive into the asset folder (here a temporary one) after
+    checking it is complete; anything else is one line, exit code 2, and nothing installed."""
+    out, archive, _ = tiny
+    target = tmp_path / "assets" / "miniature"
+    monkeypatch.setattr(miniature, "ASSET_DIR", str(target))
+    assert train_miniature.main(["--install-from", archive]) == 0
+    assert miniature.assets_built(str(target))
+    assert filecmp.cmp(os.path.join(out, "base/model.safetensors"), target / "base/model.safetensors", shallow=False)
+    capsys.readouterr()
+    partial = tmp_path / "partial.tar.gz"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(os.path.join(out, "base"), arcname="miniature/base")
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(os.path.join(out, "base"), arcname="elsewhere")
+    for bad, needle in ((partial, "incomplete"), (other, "one miniature/"), (tmp_path / "none.tar.gz", "no such file"),
+                        (tmp_path / "assets" / "miniature" / "train_log.json", "cannot read")):
+        assert train_miniature.main(["--install-from", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert miniature.assets_built(str(target))  # the installed one is untouched
+
+
+def test_evaluation_entries_skip_when_the_time_limit_is_reached():
+    """With no time left before the deadline an entry is recorded as skipped, not run."""
+    by_entry = train_miniature.run_evaluations(["non_shared", "base_model"], None, {}, None, None, [], 512,
+                                               {"turn_tokens": None, "max_steps": 1}, 30.0,
+                                               deadline=time.perf_counter() + 1.0)
+    assert list(by_entry) == ["non_shared", "base_model"]
+    for r in by_entry.values():
+        assert r["em"] is None and r["rows"] == [] and "time-limit" in r["error"]
+
+
 def test_missing_assets_one_line(tmp_path):
     with pytest.raises(miniature.MiniatureMissing) as e:
         miniature.load_miniature(folder=str(tmp_path))
@@ -136,7 +187,9 @@ def test_missing_assets_one_line(tmp_path):
 
 def test_train_miniature_bad_flags(capsys):
     for args, needle in ((["--archive", "x.zip"], "--archive"), (["--steps-base", "0"], "--steps-base"),
-                         (["--vocab-size", "10"], "--vocab-size")):
+                         (["--vocab-size", "10"], "--vocab-size"), (["--eval-schemes", "non_shared,bogus"], "--eval-schemes"),
+                         (["--eval-schemes", "non_shared,non_shared"], "--eval-schemes"), (["--solved", "1.5"], "--solved"),
+                         (["--base-templates", "some"], "--base-templates"), (["--time-limit", "0"], "--time-limit")):
         assert train_miniature.main(args) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
@@ -274,7 +327,7 @@ def test_encode_episodes_matches_segment_by_segment_encoding(tmp_path):
 def test_pretrain_rows_packs_documents_with_eos(tmp_path):
     from lragent_jax.loading import load_tokenizer
     from lragent_jax.task import train_tokenizer
-    from lragent_jax.train import pack_sequences
+    from lragent_jax.train import pack_documents, pack_sequences
 
     docs = ["alpha beta gamma\n", "delta 1234 epsilon\n", "zeta\n"] * 20
     tok = load_tokenizer(train_tokenizer(docs, str(tmp_path / "tok"), vocab_size=300))
@@ -282,3 +335,65 @@ def test_pretrain_rows_packs_documents_with_eos(tmp_path):
     ref = pack_sequences(tok(docs, add_special_tokens=True)["input_ids"], 16, sep_id=tok.eos_token_id)
     np.testing.assert_array_equal(np.stack(rows), ref)
     assert n_tokens == sum(len(tok(d)["input_ids"]) for d in docs)
+    # whole documents: (tokens, mask) rows, each document BOS ... EOS inside one row
+    whole, n_whole = train_miniature.pretrain_rows(tok, docs, 16, whole_documents=True)
+    assert n_whole == n_tokens
+    encoded = [ids + [tok.eos_token_id] for ids in tok(docs, add_special_tokens=True)["input_ids"]]
+    ref_tokens, ref_mask = pack_documents(encoded, 16)
+    np.testing.assert_array_equal(np.stack([t for t, _ in whole]), ref_tokens)
+    np.testing.assert_array_equal(np.stack([m for _, m in whole]), ref_mask)
+    row_text = [tok.decode(t[m]) for t, m in whole]
+    assert sum(text.count("</s>") for text in row_text) == len(docs)
+    assert all(text.count("<s>") == text.count("</s>") for text in row_text)  # no document split across rows
+
+
+def test_solved_trajectories_are_of_the_chosen_templates_and_never_a_gold_question():
+    """The base corpus's solved trajectories (whole gold dialogues as text) are of the chosen
+    templates only, and none is a question whose gold trajectory the adapters train on."""
+    from lragent_jax.task import SMALL_CONFIG, build_training_data, build_world, render
+
+    world = build_world(5, SMALL_CONFIG)
+    templates = {"film_director_birth_year", "org_country"}
+    kw = dict(browsing_per_question=0.0, gold_episodes_total=40, workers=1)
+    data = build_training_data([5], SMALL_CONFIG, solved_templates=templates, solved_per_question=1.0, **kw)
+    plain = build_training_data([5], SMALL_CONFIG, **kw)
+    solved = [d for d in data.corpus if d.startswith("Question:")]
+    assert plain.solved == 0 and not [d for d in plain.corpus if d.startswith("Question:")]
+    assert data.gold == plain.gold and len(solved) == data.solved > 0
+    by_text = {f"Question: {q.text}\n": q for qs in world.questions.values() for q in qs}
+    gold_questions = {render(g).split("\n")[0] + "\n" for g in data.gold}
+    for doc in solved:
+        first = doc.split("\n")[0] + "\n"
+        assert by_text[first].template in templates and first not in gold_questions
+        assert "\nReflect: " in doc and doc.endswith(f"finish[{by_text[first].answer}]\n")
+    # every eligible question (chosen template, not gold) is there at fraction 1.0; half at 0.5
+    eligible = sum(1 for r, qs in world.questions.items() for q in qs[-(-40 // 3):] if q.template in templates)
+    assert data.solved == eligible
+    half = build_training_data([5], SMALL_CONFIG, solved_templates=templates, solved_per_question=0.5, **kw)
+    assert abs(half.solved - eligible / 2) <= 3
+    with pytest.raises(ValueError, match="solved_per_question"):
+        build_training_data([5], SMALL_CONFIG, solved_templates=templates, solved_per_question=1.5, **kw)
+
+
+def test_held_out_templates_are_compositions_of_base_template_steps():
+    """Each held-out template's steps (the facts read at each hop) occur in some base template
+    (the first hop may read a new pair of known facts), so the base knows every step and only
+    the composition is new."""
+    from lragent_jax.task import SMALL_CONFIG, build_world
+
+    world = build_world(0, SMALL_CONFIG)
+    base = train_miniature.base_templates("compositional", world)
+    held = set(train_miniature.HELD_OUT_TEMPLATES)
+    assert held and not held & set(base) and set(base) | held == {q.template for q in world.questions["train"]}
+    assert train_miniature.base_templates("none", world) == ()
+    assert set(train_miniature.base_templates("all", world)) == set(base) | held
+    examples = {}
+    for q in world.questions["train"]:
+        examples.setdefault(q.template, q)
+    steps = lambda q: [(h.tool, h.facts) for h in q.hops]  # noqa: E731
+    base_steps = {s for t in base for s in steps(examples[t])}
+    for t in held:
+        s = steps(examples[t])
+        assert set(s[1:]) <= base_steps, t  # the first hop's fact pair may be new (e.g. year + producer)
+        assert {f for _, facts in s for f in facts} <= {f for _, facts in base_steps for f in facts}, t
+        assert tuple(s) not in {tuple(steps(examples[b])) for b in base}, t  # and the chain itself is new

@@ -215,3 +215,26 @@ def test_pack_sequences_concatenates_with_separators():
     np.testing.assert_array_equal(rows, [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]])
     with pytest.raises(ValueError, match="fewer than seq_len=8"):
         train.pack_sequences([[1, 2]], seq_len=8)
+
+
+def test_pack_documents_keeps_every_document_whole():
+    docs = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 26), np.arange(30, 32), np.arange(40, 51)]
+    tokens, mask = train.pack_documents(docs, seq_len=8)
+    assert tokens.shape == mask.shape and tokens.shape[1] == 8 and tokens.dtype == np.int32
+    # first fit: [1..5 | 10..12], [20..25 | 30 31], then the 11-token document cut into 8 + 3
+    np.testing.assert_array_equal(tokens, [[1, 2, 3, 4, 5, 10, 11, 12], [20, 21, 22, 23, 24, 25, 30, 31],
+                                           [40, 41, 42, 43, 44, 45, 46, 47], [48, 49, 50, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask.sum(1), [8, 8, 8, 3])  # padding (and only padding) masked out
+    assert not mask[3, 3:].any()
+    # every document's tokens appear once, in order, inside one row (unless longer than a row)
+    for doc in docs[:4]:
+        hits = [r for r in range(len(tokens)) if all(t in tokens[r][mask[r]] for t in doc)]
+        assert len(hits) == 1, doc
+    # a window of one open row: a short document no longer goes back to an older row with room
+    tokens1, _ = train.pack_documents([np.arange(1, 4), np.arange(10, 17), np.arange(20, 22)], seq_len=8,
+                                      open_rows=1)
+    np.testing.assert_array_equal(tokens1[:, :3], [[1, 2, 3], [10, 11, 12], [20, 21, 0]])
+    with pytest.raises(ValueError, match="no tokens"):
+        train.pack_documents([], seq_len=8)
+    with pytest.raises(ValueError, match="1-D"):
+        train.pack_documents([np.zeros((2, 2), np.int32)], seq_len=8)
