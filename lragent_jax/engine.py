@@ -28,9 +28,10 @@ DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
 # (bf16: 2 bytes and 2 FLOPs a weight, so matmul rate / bandwidth): ~200 on H100 and H200
 # (600-700 TFLOP/s over 3-3.4 TB/s), ~160 on A100, ~240 on TPU v5e.
 DEFAULT_WEIGHT_READ_TOKENS = 200
-# Rows x chunk tokens of one prefill call at most: its activations grow with this product, not
-# with the cache (memory.activation_bytes: ~2 GiB at 8B in bf16), and 8192 rows keep the matmuls
-# compute-bound (far above DEFAULT_WEIGHT_READ_TOKENS). Batch 8 still prefills in 1024-token chunks.
+# Rows x chunk tokens of one prefill call at most: its temporaries grow with this product, not with
+# the cache (8B bf16 on an H200: 1.13 GiB at 8 x 1024 tokens, XLA's memory analysis; the bound
+# memory.activation_bytes says 2 GiB), and 8192 rows keep the matmuls compute-bound (far above
+# DEFAULT_WEIGHT_READ_TOKENS). Batch 8 still prefills in 1024-token chunks, batch 28 in 256.
 DEFAULT_MAX_CALL_TOKENS = 8192
 CALL_OVERHEAD = 0.25  # a prefill call's launch and host work, in weight reads (~1 ms of ~5 ms at 8B)
 LAYER_MODES = ("auto", "scan", "per_layer")
