@@ -165,6 +165,6 @@ def check_cache_fits(scheme: str, config: ModelConfig, *, max_len: int, device=N
         detail = "; ".join(f"{desc} = {fmt_bytes(n)}" for desc, n in parts)
         plus = f" + {fmt_bytes(work_bytes)} of {work} = {fmt_bytes(need + work_bytes)}" if work_bytes else ""
         lower = f"lower {what}" + (" or batch" if batch > 1 else "")
-        raise CacheMemoryError(f"{what}={max_len}, batch={batch}: the {scheme} caches need {fmt_bytes(need)} "
+        raise CacheMemoryError(f"{what}={max_len}: the {scheme} caches need {fmt_bytes(need)} for batch={batch} "
                                f"({need} bytes: {detail}){plus} but {measured}; {lower}")
     return need
