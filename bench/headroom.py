@@ -13,8 +13,8 @@ For each scheme, in a fresh process (so the allocator's peak is that run's own):
 
   # GPU, Llama-3.1-8B shape (random weights), the paper trace's 33.7k tokens:
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m bench.headroom --shape llama-3.1-8b --tokens 33680
-  # CPU smoke run: no device limit there, so a budget stands in for the free memory
-  python -m bench.headroom --shape tiny --tokens 256 --gen 4 --free-bytes 8MiB
+  # CPU smoke run (~1.5 min): no device limit there, so a budget stands in for the free memory
+  python -m bench.headroom --shape tiny --tokens 256 --gen 4 --free-bytes 16MiB --prefill-buckets 16,64
 
 Prints a table; writes headroom.json and headroom.png to --out (default results/headroom/<timestamp>/).
 Without device memory stats (CPU) the peak and headroom columns are '-'; tests/test_headroom.py
