@@ -255,6 +255,7 @@ def plot(rows, path, title):
     axes[1].axhline(100 * TARGET_HEADROOM, color="r", ls="--", label="target 10%")
     axes[1].set_xticks(x, names, rotation=20, fontsize=8)
     axes[1].set_ylabel("% of weights + caches")
+    axes[1].legend(fontsize=8)  # save_plot labels the first panel only
     axes[1].set_title("headroom at that batch" + ("" if any(r.get("headroom_share") is not None for r in rows)
                                                   else " (no device memory stats)"), fontsize=9)
     return save_plot(fig, axes, path, title)
