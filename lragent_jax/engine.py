@@ -19,6 +19,7 @@ from flax import nnx, struct
 
 from .cache import CacheView
 from .lora import LoraWeights
+from .memory import activation_bytes, activation_bytes_per_token
 from .model import Llama, StepInputs, stacked_layer_weights
 from .sampling import SamplingParams, sample
 
@@ -27,6 +28,11 @@ DEFAULT_PREFILL_BUCKETS = (16, 64, 256, 1024)
 # (bf16: 2 bytes and 2 FLOPs a weight, so matmul rate / bandwidth): ~200 on H100 and H200
 # (600-700 TFLOP/s over 3-3.4 TB/s), ~160 on A100, ~240 on TPU v5e.
 DEFAULT_WEIGHT_READ_TOKENS = 200
+# Rows x chunk tokens of one prefill call at most: its temporaries grow with this product, not with
+# the cache (8B bf16 on an H200: 1.13 GiB at 8 x 1024 tokens, XLA's memory analysis; the bound
+# memory.activation_bytes says 2 GiB), and 8192 rows keep the matmuls compute-bound (far above
+# DEFAULT_WEIGHT_READ_TOKENS). Batch 8 still prefills in 1024-token chunks, batch 28 in 256.
+DEFAULT_MAX_CALL_TOKENS = 8192
 CALL_OVERHEAD = 0.25  # a prefill call's launch and host work, in weight reads (~1 ms of ~5 ms at 8B)
 LAYER_MODES = ("auto", "scan", "per_layer")
 BASE_AGENT = "base"  # agent name of the plain model (adapter id -1) unless an adapter is so named
@@ -90,6 +96,8 @@ class Engine:
         whichever reads the weights fewer times (plan_chunks).
       weight_read_tokens: tokens at which a chunk's matmuls cost one read of the weights
         (matmul rate / bandwidth for bf16; DEFAULT_WEIGHT_READ_TOKENS); plan_chunks' cost model.
+      max_call_tokens: rows x chunk tokens of one prefill call at most (call_buckets), which bounds
+        its temporaries (work_bytes) whatever the batch; DEFAULT_MAX_CALL_TOKENS.
       layer_mode: how layers run (LAYER_MODES):
         "per_layer" the model's own per-layer weights, layers unrolled (no weight slice is
                     copied per step; the weights are held once): what decode on an
@@ -103,7 +111,8 @@ class Engine:
 
     def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
                  prefill_buckets=DEFAULT_PREFILL_BUCKETS, layer_mode: str = "auto",
-                 weight_read_tokens: int = DEFAULT_WEIGHT_READ_TOKENS):
+                 weight_read_tokens: int = DEFAULT_WEIGHT_READ_TOKENS,
+                 max_call_tokens: int = DEFAULT_MAX_CALL_TOKENS):
         if layer_mode not in LAYER_MODES:
             raise ValueError(f"layer_mode={layer_mode!r}; allowed: {LAYER_MODES}")
         if layer_mode == "auto":
@@ -120,6 +129,10 @@ class Engine:
                 or weight_read_tokens < 1:
             raise ValueError(f"weight_read_tokens must be a positive integer, got {weight_read_tokens!r}")
         self.weight_read_tokens = int(weight_read_tokens)
+        if isinstance(max_call_tokens, bool) or not isinstance(max_call_tokens, numbers.Integral) \
+                or max_call_tokens < 1:
+            raise ValueError(f"max_call_tokens must be a positive integer, got {max_call_tokens!r}")
+        self.max_call_tokens = int(max_call_tokens)
         # params: (the model's state for nnx.merge, stacked layer weights or None); one jit
         # argument. The tree.map takes new Variables over the model's arrays (no copy): the
         # Engine keeps the weights it was built with, whatever is later set on the model.
@@ -135,6 +148,29 @@ class Engine:
     @property
     def max_chunk(self) -> int:
         return self.prefill_buckets[-1]
+
+    def call_buckets(self, rows: int, all_logits: bool = False) -> tuple:
+        """The chunk lengths a prefill call of `rows` rows may use: rows x length <= max_call_tokens
+        (with all_logits the float32 logits of every token count as tokens too). Over budget, the
+        largest buckets give way to the largest power of two that fits (one more program)."""
+        budget = self.max_call_tokens
+        if all_logits:
+            per_token = activation_bytes_per_token(self.config, self.dtype)
+            budget = budget * per_token // (per_token + activation_bytes(self.config, 0, self.dtype, logits_rows=1))
+        cap = max(1, budget // max(1, int(rows)))
+        if cap >= self.prefill_buckets[-1]:
+            return self.prefill_buckets
+        cap = 1 << (cap.bit_length() - 1)
+        return tuple(b for b in self.prefill_buckets if b < cap) + (cap,)
+
+    def work_bytes(self, rows: int) -> int:
+        """Upper bound of the temporaries of this engine's largest call over `rows` rows: a prefill
+        call of call_buckets(rows)[-1] tokens per row (logits at each row's last token) or a decode
+        step (memory.activation_bytes). Caches are donated, so they are not counted again."""
+        rows = int(rows)
+        prefill = activation_bytes(self.config, rows * self.call_buckets(rows)[-1], self.dtype, logits_rows=rows)
+        decode = activation_bytes(self.config, rows, self.dtype, logits_rows=rows, sampled_rows=rows)
+        return max(prefill, decode)
 
     def adapter_ids(self, agents) -> np.ndarray:
         """Agent names (None or "base" = plain model) -> adapter ids [B]."""
@@ -267,7 +303,9 @@ class Engine:
         B = len(rows)
         logits = None
         per_row = [[] for _ in range(B)]
-        plan = plan_chunks(max(len(r) for r in remaining), self.prefill_buckets, self.weight_read_tokens)
+        # Rows x chunk tokens stay within max_call_tokens: the call's temporaries do not grow with B.
+        plan = plan_chunks(max(len(r) for r in remaining), self.call_buckets(B, want_logits == "all"),
+                           self.weight_read_tokens)
         for take, S in plan:
             tokens = np.zeros((B, S), np.int32)
             n_valid = np.array([min(len(r), take) for r in remaining], np.int32)

@@ -1,7 +1,14 @@
-"""How many bytes a scheme's caches take, how much memory the device has, and a check of both.
+"""How many bytes a scheme's caches and a step's work buffers take, how much memory the device
+has, and a check of both.
 
-Computed from the config alone (nothing is allocated), so a --max-len that cannot fit is refused
-with the two numbers before a terabyte allocation fails deep inside JAX.
+Computed from the config alone (nothing is allocated), so a --max-len or a batch that cannot fit
+is refused with the numbers before an allocation fails deep inside JAX (or XLA spends minutes
+trying to rematerialise a program that cannot fit).
+
+Work buffers (activation_bytes) are bounded by the tokens of one call, never by the cache
+capacity: the engine caps rows x chunk tokens per prefill call (Engine.max_call_tokens),
+computes logits only where they are sampled, and donates the caches to every jitted step
+(so a step's output caches reuse its input buffers: no second copy).
 """
 
 from __future__ import annotations
@@ -59,6 +66,45 @@ def cache_bytes(scheme: str, config: ModelConfig, **kw) -> int:
     return sum(n for _, n in cache_parts(scheme, config, **kw))
 
 
+def activation_bytes_per_token(config: ModelConfig, dtype) -> int:
+    """Upper bound of the bytes one token of a forward call holds in temporaries at once.
+
+    Counted on paper for model.run_layers (d = hidden, f = intermediate, item = dtype bytes): the
+    peak is in the MLP, where the residual x, its norm h and the new residual (3 d item) and the
+    float32 norm temporaries (2 d x 4) are live beside the gate and up products in float32 before
+    their cast (2 f x 4), their casts and silu(gate) * up (3 f item). The attention block holds less:
+    q, k, v and a LoRA delta in float32 and cast ((q_dim + 2 kv_dim) x (4 + item) + q_dim x 4) plus
+    the attention output (q_dim item); it is taken if larger. XLA fuses most casts, so the true
+    figure is lower: at the 8B shape 144 KiB a token in bfloat16 on an H200 (bound 252 KiB) and 185
+    KiB in float32 on CPU (bound 360 KiB), XLA's memory analysis of a prefill call. Not counted:
+    attention's own scratch, on chip in the Pallas kernels but float32 copies of a layer's keys and
+    values in the XLA reference path (until that path is chunked over keys). tests/test_headroom.py
+    checks the bound against compiled programs.
+    """
+    item = jnp.dtype(dtype).itemsize
+    d, f = config.hidden_size, config.intermediate_size
+    qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    resident = 3 * d * item + 2 * d * 4
+    mlp = 2 * f * 4 + 3 * f * item
+    attn = (qd + 2 * kvd) * (4 + item) + qd * 4 + qd * item
+    return resident + max(mlp, attn)
+
+
+# [B, V] float32 arrays the sampler holds at once with top-k / top-p (scaled logits, the sorted
+# copy, softmax, cumsum, masks, Gumbel noise): 7.6 measured on CPU (tests/test_headroom.py).
+SAMPLER_ARRAYS = 8
+
+
+def activation_bytes(config: ModelConfig, tokens: int, dtype, *, logits_rows: int = 0, sampled_rows: int = 0) -> int:
+    """Upper bound of one forward call's temporaries: `tokens` new tokens over all rows (rows x
+    chunk length of a prefill call, rows of a decode step), float32 logits for `logits_rows` of
+    them (a prefill call: one per row; want_logits="all": every token; twice V x 4 bytes, the LM
+    head's float32 output and its cast), and the sampler's arrays for `sampled_rows` (decode)."""
+    V = config.vocab_size
+    return (tokens * activation_bytes_per_token(config, dtype) + logits_rows * 2 * V * 4
+            + sampled_rows * SAMPLER_ARRAYS * V * 4)
+
+
 def _host_available_bytes() -> int | None:
     """MemAvailable (free + reclaimable page cache) from /proc/meminfo, else free pages (sysconf)."""
     try:
@@ -103,17 +149,22 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def check_cache_fits(scheme: str, config: ModelConfig, *, max_len: int, device=None, what: str = "max_len",
-                     **kw) -> int:
-    """The caches' bytes, or CacheMemoryError saying how much they need and how much there is.
+                     work_bytes: int = 0, work: str = "work buffers", free: int | None = None, **kw) -> int:
+    """The caches' bytes, or CacheMemoryError (one line) saying what does not fit, how much it
+    needs and how much there is.
 
-    Only the caches are counted (the weights are already resident and so not free); the
-    prefill and decode work buffers are small next to them at lengths that could not fit.
+    The caches and `work_bytes` (the largest step's temporaries, activation_bytes; `work` says what
+    they are) must fit the free memory together; the weights are already resident and so not free.
+    free: the bytes to fit in (a plan for another budget); default: measured (available_bytes).
     """
     parts = cache_parts(scheme, config, max_len=max_len, **kw)
     need = sum(n for _, n in parts)
-    free, measured = available_bytes(device)
-    if free is not None and need > free:
+    free, measured = available_bytes(device) if free is None else (int(free), f"the budget is {fmt_bytes(free)}")
+    if free is not None and need + work_bytes > free:
+        batch = kw.get("batch", 1)
         detail = "; ".join(f"{desc} = {fmt_bytes(n)}" for desc, n in parts)
-        raise CacheMemoryError(f"{what}={max_len}: the {scheme} caches need {fmt_bytes(need)} ({need} bytes: "
-                               f"{detail}) but {measured}; lower {what}")
+        plus = f" + {fmt_bytes(work_bytes)} of {work} = {fmt_bytes(need + work_bytes)}" if work_bytes else ""
+        lower = f"lower {what}" + (" or batch" if batch > 1 else "")
+        raise CacheMemoryError(f"{what}={max_len}: the {scheme} caches need {fmt_bytes(need)} for batch={batch} "
+                               f"({need} bytes: {detail}){plus} but {measured}; {lower}")
     return need

@@ -103,9 +103,13 @@ class Session:
         critical_layers = check_critical_layers(critical_layers, cfg.num_layers) if scheme_name == "droidspeak" \
             else None
         agents = tuple(engine.lora.names) if engine.lora is not None else (BASE_AGENT,)
+        # Caches + the largest call's temporaries, refused in one line before anything is allocated
+        # or compiled (an over-large batch otherwise fails deep in XLA, or after minutes of remat).
+        call_tokens = batch * engine.call_buckets(batch)[-1]
         check_cache_fits(scheme_name, cfg, max_len=max_len, num_agents=len(agents), dtype=cache_dtype, batch=batch,
                          value_rank=engine.lora.value_rank() if engine.lora is not None else 0,
-                         num_critical=len(critical_layers or ()))
+                         num_critical=len(critical_layers or ()), work_bytes=engine.work_bytes(batch),
+                         work=f"work buffers (a prefill call of {call_tokens} tokens)")
 
         self.engine = engine
         self.scheme_name = scheme_name
