@@ -25,9 +25,11 @@ One Engine per adapter set, reused by every question (each scheme compiles once)
 Session per --batch questions (one question a row, run in lockstep by run_episodes: the rows
 waiting for the same agent share one generate call; each row's episode is the one run_episode
 gives it alone). Timings are the batch's, shared out evenly over its questions; cache bytes are
-per trajectory (the batch's caches / batch).
+per trajectory (the batch's caches / batch). --batch defaults to 128 on a GPU / TPU and to 1 on
+CPU, where lockstep rows cost more than they save (DEFAULT_BATCH says why).
 
-  python scripts/eval_agents.py --miniature [--batch 32]
+  python scripts/eval_agents.py --miniature                       # 500 test questions, every configuration
+  python scripts/eval_agents.py --miniature --batch 250 --out DIR  # on one GPU: 2 Sessions per configuration
   python scripts/eval_agents.py --model DIR --adapters DIR [--questions 500] [--svd-ranks 8,16]
   python scripts/eval_agents.py --model DIR --adapters DIR --quick       # CPU smoke run, 4 questions
 
@@ -65,7 +67,12 @@ PAPER_SIMILARITY = "paper (Llama-3.1-8B, Table 1-2): full 0.958, base 0.973, ada
 QUICK = dict(questions=4, max_steps=2, turn_tokens="plan=32,action=24,reflect=32", max_len=1024,
              similarity_questions=1, resamples=1000, svd_ranks="8", warmup=0, prefill_buckets="64", batch=2)
 DEFAULTS = dict(questions=500, max_steps=6, turn_tokens=None, max_len=2048, similarity_questions=4,
-                resamples=10000, svd_ranks="8", warmup=1, prefill_buckets=None, batch=32)
+                resamples=10000, svd_ranks="8", warmup=1, prefill_buckets=None, batch=None)
+# --batch by backend when not given. An accelerator runs a turn of many rows in about the time of one
+# (launch- and bandwidth-bound at these sizes). The CPU is compute-bound, and a lockstep batch pays
+# for every row's padding to the longest row and for rows idle in a turn (on the miniature, batch 16
+# processed 4.2x the real prefill tokens against 1.6x at batch 1, and ran ~2x fewer questions/s).
+DEFAULT_BATCH = {"cpu": 1, "accelerator": 128}
 
 
 # ---- configurations ---------------------------------------------------------------------------
@@ -541,8 +548,9 @@ def parse_args(argv):
                      help="token limit per turn, e.g. plan=96,action=48,reflect=96 (default: the loop's "
                           f"DEFAULT_TURN_TOKENS; quick {QUICK['turn_tokens']})")
     run.add_argument("--batch", type=int, default=None,
-                     help=f"questions per Session, run in lockstep (default {DEFAULTS['batch']}, quick "
-                          f"{QUICK['batch']}); the caches hold batch x max-len tokens per agent")
+                     help=f"questions per Session, run in lockstep (default {DEFAULT_BATCH['accelerator']} on a "
+                          f"GPU / TPU, {DEFAULT_BATCH['cpu']} on CPU; quick {QUICK['batch']}); the caches hold "
+                          "batch x max-len tokens per agent")
     run.add_argument("--max-len", type=int, default=None,
                      help=f"cache capacity per Session (default {DEFAULTS['max_len']}, quick {QUICK['max_len']})")
     run.add_argument("--critical-layers", default=None, help="droidspeak critical layers (default: a third)")
@@ -569,7 +577,7 @@ def parse_args(argv):
         if getattr(args, key) is None:
             setattr(args, key, value)
     for flag in ("questions", "max_len", "resamples", "batch"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("max_steps", "warmup", "similarity_questions"):
         if getattr(args, flag) < 0:
@@ -622,7 +630,8 @@ def evaluate(args) -> dict:
     tools = make_tools(world)
     records, summaries = {}, {}
     indices = bootstrap_indices(len(questions), args.resamples, args.seed)
-    batch = min(args.batch, len(questions))
+    batch = min(args.batch or DEFAULT_BATCH["cpu" if jax.default_backend() == "cpu" else "accelerator"],
+                len(questions))
     started = time.perf_counter()
     for config in configs:
         if config.adapter_set not in engines:
