@@ -84,6 +84,21 @@ def _rows(traj, lo, hi):
     return [list(t[a:b]) for t, a, b in zip(traj, lo, hi)]
 
 
+def _lengths(traj) -> np.ndarray:
+    return np.array([len(t) for t in traj], np.int64)
+
+
+# Rows outside a turn's `active` mask take part in its batched calls with no tokens: every cache
+# write of theirs goes to the dropped slot (n_valid 0), so their caches stay bit for bit as they
+# were, and their held counts are kept. Their reads are pinned at position 1 (slot 0 only), so
+# they stay finite and in bounds whatever the row holds; their outputs are discarded.
+_IDLE_START = 1
+
+
+def _start(held, active) -> np.ndarray:
+    return np.where(active, held, _IDLE_START)
+
+
 class Scheme:
     """Base class: bookkeeping of the slots each cache part holds."""
 
@@ -112,16 +127,29 @@ class Scheme:
         """Slots (tokens) per row every cache array of this scheme holds."""
         return capacity(self.max_len)
 
-    def prepare(self, agent: str, traj, want_logits=True):
-        """Catch up and prefill for `agent`; returns (logits, catch-up tokens, new tokens).
+    def prepare(self, agent: str, traj, want_logits=True, active=None):
+        """Catch up and prefill for `agent`; returns (logits, catch-up tokens [B], new tokens [B]).
 
         logits: [B, V] at the last token, or with want_logits="all" one array per row over
         the tokens of the final prefill (whose last `new` entries are the new tokens).
+        active: bool [B] (None: every row); other rows process nothing and keep their counts.
         """
         raise NotImplementedError
 
-    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
+    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids, active=None):
+        """Decode from first_token at `start`; returns (tokens [B, n], counts [B]; 0 for inactive rows)."""
         raise NotImplementedError
+
+    def _active(self, active) -> np.ndarray:
+        return np.ones(self.batch, bool) if active is None else np.asarray(active, bool)
+
+    def _engine_decode(self, view, agent, first_token, start, sampling, key, max_new_tokens, stop_ids, active):
+        """engine.decode where inactive rows stop at once (limit 1: no step writes for them)."""
+        limits = np.where(active, np.broadcast_to(max_new_tokens, active.shape), 1)
+        first = np.where(active, np.asarray(first_token), 0)
+        tokens, counts, view = self.engine.decode(view, first, _start(start, active), self._ids(agent), sampling,
+                                                  key, max_new_tokens=limits, stop_ids=stop_ids)
+        return tokens, np.where(active, np.asarray(counts), 0), view
 
     def _ids(self, agent):
         return np.full((self.batch,), self.engine.adapter_ids([agent])[0], np.int32)
@@ -205,23 +233,25 @@ class _OneCacheScheme(Scheme):
     def _set_held(self, agent, held: np.ndarray):
         raise NotImplementedError
 
-    def prepare(self, agent, traj, want_logits=True):
-        T = np.array([len(t) for t in traj])
+    def prepare(self, agent, traj, want_logits=True, active=None):
+        active = self._active(active)
         held = self._held(agent)
+        T = np.where(active, _lengths(traj), held)  # inactive rows: nothing to process
         before = self.processed()
-        logits, view = self.engine.prefill(self._view(agent, False), _rows(traj, held, T), held, self._ids(agent),
-                                           want_logits=want_logits)
+        logits, view = self.engine.prefill(self._view(agent, False), _rows(traj, held, T), _start(held, active),
+                                           self._ids(agent), want_logits=want_logits)
         self._store(agent, view)
         self._set_held(agent, T)
-        new = int(np.sum(T - np.maximum(before, held)))
-        return logits, int(np.sum(T - held)) - new, new
+        new = np.where(active, T - np.maximum(before, held), 0)
+        return logits, T - held - new, new
 
-    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
-        tokens, counts, view = self.engine.decode(self._view(agent, False), first_token, start, self._ids(agent),
-                                                  sampling, key, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids, active=None):
+        active = self._active(active)
+        tokens, counts, view = self._engine_decode(self._view(agent, False), agent, first_token, start, sampling,
+                                                   key, max_new_tokens, stop_ids, active)
         self._store(agent, view)
-        counts = np.asarray(counts)
-        self._set_held(agent, np.asarray(start) + counts - 1)  # the last token is not fed back
+        # the last token is not fed back
+        self._set_held(agent, np.where(active, np.asarray(start) + counts - 1, self._held(agent)))
         return tokens, counts
 
 
@@ -371,29 +401,34 @@ class _SharedPlusOwn(Scheme):
     def processed(self):
         return self.held_shared
 
-    def prepare(self, agent, traj, want_logits=True):
-        T = np.array([len(t) for t in traj])
+    def prepare(self, agent, traj, want_logits=True, active=None):
+        active = self._active(active)
         ids = self._ids(agent)
         held_own, held_shared = self.held_own[agent], self.held_shared
-        catch_up = int(np.sum(held_shared - held_own))
-        if catch_up:
-            _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_own, held_shared), held_own, ids,
-                                          layers=self._catch_up_layers, want_logits=False)
+        T = np.where(active, _lengths(traj), held_shared)  # inactive rows: nothing to process
+        caught_up = np.where(active, held_shared, held_own)
+        catch_up = caught_up - held_own
+        if catch_up.any():
+            _, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_own, caught_up),
+                                          _start(held_own, active), ids, layers=self._catch_up_layers,
+                                          want_logits=False)
             self._store(agent, view)
-        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_shared, T), held_shared, ids,
-                                           want_logits=want_logits)
+        logits, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_shared, T),
+                                           _start(held_shared, active), ids, want_logits=want_logits)
         self._store(agent, view)
-        new = int(np.sum(T - held_shared))
+        new = T - held_shared
         self.held_shared = T.astype(np.int64)
-        self.held_own[agent] = T.astype(np.int64)
+        self.held_own[agent] = np.where(active, T, held_own).astype(np.int64)
         return logits, catch_up, new
 
-    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids):
-        tokens, counts, view = self.engine.decode(self._view(agent, True), first_token, start, self._ids(agent),
-                                                  sampling, key, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    def decode(self, agent, first_token, start, sampling, key, max_new_tokens, stop_ids, active=None):
+        active = self._active(active)
+        tokens, counts, view = self._engine_decode(self._view(agent, True), agent, first_token, start, sampling, key,
+                                                   max_new_tokens, stop_ids, active)
         self._store(agent, view)
-        counts = np.asarray(counts)
-        self.held_shared = self.held_own[agent] = np.asarray(start) + counts - 1
+        end = np.asarray(start) + counts - 1
+        self.held_shared = np.where(active, end, self.held_shared).astype(np.int64)
+        self.held_own[agent] = np.where(active, end, self.held_own[agent]).astype(np.int64)
         return tokens, counts
 
     def _keep_after_branch(self, agent, snapshot, after, T):

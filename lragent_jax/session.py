@@ -57,6 +57,9 @@ class TurnStats:
     ttft_s: float  # turn start to the first generated token on the host
     decode_s: float  # the rest of the turn
     generated_tokens: int  # all rows
+    rows: list = dataclasses.field(default_factory=list)  # the rows that took the turn (empty: every row)
+    catch_up_by_row: list = dataclasses.field(default_factory=list)  # per row of the batch (0 if not in the turn)
+    new_by_row: list = dataclasses.field(default_factory=list)
 
     @property
     def total_s(self) -> float:
@@ -224,22 +227,54 @@ class Session:
         base = self._seed if seed is None else seed
         return jax.random.fold_in(jax.random.key(base), self._key_counter)
 
-    def _check_room(self, max_new_tokens: int, what: str) -> np.ndarray:
+    def _check_room(self, max_new_tokens: int, what: str, active=None) -> np.ndarray:
         T = np.array([len(t) for t in self.trajectory])
-        if T.min() == 0:
+        mine = T if active is None else T[active]
+        if mine.min() == 0:
             raise ValueError(f"the trajectory is empty: append() a prompt before {what}()")
-        if T.max() + max_new_tokens > self.max_len:
-            raise ValueError(f"trajectory of {T.max()} tokens + max_new_tokens={max_new_tokens} exceeds "
+        if mine.max() + max_new_tokens > self.max_len:
+            raise ValueError(f"trajectory of {mine.max()} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"max_len={self.max_len}")
         return T
 
+    def _row_mask(self, rows) -> np.ndarray:
+        """rows: None (every row), a bool mask [batch], or row indices -> bool mask [batch], not empty."""
+        if rows is None:
+            return np.ones(self.batch, bool)
+        if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+            raise ValueError(f"rows: expected a bool mask of {self.batch} rows or a list of row indices, got {rows!r}")
+        values = list(rows)
+        if values and all(isinstance(v, (bool, np.bool_)) for v in values):
+            if len(values) != self.batch:
+                raise ValueError(f"rows: a mask of {len(values)} entries for a session of batch={self.batch}")
+            mask = np.array(values, bool)
+        else:
+            bad = [v for v in values if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral)
+                   or not 0 <= v < self.batch]
+            if bad:
+                raise ValueError(f"rows: {bad[0]!r} is not a row index in 0..{self.batch - 1} (or give a bool mask)")
+            if len(set(int(v) for v in values)) != len(values):
+                raise ValueError(f"rows: repeated row index in {values!r}")
+            mask = np.zeros(self.batch, bool)
+            mask[[int(v) for v in values]] = True
+        if not mask.any():
+            raise ValueError("rows selects no row; a turn needs at least one")
+        return mask
+
     def generate(self, agent: str, max_new_tokens: int = 32, *, greedy: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids=None) -> list[list[int]]:
-        """The agent catches up, then decodes up to max_new_tokens per row; returns each row's tokens."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids=None,
+                 rows=None) -> list[list[int]]:
+        """The agent catches up, then decodes up to max_new_tokens per row; returns each row's tokens.
+
+        rows: the rows that take this turn (a bool mask [batch] or row indices; default every row).
+        The others generate nothing (their list is empty): their trajectory, their caches (bit for
+        bit) and held counts stay as they were, so their next turn is as if this one never ran.
+        """
         self._check_usable()
         self._agent(agent)
         max_new_tokens = checks.count(max_new_tokens, "max_new_tokens")
-        T = self._check_room(max_new_tokens, "generate")
+        active = self._row_mask(rows)
+        T = self._check_room(max_new_tokens, "generate", active)
         sampling = SamplingParams.make(self.batch, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
         stops = self.stop_ids if stop_ids is None else _token_list(stop_ids, "stop_ids")
         seed = None if seed is None else _integer(seed, "seed")
@@ -248,20 +283,24 @@ class Session:
             key = self._next_key(seed)
             k_first, k_rest = jax.random.split(key)
             t0 = time.perf_counter()
-            logits, catch_up, new = self.scheme.prepare(agent, self.trajectory)
+            logits, catch_up, new = self.scheme.prepare(agent, self.trajectory, active=active)
             jax.block_until_ready(logits)
             t1 = time.perf_counter()
             first = self.engine.sample(logits, sampling, k_first)
             first = np.asarray(first)
             t2 = time.perf_counter()
-            tokens, counts = self.scheme.decode(agent, first, T, sampling, k_rest, max_new_tokens, stops)
+            tokens, counts = self.scheme.decode(agent, first, T, sampling, k_rest, max_new_tokens, stops,
+                                                active=active)
             tokens = np.asarray(tokens)
             t3 = time.perf_counter()
 
-            out = [tokens[b, : counts[b]].tolist() for b in range(self.batch)]
+            out = [tokens[b, : counts[b]].tolist() if active[b] else [] for b in range(self.batch)]
             self._extend(out)
-            self.turns.append(TurnStats(agent=agent, catch_up_tokens=catch_up, new_tokens=new, prefill_s=t1 - t0,
-                                        ttft_s=t2 - t0, decode_s=t3 - t2, generated_tokens=int(np.sum(counts))))
+            self.turns.append(TurnStats(
+                agent=agent, catch_up_tokens=int(np.sum(catch_up)), new_tokens=int(np.sum(new)), prefill_s=t1 - t0,
+                ttft_s=t2 - t0, decode_s=t3 - t2, generated_tokens=int(np.sum(counts)),
+                rows=[] if active.all() else np.flatnonzero(active).tolist(),
+                catch_up_by_row=np.asarray(catch_up).tolist(), new_by_row=np.asarray(new).tolist()))
         return out
 
     # ---- concurrent agents ---------------------------------------------------------------

@@ -2,7 +2,7 @@
 """Accuracy of the plan / action / reflect agents under each cache scheme, on held-out questions.
 
 Every question of the split runs end to end through the agent loop (lragent_jax.task.loop
-.run_episode: tools, observations, final answer; greedy) under each configuration:
+.run_episodes: tools, observations, final answer; greedy) under each configuration:
 
   non_shared, full_shared, droidspeak,        the shared-A adapters (adapters_shared/)
   base_shared, base_lr_shared
@@ -21,12 +21,15 @@ between agent pairs of the full value cache, the base cache X W_v, the adapter o
 and the LR cache X A (lragent_jax.fidelity.value_similarity) on a few gold trajectories of the
 split, for each adapter set.
 
-One Engine per adapter set, reused by every question (each scheme compiles once), and a fresh
-Session per question. Questions run one at a time: the Session API cannot yet advance rows whose
-turns belong to different agents in one batch (one agent per generate call), and episodes of
-different questions reach different agents at different times.
+One Engine per adapter set, reused by every question (each scheme compiles once), and one
+Session per --batch questions (one question a row, run in lockstep by run_episodes: the rows
+waiting for the same agent share one generate call; each row's episode is the one run_episode
+gives it alone). Timings are the batch's, shared out evenly over its questions; cache bytes are
+per trajectory (the batch's caches / batch). --batch defaults to 128 on a GPU / TPU and to 1 on
+CPU, where lockstep rows cost more than they save (DEFAULT_BATCH says why).
 
-  python scripts/eval_agents.py --miniature
+  python scripts/eval_agents.py --miniature                       # 500 test questions, every configuration
+  python scripts/eval_agents.py --miniature --batch 250 --out DIR  # on one GPU: 2 Sessions per configuration
   python scripts/eval_agents.py --model DIR --adapters DIR [--questions 500] [--svd-ranks 8,16]
   python scripts/eval_agents.py --model DIR --adapters DIR --quick       # CPU smoke run, 4 questions
 
@@ -62,9 +65,14 @@ ROLES = ("plan", "action", "reflect")
 KIND_LABELS = {"full": "full V", "base": "base X W_v", "adapter": "adapter s(XA)B", "lr": "LR X A"}
 PAPER_SIMILARITY = "paper (Llama-3.1-8B, Table 1-2): full 0.958, base 0.973, adapter 0.054, LR ~0.95 with shared A"
 QUICK = dict(questions=4, max_steps=2, turn_tokens="plan=32,action=24,reflect=32", max_len=1024,
-             similarity_questions=1, resamples=1000, svd_ranks="8", warmup=0, prefill_buckets="64")
+             similarity_questions=1, resamples=1000, svd_ranks="8", warmup=0, prefill_buckets="64", batch=2)
 DEFAULTS = dict(questions=500, max_steps=6, turn_tokens=None, max_len=2048, similarity_questions=4,
-                resamples=10000, svd_ranks="8", warmup=1, prefill_buckets=None)
+                resamples=10000, svd_ranks="8", warmup=1, prefill_buckets=None, batch=None)
+# --batch by backend when not given. An accelerator runs a turn of many rows in about the time of one
+# (launch- and bandwidth-bound at these sizes). The CPU is compute-bound, and a lockstep batch pays
+# for every row's padding to the longest row and for rows idle in a turn (on the miniature, batch 16
+# processed 4.2x the real prefill tokens against 1.6x at batch 1, and ran ~2x fewer questions/s).
+DEFAULT_BATCH = {"cpu": 1, "accelerator": 128}
 
 
 # ---- configurations ---------------------------------------------------------------------------
@@ -221,36 +229,48 @@ def _materialise(sets, reports, name):
 
 
 # ---- running ----------------------------------------------------------------------------------
-def run_question(engine, config, question, tools, tokenizer, args, limits, critical):
+def run_batch(engine, config, questions, tools, tokenizer, args, limits, critical, batch) -> list:
+    """One record per question: the questions run as the rows of one Session of `batch` rows."""
     from lragent_jax.session import Session
-    from lragent_jax.task.loop import run_episode, score
+    from lragent_jax.task.loop import run_episodes, score
 
-    session = Session(engine, config.scheme, max_len=args.max_len, tokenizer=tokenizer, attention=args.attention,
-                      critical_layers=critical, seed=args.seed)
-    generated = []
-    generate = session.generate
-
-    def recording_generate(*a, **kw):  # every token an agent generates, in order
-        out = generate(*a, **kw)
-        generated.extend(out[0])
-        return out
-
-    session.generate = recording_generate
+    session = Session(engine, config.scheme, batch=batch, max_len=args.max_len, tokenizer=tokenizer,
+                      attention=args.attention, critical_layers=critical, seed=args.seed)
     t0 = time.perf_counter()
-    result = run_episode(session, question.text, tools=tools, max_steps=args.max_steps, max_tokens_per_turn=limits,
-                         greedy=True)
-    wall = time.perf_counter() - t0
+    results = run_episodes(session, [q.text for q in questions], tools=tools, max_steps=args.max_steps,
+                           max_tokens_per_turn=limits, greedy=True)
+    share = 1 / len(questions)  # the batch's time, shared out evenly
+    wall = (time.perf_counter() - t0) * share
     stats = session.stats()
-    s = score(result.answer, question.answer)
-    return {
-        "config": config.name, "question": question.text, "gold": question.answer, "template": question.template,
-        "answer": result.answer, "em": s["em"], "f1": s["f1"], "stop_reason": result.stop_reason,
-        "tool_calls": result.tool_calls, "trajectory_tokens": result.trajectory_tokens,
-        "generated": [int(t) for t in generated], "wall_s": wall,
-        "stats": {k: stats[k] for k in ("generated_tokens", "catch_up_tokens", "new_tokens", "prefill_s",
-                                         "decode_s", "elapsed_s", "cache_bytes")},
-        "text": result.text,
-    }
+    records = []
+    for q, result in zip(questions, results):
+        s = score(result.answer, q.answer)
+        generated = [int(t) for turn in result.turns for t in turn["ids"]]  # every token an agent generated
+        records.append({
+            "config": config.name, "question": q.text, "gold": q.answer, "template": q.template,
+            "answer": result.answer, "em": s["em"], "f1": s["f1"], "stop_reason": result.stop_reason,
+            "tool_calls": result.tool_calls, "trajectory_tokens": result.trajectory_tokens,
+            "generated": generated, "wall_s": wall, "batch": batch,
+            "stats": {"generated_tokens": len(generated),
+                      "catch_up_tokens": sum(t.get("catch_up_tokens", 0) for t in result.turns),
+                      "new_tokens": sum(t.get("new_tokens", 0) for t in result.turns),
+                      **{k: stats[k] * share for k in ("prefill_s", "decode_s", "elapsed_s")},
+                      "cache_bytes": session.cache_bytes // session.batch},
+            "text": result.text,
+        })
+    return records
+
+
+def run_questions(engine, config, questions, tools, tokenizer, args, batch, on_batch=None) -> list:
+    """Records of every question, in order, `batch` at a time (every Session has `batch` rows, the
+    last one's spare rows empty, so one set of compiled programs serves them all)."""
+    records = []
+    for lo in range(0, len(questions), batch):
+        records += run_batch(engine, config, questions[lo: lo + batch], tools, tokenizer, args, args.turn_limits,
+                             args.critical, batch)
+        if on_batch is not None:
+            on_batch(records)
+    return records
 
 
 def summarise(config, records, baseline_records, indices, warmup_records) -> dict:
@@ -527,6 +547,10 @@ def parse_args(argv):
     run.add_argument("--turn-tokens", default=None, metavar="ROLE=N,...",
                      help="token limit per turn, e.g. plan=96,action=48,reflect=96 (default: the loop's "
                           f"DEFAULT_TURN_TOKENS; quick {QUICK['turn_tokens']})")
+    run.add_argument("--batch", type=int, default=None,
+                     help=f"questions per Session, run in lockstep (default {DEFAULT_BATCH['accelerator']} on a "
+                          f"GPU / TPU, {DEFAULT_BATCH['cpu']} on CPU; quick {QUICK['batch']}); the caches hold "
+                          "batch x max-len tokens per agent")
     run.add_argument("--max-len", type=int, default=None,
                      help=f"cache capacity per Session (default {DEFAULTS['max_len']}, quick {QUICK['max_len']})")
     run.add_argument("--critical-layers", default=None, help="droidspeak critical layers (default: a third)")
@@ -552,8 +576,8 @@ def parse_args(argv):
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag in ("questions", "max_len", "resamples"):
-        if getattr(args, flag) < 1:
+    for flag in ("questions", "max_len", "resamples", "batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("max_steps", "warmup", "similarity_questions"):
         if getattr(args, flag) < 0:
@@ -606,6 +630,8 @@ def evaluate(args) -> dict:
     tools = make_tools(world)
     records, summaries = {}, {}
     indices = bootstrap_indices(len(questions), args.resamples, args.seed)
+    batch = min(args.batch or DEFAULT_BATCH["cpu" if jax.default_backend() == "cpu" else "accelerator"],
+                len(questions))
     started = time.perf_counter()
     for config in configs:
         if config.adapter_set not in engines:
@@ -613,16 +639,17 @@ def evaluate(args) -> dict:
             engines[config.adapter_set] = Engine(model, lora, **({"prefill_buckets": tuple(args.buckets)}
                                                                  if args.buckets else {}))
         engine = engines[config.adapter_set]
-        run = lambda q: run_question(engine, config, q, tools, tokenizer, args, args.turn_limits,  # noqa: E731
-                                     args.critical)
-        warm = [run(q) for q in warmup_qs]
-        recs = []
-        bar = progress(questions, desc=config.name)
-        for q in bar:
-            recs.append(run(q))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(em=f"{np.mean([r['em'] for r in recs]):.2f}")
-        records[config.name] = recs
+        # the warm-up runs at the same batch, so it compiles the programs the questions use
+        warm = run_questions(engine, config, warmup_qs, tools, tokenizer, args, batch)
+        bar = progress(None, desc=config.name, total=len(questions))
+
+        def advance(recs):
+            bar.update(len(recs) - bar.n)
+            bar.set_postfix(em=f"{np.mean([r['em'] for r in recs]):.2f}")
+
+        records[config.name] = run_questions(engine, config, questions, tools, tokenizer, args, batch, advance)
+        bar.close()
+        recs = records[config.name]
         summaries[config.name] = summarise(config, recs, records[config.baseline], indices, warm)
     for name in list(engines):  # value_similarity needs two or more agents with adapters
         if name.startswith("independent+svd"):
@@ -639,7 +666,9 @@ def evaluate(args) -> dict:
         "wall_s": time.perf_counter() - started, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "batching": "one question per Session (the Session API runs one agent per generate call)",
+        "batch": batch,
+        "batching": f"{batch} questions per Session, in lockstep (run_episodes); timings shared out evenly over "
+                    "a batch's questions, cache bytes per trajectory",
     }
     return {"meta": meta, "configurations": summaries, "similarity": sim, "share_a": share_reports,
             "_records": records}
@@ -648,8 +677,9 @@ def evaluate(args) -> dict:
 def _progress(enabled: bool):
     from tqdm.auto import tqdm
 
-    def bar(items, desc):
-        return tqdm(items, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True, file=sys.stderr)
+    def bar(items, desc, total=None):
+        return tqdm(items, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=True,
+                    file=sys.stderr)
 
     return bar
 

@@ -207,3 +207,36 @@ def test_snippet_and_bad_input(quick_run, exported, capsys):
         assert err.count("\n") == 1 and "lragent_jax.miniature" in err
     assert ev.main(["--model", exported["base"], "--adapters", exported["adapters"], "--svd-ranks", "0"]) == 2
     assert "--svd-ranks" in capsys.readouterr().err
+
+
+def test_batched_run_equals_one_question_at_a_time(quick_run, exported):
+    """The quick run holds 2 questions per Session (3 questions: a full batch and one with a spare
+    row); one question per Session gives the same episodes: answers, stop reasons and every generated
+    token (greedy, float32; batch-2 and batch-1 programs differ only in shape)."""
+    results, out = quick_run
+    assert results["meta"]["batch"] == 2
+    single_out = exported["root"] / "out_batch1"
+    assert ev.main(["--model", exported["base"], "--adapters", exported["adapters"], "--world-seed", str(WORLD_SEED),
+                    "--world-config", "small", "--quick", "--questions", str(QUESTIONS), "--batch", "1",
+                    "--configs", "base_lr_shared,droidspeak", "--similarity-questions", "0", "--out",
+                    str(single_out), "--no-progress"]) == 0
+
+    def episodes(folder):
+        by = {}
+        with open(folder / "episodes.jsonl") as f:
+            for line in f:
+                r = json.loads(line)
+                by.setdefault(r["config"], []).append(r)
+        return by
+
+    batched, single = episodes(out), episodes(single_out)
+    assert set(single) == {"non_shared", "base_lr_shared", "droidspeak"}
+    for name, recs in single.items():
+        keys = ("question", "answer", "stop_reason", "tool_calls", "trajectory_tokens", "generated", "text")
+        assert [{k: r[k] for k in keys} for r in recs] == [{k: r[k] for k in keys} for r in batched[name]], name
+        assert [r["batch"] for r in recs] == [1] * QUESTIONS and [r["batch"] for r in batched[name]] == [2] * QUESTIONS
+        # per-row counts and per-trajectory cache bytes do not depend on the batch
+        for a, b in zip(recs, batched[name]):
+            for k in ("generated_tokens", "catch_up_tokens", "new_tokens", "cache_bytes"):
+                assert a["stats"][k] == b["stats"][k], (name, k)
+    assert ev.main(["--model", exported["base"], "--adapters", exported["adapters"], "--batch", "0"]) == 2

@@ -329,8 +329,8 @@ class ScriptedSession:
         self.turns = []
         self.calls = []
 
-    def append(self, text):
-        ids = self.tokenizer.encode(text, add_special_tokens=not self.trajectory[0])
+    def append(self, rows):
+        (ids,) = rows  # one id list per row: the loop tokenizes each piece itself
         assert len(self.trajectory[0]) + len(ids) <= self.max_len
         self.trajectory[0] += ids
 

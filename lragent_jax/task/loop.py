@@ -4,11 +4,15 @@
     result = run_episode(session, question.text, tools=make_tools(world))
     result.answer, result.stop_reason, score(result.answer, question.answer)
 
+    session = Session(engine, scheme="base_lr_shared", batch=32, max_len=2048, tokenizer=tok)
+    results = run_episodes(session, [q.text for q in questions[:32]], tools=make_tools(world))
+
 The loop writes the markers ("Thought:", "Action:", "Reflect:") and the observations; each
 agent writes one line (see episodes.py). A turn ends at a newline token, an EOS token, or its
 token limit (then the loop ends the line itself, so the format stays intact). The episode ends
 when an action is finish[...], or after the reflect turn, which runs when the plan agent says
-DONE_PHRASE or when max_steps tool calls have been made.
+DONE_PHRASE or when max_steps tool calls have been made. run_episodes runs one question per row of
+a batched Session in lockstep: the rows waiting for the same agent share one generate call.
 """
 
 from __future__ import annotations
@@ -85,10 +89,30 @@ def run_episode(session, question: str, *, tools, max_steps: int = 6, max_tokens
       stop_ids: turn stop tokens (default: the newline token and the model's EOS ids).
       sampling: temperature / top_k / top_p / seed passed to Session.generate when greedy=False.
     """
+    if getattr(session, "batch", 1) != 1:
+        raise ValueError(f"run_episode runs one trajectory; got a Session with batch={session.batch} "
+                         "(run_episodes runs one question per row)")
+    return run_episodes(session, [question], tools=tools, max_steps=max_steps, max_tokens_per_turn=max_tokens_per_turn,
+                        greedy=greedy, roles=roles, stop_ids=stop_ids, **sampling)[0]
+
+
+def run_episodes(session, questions, *, tools, max_steps: int = 6, max_tokens_per_turn=None, greedy: bool = True,
+                 roles: Mapping | None = None, stop_ids=None, **sampling) -> list:
+    """Run questions[b] on row b of `session` in lockstep; returns one EpisodeResult per question.
+
+    Each row follows run_episode's loop on its own (plan -> action -> observation -> ... ->
+    reflect); rows waiting for the same role share one Session.generate call (rows= the rows
+    waiting), so a batch of B questions costs about as many calls as one question. Rows past
+    len(questions) stay empty and take no turn. The session must be fresh (empty trajectory) with
+    a tokenizer and batch >= len(questions); the other arguments are run_episode's.
+    """
+    questions = list(questions)
     if session.tokenizer is None:
         raise ValueError("run_episode needs a Session with a tokenizer")
-    if session.batch != 1:
-        raise ValueError(f"run_episode runs one trajectory; got a Session with batch={session.batch}")
+    if not questions:
+        raise ValueError("run_episodes needs at least one question")
+    if len(questions) > session.batch:
+        raise ValueError(f"{len(questions)} questions for a Session with batch={session.batch}; one question a row")
     if any(session.trajectory):
         raise ValueError("run_episode needs a fresh Session (its trajectory is not empty)")
     if not isinstance(max_steps, int) or max_steps < 0:
@@ -98,61 +122,123 @@ def run_episode(session, question: str, *, tools, max_steps: int = 6, max_tokens
     tok = session.tokenizer
     nl = newline_id(tok)
     stops = tuple(stop_ids) if stop_ids is not None else (nl,) + tuple(session.stop_ids)
-    pieces: list = []
-    turns: list = []
+    episodes = [_Episode(b, q, session, tok, nl, limits, agents, max_steps, tools) for b, q in enumerate(questions)]
+    for e in episodes:
+        e.advance(None)
+    while any(e.waiting for e in episodes):
+        for role in ROLE_ORDER:  # plan then action: rows stay in step (every row alternates the two)
+            group = [e for e in episodes if e.waiting == role]
+            if not group:
+                continue
+            _flush(session, episodes)
+            mask = [False] * session.batch
+            for e in group:
+                mask[e.row] = True
+            before = len(session.turns)
+            out = session.generate(agents[role], limits[role], greedy=greedy, stop_ids=stops,
+                                   rows=None if all(mask) else mask, **sampling)
+            stats = session.turns[-1] if len(session.turns) > before else None
+            for e in group:
+                e.advance((out[e.row], stats, len(group)))
+    _flush(session, episodes)
+    return [e.result() for e in episodes]
 
-    def append(text: str) -> None:
-        n = len(tok.encode(text, add_special_tokens=not session.trajectory[0]))
-        if len(session.trajectory[0]) + n > session.max_len:
+
+ROLE_ORDER = ("plan", "action", "reflect")
+
+
+def _flush(session, episodes) -> None:
+    """Append every row's pending context in one call (appends are host-side bookkeeping)."""
+    if any(e.pending for e in episodes):
+        rows = [[] for _ in range(session.batch)]
+        for e in episodes:
+            rows[e.row], e.pending = e.pending, []
+        session.append(rows)
+
+
+class _Episode:
+    """One row's run of the loop, as a generator that stops at each turn it needs (its role).
+
+    Appends are queued (pending) and written before the next generate call; the lengths that
+    decide "context_full" count them, so the row ends exactly where run on its own it would.
+    """
+
+    def __init__(self, row, question, session, tok, nl, limits, agents, max_steps, tools):
+        self.row, self.session, self.tok, self.nl = row, session, tok, nl
+        self.limits, self.agents, self.max_steps, self.tools = limits, agents, max_steps, tools
+        self.pending: list = []
+        self.pieces: list = []
+        self.turns: list = []
+        self.waiting: str | None = None
+        self.outcome = (None, "no_answer", 0)
+        self._steps = self._run(question)
+
+    def _length(self) -> int:
+        return len(self.session.trajectory[self.row]) + len(self.pending)
+
+    def advance(self, sent) -> None:
+        try:
+            self.waiting = self._steps.send(sent)
+        except StopIteration:
+            self.waiting = None
+
+    def _append(self, text: str) -> None:
+        ids = self.tok.encode(text, add_special_tokens=self._length() == 0)
+        if self._length() + len(ids) > self.session.max_len:
             raise _ContextFull
-        session.append(text)
-        pieces.append(text)
+        self.pending.extend(ids)
+        self.pieces.append(text)
 
-    def turn(role: str) -> str:
+    def _turn(self, role: str):
         # room for the turn and the newline the loop may add after it
-        if len(session.trajectory[0]) + limits[role] + 1 > session.max_len:
+        if self._length() + self.limits[role] + 1 > self.session.max_len:
             raise _ContextFull
-        before = len(session.turns)
-        ids = session.generate(agents[role], limits[role], greedy=greedy, stop_ids=stops, **sampling)[0]
-        text = tok.decode(ids, skip_special_tokens=True)
-        truncated = not ids or ids[-1] != nl
-        pieces.append(text)
+        ids, stats, rows = yield role
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        truncated = not ids or ids[-1] != self.nl
+        self.pieces.append(text)
         if truncated:  # cut at the limit or at EOS: end the line so the format continues
-            append("\n")
+            self._append("\n")
         line = text.split("\n", 1)[0]
-        stats = session.turns[-1] if len(session.turns) > before else None
-        turns.append({
-            "role": role, "agent": agents[role], "text": line, "tokens": len(ids), "truncated": truncated,
-            **({k: getattr(stats, k) for k in ("catch_up_tokens", "new_tokens", "prefill_s", "ttft_s", "decode_s")}
-               if stats is not None else {}),
-        })
+        record = {"role": role, "agent": self.agents[role], "text": line, "tokens": len(ids), "ids": list(ids),
+                  "truncated": truncated}
+        if stats is not None:  # timings are the shared call's (`rows` rows took it); counts this row's
+            by_row = {k: getattr(stats, f"{k}_by_row", None) for k in ("catch_up", "new")}
+            record.update({f"{k}_tokens": v[self.row] if v else getattr(stats, f"{k}_tokens") for k, v in by_row.items()})
+            record.update({k: getattr(stats, k) for k in ("prefill_s", "ttft_s", "decode_s")}, rows=rows)
+        self.turns.append(record)
         return line
 
-    answer, reason, calls, thought = None, "no_answer", 0, ""
-    try:
-        append(question_text(question))
-        while True:
-            append(THOUGHT)
-            thought = turn("plan")
-            if DONE_PHRASE in thought or calls >= max_steps:
-                break
-            append(ACTION)
-            outcome = execute(turn("action")[:MAX_ACTION_CHARS], tools)
-            if outcome.finished:
-                answer, reason = outcome.answer, "action_finish"
-                break
-            calls += 1
-            append(observation_text(outcome.observation))
-        if reason != "action_finish":
-            append(REFLECT)
-            found = _FINISH.findall(turn("reflect"))
-            if found:
-                answer = found[-1].strip()
-                reason = "finish" if DONE_PHRASE in thought else "max_steps"
-    except _ContextFull:
-        reason = "context_full"
-    return EpisodeResult(text="".join(pieces), answer=answer, stop_reason=reason, tool_calls=calls, turns=turns,
-                         trajectory_tokens=len(session.trajectory[0]))
+    def _run(self, question):
+        answer, reason, calls, thought = None, "no_answer", 0, ""
+        try:
+            self._append(question_text(question))
+            while True:
+                self._append(THOUGHT)
+                thought = yield from self._turn("plan")
+                if DONE_PHRASE in thought or calls >= self.max_steps:
+                    break
+                self._append(ACTION)
+                outcome = execute((yield from self._turn("action"))[:MAX_ACTION_CHARS], self.tools)
+                if outcome.finished:
+                    answer, reason = outcome.answer, "action_finish"
+                    break
+                calls += 1
+                self._append(observation_text(outcome.observation))
+            if reason != "action_finish":
+                self._append(REFLECT)
+                found = _FINISH.findall((yield from self._turn("reflect")))
+                if found:
+                    answer = found[-1].strip()
+                    reason = "finish" if DONE_PHRASE in thought else "max_steps"
+        except _ContextFull:
+            reason = "context_full"
+        self.outcome = (answer, reason, calls)
+
+    def result(self) -> EpisodeResult:
+        answer, reason, calls = self.outcome
+        return EpisodeResult(text="".join(self.pieces), answer=answer, stop_reason=reason, tool_calls=calls,
+                             turns=self.turns, trajectory_tokens=len(self.session.trajectory[self.row]))
 
 
 # ---- scoring ----------------------------------------------------------------------------------
