@@ -15,9 +15,9 @@ ragged kv_lengths, q_offsets, sliding window, rows that see no key -> zeros and 
 ``SCORE_ELEMS`` floats; each query chunk bounds its own key range.
 
 Gradients: a while loop with a traced trip count has no reverse-mode derivative, so the
-function is a ``jax.custom_vjp`` whose backward pass is the dense reference's
-(reference.reference_from_canon): training (whose keys are all valid) gets the same
-gradients as before.
+function is a ``jax.custom_vjp``: when differentiated it runs the dense reference
+(reference.reference_from_canon) forward and backward, exactly what training ran
+before (its keys are a training chunk's own, all valid, so dense costs nothing extra).
 """
 from __future__ import annotations
 
@@ -161,15 +161,20 @@ def _chunked(statics, q_chunk, kv_chunk, arrays):
   return o.astype(arrays[0].dtype), lse
 
 
+def _dense(statics, arrays):
+  """The dense reference as a function of the float operands (the rest closed over)."""
+  ints = arrays[6:]
+  return lambda *floats: reference.reference_from_canon(_canon(floats + ints, statics), return_lse=True)
+
+
 def _chunked_fwd(statics, q_chunk, kv_chunk, arrays):
-  return _chunked(statics, q_chunk, kv_chunk, arrays), arrays
+  # Differentiated: run the dense reference and keep its residuals (what jax.grad of the
+  # reference keeps), so a training step costs what it did before; see the module docstring.
+  out, vjp = jax.vjp(_dense(statics, arrays), *arrays[:6])
+  return out, vjp
 
 
-def _chunked_bwd(statics, q_chunk, kv_chunk, arrays, cts):
-  # The dense reference's gradient (same function, all keys read): see the module docstring.
-  floats, ints = arrays[:6], arrays[6:]
-  dense = lambda *f: reference.reference_from_canon(_canon(f + ints, statics), return_lse=True)
-  _, vjp = jax.vjp(dense, *floats)
+def _chunked_bwd(statics, q_chunk, kv_chunk, vjp, cts):
   return (vjp(cts) + (None, None, None),)
 
 
