@@ -4,7 +4,8 @@
     from pallas_kernels import merge_partials    # combine (out, lse) of disjoint key ranges
 
 Layout (after jax/experimental/pallas/ops): flash_lora_attention.py (the entry
-point), reference.py (the XLA reference and the naive expansion), merge.py,
+point), xla_chunked.py (backend "xla": only the visible key chunks), reference.py
+(the dense XLA reference and the naive expansion), merge.py,
 _args.py / _lora_args.py (argument checks), triton/ and tpu/ (one kernel a file,
 block sizes and measured tuning in each backend's tuning.py).
 """

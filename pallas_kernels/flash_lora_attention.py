@@ -6,7 +6,8 @@
 computed without expanding LR to [kv_len, heads, head_dim] (docs/kernels.md).
 
 Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU; triton/), "mosaic_tpu"
-(Pallas TPU; tpu/), "xla" (the jnp reference in float32; reference.py), "auto"
+(Pallas TPU; tpu/), "xla" (jnp in float32, reading only the visible key chunks;
+xla_chunked.py; reference.py holds the dense form it is tested against), "auto"
 (by jax.default_backend(): gpu -> triton, tpu -> mosaic_tpu, otherwise xla).
 ``interpret=True`` runs the Pallas backend in interpret mode (CPU tests).
 
@@ -28,7 +29,7 @@ import warnings
 import jax
 import numpy as np
 
-from pallas_kernels import reference
+from pallas_kernels import reference, xla_chunked
 from pallas_kernels._args import Canon, canonicalize, check_kernel_limits
 
 BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
@@ -41,7 +42,7 @@ TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
 KNOBS = {
     "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits"),
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
-    "xla": ("q_chunk",),
+    "xla": ("q_chunk", "kv_chunk"),
 }
 _DISPATCH_KEYS = ("kernel", "decode_max_q_len")
 
@@ -95,7 +96,7 @@ def check_knobs(backend: str, kw: dict):
   if dispatch.get("kernel") not in KERNELS + (None,):
     raise ValueError(f"kernel must be one of {KERNELS} or None, got {dispatch['kernel']!r}.")
   knobs = {k: v for k, v in kw.items() if k not in _DISPATCH_KEYS and v is not None}
-  for key in ("decode_max_q_len", "q_chunk"):
+  for key in ("decode_max_q_len", "q_chunk", "kv_chunk"):
     val = kw.get(key)
     if val is not None and (not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1):
       raise ValueError(f"{key} must be a positive int, got {val!r}.")
@@ -131,7 +132,8 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
   dispatch, knobs = check_knobs(backend, knobs)
   return_lse = _check_return_lse(return_lse)
   if backend == "xla":
-    return reference.reference_from_canon(c, q_chunk=knobs.get("q_chunk"), return_lse=return_lse)
+    return xla_chunked.chunked_from_canon(c, q_chunk=knobs.get("q_chunk"), kv_chunk=knobs.get("kv_chunk"),
+                                          return_lse=return_lse)
   check_kernel_limits(c)
   if c.sliding_window is not None and c.sliding_window < c.dims["S"]:
     raise NotImplementedError(
@@ -180,7 +182,7 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     return_lse: python bool (static). Also return the log-sum-exp of each row.
     **knobs: triton: block_q, block_k, num_warps, num_stages, num_splits
       (triton.tuning.PrefillBlockSizes / DecodeBlockSizes); mosaic_tpu:
-      block_q, block_k, num_splits (tpu.tuning); xla: q_chunk; any backend:
+      block_q, block_k, num_splits (tpu.tuning); xla: q_chunk, kv_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len. None or absent: the
       measured defaults (get_default).
 

@@ -1,11 +1,12 @@
 """The XLA reference of Flash-LoRA-Attention and the naive LoRA expansion.
 
 * ``reference_attention`` / ``reference_from_canon``: float32 math, LoRA term
-  in the reordered form ``s * (P @ LR) @ B`` (no expansion); what
-  ``backend="xla"`` runs (and the model's XLA attention). Memory-sane for long
-  q_len: queries are processed in chunks (``lax.map``) sized so one chunk's
-  [batch, heads, chunk, kv_len] scores stay around 2**25 floats. The only
-  path with a sliding window.
+  in the reordered form ``s * (P @ LR) @ B`` (no expansion), dense over the
+  whole cache: the form ``backend="xla"`` (xla_chunked.py, which reads only the
+  visible key chunks) is tested against, and whose gradient it uses.
+  Memory-sane for long q_len: queries are processed in chunks (``lax.map``)
+  sized so one chunk's [batch, heads, chunk, kv_len] scores stay around 2**25
+  floats. Has the sliding window (as has xla_chunked; the Pallas kernels not).
 * ``expand_values``: the naive expansion ``V = V_base + s * LR @ B`` per head;
   ``flash_lora_attention.naive_lora_attention`` runs plain attention on it.
 
