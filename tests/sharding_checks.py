@@ -113,7 +113,29 @@ def main(out_path: str, full: bool):
     paths = {n: ref_lib.write_adapter(os.path.join(root, n), f) for n, f in adapters.items()}
     model = load_model(folder, dtype=jnp.float32)
     lora = load_adapters(paths, model)
-    result = {"runs": {}, "seconds": {}, "hlo": {}, "errors": {}}
+    result = {"runs": {}, "seconds": {}, "hlo": {}, "errors": {}, "loading": {}}
+
+    # loading straight onto a mesh: load_model from the HF folder, restore_converted from orbax
+    from flax import nnx
+
+    from lragent_jax.loading import restore_converted, save_converted
+
+    mesh24 = sharding.make_mesh(2, 4)
+    placed = load_model(folder, dtype=jnp.float32, mesh=mesh24)
+    save_converted(os.path.join(root, "converted"), model, lora)
+    restored, restored_lora = restore_converted(os.path.join(root, "converted"), mesh=mesh24)
+    for label, m, lw in (("load_model", placed, None), ("restore_converted", restored, restored_lora)):
+        layer = m.layers[0]
+        info = {name: {"spec": str(tuple(w.sharding.spec)), "shard": list(w.sharding.shard_shape(w.shape))}
+                for name, w in (("wq", layer.wq[...]), ("wo", layer.wo[...]), ("embed", m.embed[...]))}
+        if lw is not None:
+            b = lw.projections["v"].b
+            info["lora_v_b"] = {"spec": str(tuple(b.sharding.spec)), "shard": list(b.sharding.shard_shape(b.shape))}
+        # the Engine keeps already-placed weights as they are (no copy)
+        engine = Engine(m, lw or lora, mesh=mesh24, layer_mode="per_layer")
+        info["engine_keeps_arrays"] = all(a is b for a, b in zip(jax.tree.leaves(nnx.state(m)),
+                                                                 jax.tree.leaves(engine.params[0])))
+        result["loading"][label] = info
 
     def record(label, engine, schemes, **kw):
         for scheme in schemes:
@@ -126,7 +148,8 @@ def main(out_path: str, full: bool):
     record("unsharded", Engine(model, lora, **buckets), SCHEMES)
     for label, (data, m) in MESHES.items():
         mesh = sharding.make_mesh(data, m)
-        engine = Engine(model, lora, mesh=mesh, **buckets)
+        two_d = label == "data=2,model=4"
+        engine = Engine(placed if two_d else model, lora, mesh=mesh, **buckets)  # the 2-D mesh: weights loaded on it
         two_d = label == "data=2,model=4"
         record(label, engine, SCHEMES if two_d or full else QUICK[label])
         if two_d:

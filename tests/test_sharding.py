@@ -132,3 +132,15 @@ def test_every_scheme_on_every_mesh(tmp_path):
     for mesh in ("model=2", "model=4", "data=2,model=4"):
         for scheme in SCHEMES:
             assert_equal_runs(runs, f"{mesh}/{scheme}", SHARD_REL_TOL)
+
+
+@pytest.mark.parametrize("loader", ["load_model", "restore_converted"])
+def test_loading_places_each_shard_on_its_devices(checks, loader):
+    info = checks["loading"][loader]
+    # wq [64, 8 heads * 16] column-parallel: 128 / model=4 columns each; wo row-parallel; embed replicated
+    assert info["wq"] == {"spec": "(None, 'model')", "shard": [64, 32]}
+    assert info["wo"] == {"spec": "('model', None)", "shard": [32, 64]}
+    assert info["embed"] == {"spec": "(None, None)", "shard": [320, 64]}
+    if loader == "restore_converted":  # LoRA B [L, N, r, 4 KV heads * 16] sharded with v's output
+        assert info["lora_v_b"] == {"spec": "(None, None, None, 'model')", "shard": [2, 3, 8, 16]}
+    assert info["engine_keeps_arrays"]
