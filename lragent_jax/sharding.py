@@ -237,6 +237,19 @@ def cache_shardings(tree, mesh: Mesh, rules: ShardingRules):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def init_sharded(make, mesh: Mesh, rules: ShardingRules | None = None):
+    """An nnx model built by `make()` (e.g. random weights: lambda: Llama(cfg, rngs=...)) with every
+    weight born on its devices: one jitted init whose outputs have the weights' shardings, so a model
+    bigger than one device (Llama-3.1-70B in bf16) never exists whole."""
+    from flax import nnx
+
+    shapes = nnx.eval_shape(make)  # the model with ShapeDtypeStructs for arrays: nothing allocated
+    graphdef, abstract = nnx.split(shapes)
+    shardings = weight_shardings(abstract, mesh, rules_for(shapes.config, mesh, rules))
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
 def constrain(tree, shardings):
     """with_sharding_constraint leaf by leaf (inside a traced program)."""
     return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
