@@ -144,3 +144,17 @@ def test_loading_places_each_shard_on_its_devices(checks, loader):
     if loader == "restore_converted":  # LoRA B [L, N, r, 4 KV heads * 16] sharded with v's output
         assert info["lora_v_b"] == {"spec": "(None, None, None, 'model')", "shard": [2, 3, 8, 16]}
     assert info["engine_keeps_arrays"]
+
+
+@pytest.mark.parametrize("script", ["generate.py", "agents.py"])
+def test_scripts_reject_a_mesh_that_cannot_run_in_one_line(script):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    path = os.path.join(os.path.dirname(HERE), "scripts", script)
+    for spec, msg in (("model=3", "error: mesh data=1,model=3 needs 3 devices; 1 visible (cpu)"),
+                      ("data=2", "error: --mesh data=2: data=2 splits a batch of trajectories, and this runs 1"),
+                      ("model=x", "error: --mesh 'model=x': 'model=x' is not AXIS=N")):
+        proc = subprocess.run([sys.executable, path, "--mesh", spec], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(msg), proc.stderr
