@@ -155,6 +155,13 @@ def main(out_path: str, full: bool):
         if two_d:
             for scheme in ("non_shared", "base_lr_shared"):
                 _, _, s = trajectory(engine, scheme)
+                if scheme == "base_lr_shared":  # a checkpoint restores onto the mesh and continues alike
+                    s.save(os.path.join(root, "session"))
+                    restored = Session.restore(os.path.join(root, "session"), engine)
+                    k = restored.scheme.cache.k
+                    result["restore"] = {"k_spec": str(tuple(k.sharding.spec)),
+                                         "same": restored.generate("plan", 4, greedy=True)
+                                         == s.generate("plan", 4, greedy=True)}
                 view = s.scheme._view("plan", True)
                 per_device = [int(np.prod(x.sharding.shard_shape(x.shape)))
                               for x in jax.tree.leaves(view) if x.ndim >= 4]
