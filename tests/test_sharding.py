@@ -158,3 +158,22 @@ def test_scripts_reject_a_mesh_that_cannot_run_in_one_line(script):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(msg), proc.stderr
+
+
+def test_tpu_fit_bytes_per_device_match_the_arithmetic(tmp_path):
+    """bench.tpu_fit's per-device bytes (from the shardings over an abstract v2-8 mesh, no lowering)
+    against the count by hand for Llama-3.1-8B in bf16 over model=8."""
+    from bench import tpu_fit
+
+    row = next(r for r in tpu_fit.main(["--no-lower", "--layouts", "model=8", "--out", str(tmp_path)])
+               if r["tpu"] == "v2-8")
+    V, d, f, L, H, Hkv, D = 128256, 4096, 14336, 32, 32, 8, 128
+    layer = d * H * D + 2 * d * Hkv * D + H * D * d + 3 * d * f  # wq, wk + wv, wo, MLP: all split 8 ways
+    lora = L * (2 * d * 8 + 3 * 8 * (H * D + Hkv * D) // 8)  # q and v: shared A whole, 3 agents' B split
+    scales = 2 * 3 * 4  # q and v: one float32 scale per agent
+    weights = 2 * (V * d + (L * layer + d * V) // 8 + (2 * L + 1) * d) + 2 * lora + scales  # embed, norms whole
+    assert row["weight_bytes_per_device"] == weights
+    kv_token = L * 2 * (Hkv // 8) * D * 2  # K and V, one KV head per device, bf16
+    assert row["schemes"]["full_shared"]["cache_bytes_per_token"] == kv_token
+    assert row["schemes"]["non_shared"]["cache_bytes_per_token"] == 3 * kv_token
+    assert row["schemes"]["base_lr_shared"]["cache_bytes_per_token"] == kv_token + L * 8 * 2  # + LR [.., r=8]
