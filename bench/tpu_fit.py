@@ -139,7 +139,8 @@ def main(argv=None):
                   + (f"; lowered for TPU: {row['mosaic_kernels_lowered']} Mosaic kernel calls"
                      if "mosaic_kernels_lowered" in row else ""), flush=True)
     out = results_dir("tpu_fit", args.out)
-    print(f"wrote {write_json(os.path.join(out, f'tpu_fit-{args.shape}.json'), dict(**run_info(), shape=args.shape, jax=jax.__version__, usable=args.usable, rows=rows))}")
+    result = dict(**run_info(), shape=args.shape, jax=jax.__version__, usable=args.usable, rows=rows)
+    print(f"wrote {write_json(os.path.join(out, f'tpu_fit-{args.shape}.json'), result)}")
     return rows
 
 

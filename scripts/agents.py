@@ -203,7 +203,8 @@ def run_miniature(args) -> int:
         raise UsageError(f"--question-index must be in [0, {len(test)}), got {args.question_index}")
     q = test[args.question_index]
     question, gold = (q.text, q.answer) if args.question is None else (args.question, None)
-    session = Session(Engine(model, lora, mesh=args.mesh_obj), args.scheme, max_len=min(args.max_len, model.config.max_position_embeddings),
+    session = Session(Engine(model, lora, mesh=args.mesh_obj), args.scheme,
+                      max_len=min(args.max_len, model.config.max_position_embeddings),
                       tokenizer=tok, model_name="miniature", seed=args.seed)
     # greedy: the trained agents are read greedily (the demo is deterministic)
     res = run_episode(session, question, tools=make_tools(world), max_steps=args.max_steps, greedy=True)

@@ -137,10 +137,12 @@ def main(out_path: str, full: bool):
                                                                  jax.tree.leaves(engine.params[0])))
         result["loading"][label] = info
 
+    sessions = {}
+
     def record(label, engine, schemes, **kw):
         for scheme in schemes:
             t = time.perf_counter()
-            tokens, logits, _ = trajectory(engine, scheme, **kw)
+            tokens, logits, sessions[f"{label}/{scheme}"] = trajectory(engine, scheme, **kw)
             result["runs"][f"{label}/{scheme}"] = {"tokens": tokens, "logits": logits}
             result["seconds"][f"{label}/{scheme}"] = round(time.perf_counter() - t, 1)
 
@@ -149,12 +151,11 @@ def main(out_path: str, full: bool):
     for label, (data, m) in MESHES.items():
         mesh = sharding.make_mesh(data, m)
         two_d = label == "data=2,model=4"
-        engine = Engine(placed if two_d else model, lora, mesh=mesh, **buckets)  # the 2-D mesh: weights loaded on it
-        two_d = label == "data=2,model=4"
+        engine = Engine(placed if two_d else model, lora, mesh=mesh, **buckets)  # 2-D: the weights loaded on it
         record(label, engine, SCHEMES if two_d or full else QUICK[label])
         if two_d:
             for scheme in ("non_shared", "base_lr_shared"):
-                _, _, s = trajectory(engine, scheme)
+                s = sessions[f"{label}/{scheme}"]
                 if scheme == "base_lr_shared":  # a checkpoint restores onto the mesh and continues alike
                     s.save(os.path.join(root, "session"))
                     restored = Session.restore(os.path.join(root, "session"), engine)
