@@ -6,6 +6,7 @@ Engine(mesh=...)), so the rows compare like with like:
 
   python -m bench.sharded --shape llama-3.1-8b --context 8192 --mesh model=1 --mesh model=2
   python -m bench.sharded --shape llama-3.1-8b --context 8192 --trace-lctx 8192       # + the trace
+  python -m bench.sharded --shape llama-3.1-70b --context 8192 --mesh model=2        # weights born sharded
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m bench.sharded --shape tiny --quick
 
 Per mesh and batch: the decode step time (n - 1 greedy steps after a prefill of --context tokens
@@ -136,7 +137,12 @@ def main(argv=None):
     print(f"{len(jax.devices())} x {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}", flush=True)
 
-    model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    def make():
+        return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+
+    # with no single-device row, the weights are born sharded on the first mesh (a 70B model never
+    # exists whole on one device); the other meshes reshard them
+    model = make() if any(m is None for _, m in meshes) else sharding.init_sharded(make, meshes[0][1])
     lora = random_adapters(cfg, rank=8, dtype=dtype)
     rows, traces = [], []
     for spec, mesh in meshes:
