@@ -60,7 +60,7 @@ from bench.common import (
     write_json,
 )
 
-SHAPES = ("tiny", "llama-3.2-1b", "llama-3.1-8b", "ministral-8b")
+SHAPES = ("tiny", "llama-3.2-1b", "llama-3.1-8b", "ministral-8b", "llama-3.1-70b")
 DTYPES = ("float32", "bfloat16", "float16")
 PAPER_LCTX = (256, 512, 1024, 2048, 4096, 8192, 16384)
 DEFAULT_LCTX = {"tiny": (64, 256)}
@@ -522,7 +522,9 @@ def parse_args(argv):
                    help="persistent JAX compilation cache (reused by later invocations)")
     p.add_argument("--out", default=None, help="output folder (default results/trace/<timestamp>/, git-ignored)")
 
-    from lragent_jax.cli import strict_parser
+    from lragent_jax.cli import add_mesh_flag, strict_parser
+
+    add_mesh_flag(p)
 
     args = strict_parser(p).parse_args(argv)
     check_model_and_adapters(args.model, args.adapter, hint="--shape makes its own random adapters")
@@ -535,6 +537,11 @@ def parse_args(argv):
         raise UsageError("--paper sets Lctx; do not combine it with --lctx or --quick")
     if args.model is None and args.shape is None:
         args.shape = "tiny"
+    from lragent_jax.cli import parse_mesh
+
+    if args.mesh is not None:  # before JAX starts NCCL: NVLink multicast is broken on the 2-H200 host
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    args.mesh_obj = parse_mesh(args.mesh, batch=min(args.batches))
     return args
 
 
@@ -589,6 +596,8 @@ def build_engine(args):
     from lragent_jax.engine import Engine
 
     kw = {"prefill_buckets": args.buckets} if args.buckets else {}
+    mesh = args.mesh_obj
+    kw["mesh"] = mesh
     if args.shape:
         from lragent_jax.config import preset
         from lragent_jax.lora import random_adapters
@@ -596,7 +605,15 @@ def build_engine(args):
 
         dtype = jnp.dtype(args.dtype or ("float32" if args.shape == "tiny" else "bfloat16"))
         cfg = preset(args.shape)
-        model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
+        def make():
+            return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
+
+        if mesh is None:
+            model = make()
+        else:  # weights born sharded: a 70B model never exists whole on one device
+            from lragent_jax.sharding import init_sharded
+
+            model = init_sharded(make, mesh)
         lora = random_adapters(cfg, ("plan", "action", "reflect"), rank=8, alpha=16, targets=("q", "v"),
                                shared_a=True, seed=args.seed, dtype=dtype)
         return Engine(model, lora, **kw), dtype
@@ -604,7 +621,7 @@ def build_engine(args):
 
     adapters = parse_adapters(args.adapter)
     dtype = jnp.dtype(args.dtype or "bfloat16")
-    model = loading.load_model(args.model, dtype=dtype)
+    model = loading.load_model(args.model, dtype=dtype, mesh=mesh)
     lora = loading.load_adapters(adapters, model, dtype=dtype)
     return Engine(model, lora, **kw), dtype
 

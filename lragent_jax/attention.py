@@ -16,6 +16,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import BACKENDS, flash_lora_attention, merge_attention, naive_lora_attention, resolve_backend
 
+from . import sharding
+
 # pallas_kernels' backends, plus "pallas": the platform's Pallas kernel (what "auto" picks).
 IMPLS = BACKENDS + ("pallas",)
 
@@ -62,6 +64,12 @@ def attend(
     if lr_cache is not None and (lora_b is None or lora_scale is None):
         raise ValueError("lr_cache given without lora_b and lora_scale")
     fn = naive_lora_attention if naive_expansion else flash_lora_attention
+    mesh = sharding.context_mesh()
+    if mesh is not None:  # traced over a mesh (Engine(mesh=...)): each device attends its own heads
+        return sharding.attend_sharded(
+            fn, mesh, q, k_cache, v_cache, lr_cache, lora_b if lr_cache is not None else None,
+            lora_scale if lr_cache is not None else 1.0, kv_lengths, q_offsets, layer, return_lse=return_lse,
+            causal=causal, sliding_window=sliding_window, backend=backend)
     return fn(q, k_cache, v_cache, lr_cache, lora_b if lr_cache is not None else None,
               lora_scale=lora_scale if lr_cache is not None else 1.0, kv_lengths=kv_lengths,
               q_offsets=q_offsets, causal=causal, layer=layer, sliding_window=sliding_window,

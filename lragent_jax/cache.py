@@ -280,18 +280,19 @@ class ConcurrentKV(ViewDefaults):
     n_agents: int = struct.field(pytree_node=False, default=1)
 
     @classmethod
-    def create(cls, prefix, fork_per_row, n_agents: int, suffix_len: int):
+    def create(cls, prefix, fork_per_row, n_agents: int, suffix_len: int, allocate=None):
+        """allocate(make): how the suffix buffers are created (Engine.allocate: sharded on a mesh)."""
         L, B, _, H, D = prefix.k.shape
         R, S = B * n_agents, capacity(suffix_len)
         lr = isinstance(prefix, LoRAKV)
-        return cls(
-            prefix=prefix,
-            suf_k=jnp.zeros((L, R, S, H, D), prefix.k.dtype),
-            suf_v=jnp.zeros((L, R, S, H, D), prefix.k.dtype),
-            suf_lr=jnp.zeros((L, R, S, prefix.lr.shape[-1]), prefix.lr.dtype) if lr else None,
-            fork=jnp.asarray(fork_per_row, jnp.int32),
-            n_agents=n_agents,
-        )
+        dtype, lr_dtype = prefix.k.dtype, prefix.lr.dtype if lr else None
+
+        def make():
+            return dict(suf_k=jnp.zeros((L, R, S, H, D), dtype), suf_v=jnp.zeros((L, R, S, H, D), dtype),
+                        suf_lr=jnp.zeros((L, R, S, prefix.lr.shape[-1]), lr_dtype) if lr else None)
+
+        return cls(prefix=prefix, **(make() if allocate is None else allocate(make)),
+                   fork=jnp.asarray(fork_per_row, jnp.int32), n_agents=n_agents)
 
     @property
     def capacity(self) -> int:

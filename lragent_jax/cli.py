@@ -44,6 +44,32 @@ def positive_int_list(text: str, what: str) -> list[int]:
     return vals
 
 
+MESH_HELP = ("devices to shard over: data=D (independent trajectories), model=M (tensor parallel: heads and "
+             "MLP columns), e.g. model=2 or data=2,model=4; default: one device. Several hosts: call "
+             "jax.distributed.initialize() first (README)")
+
+
+def add_mesh_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", default=None, metavar="data=D,model=M", help=MESH_HELP)
+
+
+def parse_mesh(spec, batch: int = 1):
+    """--mesh -> a jax.sharding.Mesh, or None (one device). `batch`: the trajectories the script
+    runs at once, which the data axis must divide. Bad specs are UsageErrors."""
+    if spec is None:
+        return None
+    from .sharding import ShardingError, mesh_from_spec, parse_mesh_spec
+
+    try:
+        data = parse_mesh_spec(spec)["data"]
+        if batch % data:
+            raise UsageError(f"--mesh {spec}: data={data} splits a batch of trajectories, and this runs {batch}; "
+                             f"use model=M alone")
+        return mesh_from_spec(spec)
+    except ShardingError as e:
+        raise UsageError(str(e)) from None
+
+
 def parse_adapter_specs(specs) -> dict:
     """['plan=./plan', ...] -> {'plan': './plan', ...}."""
     adapters = {}

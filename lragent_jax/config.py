@@ -352,6 +352,12 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling=_freeze(_LLAMA31_ROPE), max_position_embeddings=131072,
         bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
     ),
+    "llama-3.1-70b": ModelConfig(  # too big for one device in bf16: shard it (sharding.init_sharded)
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=_freeze(_LLAMA31_ROPE), max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+    ),
     "ministral-8b": ModelConfig(
         vocab_size=131072, hidden_size=4096, intermediate_size=12288, num_layers=36,
         num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=100000000.0,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from . import sharding
 from .cache import CacheView
 from .lora import LoraWeights
 from .memory import activation_bytes, activation_bytes_per_token
@@ -107,12 +108,21 @@ class Engine:
                     (the model's and the stacked copy) and XLA may copy each layer's slice
                     per step (costly for decode on GPU).
         "auto"      "scan" on CPU, "per_layer" on GPU/TPU.
+      mesh: a jax.sharding.Mesh with axes ("data", "model") (sharding.make_mesh), or None: one
+        device, the unsharded programs. With a mesh the weights and adapters are placed with
+        sharding.ShardingRules (heads and MLP columns over model), caches are allocated sharded
+        (allocate), and every program is traced under the mesh, so XLA's SPMD partitioner splits
+        it and attention runs per device under shard_map. Weights already placed with these
+        shardings (loading.load_model(mesh=...)) are not copied; weights on one device are
+        copied shard by shard to their devices (that device held the whole model first).
+      rules: a sharding.ShardingRules to override the default table (mesh only).
     """
 
     def __init__(self, model: Llama, lora: LoraWeights | None = None, *,
                  prefill_buckets=DEFAULT_PREFILL_BUCKETS, layer_mode: str = "auto",
                  weight_read_tokens: int = DEFAULT_WEIGHT_READ_TOKENS,
-                 max_call_tokens: int = DEFAULT_MAX_CALL_TOKENS):
+                 max_call_tokens: int = DEFAULT_MAX_CALL_TOKENS, mesh=None,
+                 rules: sharding.ShardingRules | None = None):
         if layer_mode not in LAYER_MODES:
             raise ValueError(f"layer_mode={layer_mode!r}; allowed: {LAYER_MODES}")
         if layer_mode == "auto":
@@ -138,12 +148,42 @@ class Engine:
         # Engine keeps the weights it was built with, whatever is later set on the model.
         self.graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: a, state)
-        self.params = (state, stacked_layer_weights(model) if layer_mode == "scan" else None)
+        stacked = stacked_layer_weights(model) if layer_mode == "scan" else None
+        self.mesh = mesh
+        self.rules = None
+        if mesh is not None:
+            self.rules = sharding.rules_for(self.config, mesh, rules)
+            state = jax.device_put(state, sharding.weight_shardings(state, mesh, self.rules))
+            if stacked is not None:
+                stacked = jax.device_put(stacked, sharding.weight_shardings(stacked, mesh, self.rules))
+            if lora is not None:
+                lora = jax.device_put(lora, sharding.lora_shardings(lora, mesh, self.rules))
+            self.lora = lora
+        self.params = (state, stacked)
         self.trace_counts: collections.Counter = collections.Counter()
         self._forward = jax.jit(self._forward_impl, static_argnames=("layers", "all_logits"),
                                 donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("buffer",), donate_argnames=("cache",))
         self._sample = jax.jit(self._sample_impl)
+
+    # ---- placement (identity without a mesh) ----------------------------------------------------
+    def allocate(self, make):
+        """make(): a function returning zero-filled cache arrays (a view or a dict of named fields,
+        sharding.CACHE_AXES). With a mesh they are created sharded, never whole on one device."""
+        return make() if self.mesh is None else sharding.allocate(make, self.mesh, self.rules)
+
+    def place_cache(self, cache):
+        """The cache on this Engine's mesh with the rules' shardings (no copy when it already is:
+        caches from allocate; a restored or adopted cache is moved once)."""
+        if self.mesh is None:
+            return cache
+        return jax.device_put(cache, sharding.cache_shardings(cache, self.mesh, self.rules))
+
+    def _constrain_cache(self, cache):
+        """Inside a traced program: keep the cache in its sharding (nothing without a mesh)."""
+        if self.mesh is None:
+            return cache
+        return sharding.constrain(cache, sharding.cache_shardings(cache, self.mesh, self.rules))
 
     @property
     def max_chunk(self) -> int:
@@ -227,7 +267,9 @@ class Engine:
     def _forward_impl(self, params, lora, cache, tokens, start, n_valid, adapter_ids, need_logits, *, layers,
                       all_logits):
         self.trace_counts["forward"] += 1
-        return self._run(params, lora, cache, tokens, start, n_valid, adapter_ids, layers, all_logits, need_logits)
+        logits, cache = self._run(params, lora, cache, tokens, start, n_valid, adapter_ids, layers, all_logits,
+                                  need_logits)
+        return logits, self._constrain_cache(cache)
 
     def _sample_impl(self, logits, sampling, key):
         self.trace_counts["sample"] += 1
@@ -266,7 +308,7 @@ class Engine:
                 tokens=s.tokens.at[:, s.step].set(tok),
                 num_tokens=s.num_tokens + active.astype(jnp.int32),
                 done=s.done | (active & is_stop(tok)) | (s.step + 1 >= max_new_tokens),
-                cache=cache,
+                cache=self._constrain_cache(cache),
                 key=key,
             )
 
@@ -284,10 +326,11 @@ class Engine:
         """
         layers = tuple(layers) if layers is not None else (0, self.config.num_layers)
         all_logits = want_logits == "all"
-        logits, cache = self._forward(self.params, self.lora, cache, jnp.asarray(tokens, jnp.int32),
-                                      jnp.asarray(start, jnp.int32), jnp.asarray(n_valid, jnp.int32),
-                                      jnp.asarray(adapter_ids, jnp.int32), jnp.asarray(bool(want_logits)),
-                                      layers=layers, all_logits=all_logits)
+        with sharding.use_mesh(self.mesh):
+            logits, cache = self._forward(self.params, self.lora, self.place_cache(cache),
+                                          jnp.asarray(tokens, jnp.int32), jnp.asarray(start, jnp.int32),
+                                          jnp.asarray(n_valid, jnp.int32), jnp.asarray(adapter_ids, jnp.int32),
+                                          jnp.asarray(bool(want_logits)), layers=layers, all_logits=all_logits)
         return (logits if want_logits else None), cache
 
     def prefill(self, cache, rows: list, start: np.ndarray, adapter_ids: np.ndarray, *,
@@ -328,7 +371,8 @@ class Engine:
         return logits, cache
 
     def sample(self, logits, sampling: SamplingParams, key):
-        return self._sample(logits, sampling, key)
+        with sharding.use_mesh(self.mesh):
+            return self._sample(logits, sampling, key)
 
     def decode(self, cache, first_token, start, adapter_ids, sampling: SamplingParams, key, *,
                max_new_tokens, stop_ids=()):
@@ -342,11 +386,12 @@ class Engine:
         buffer = _pow2(max_new_tokens, minimum=32)  # one program for every turn of <= 32 tokens
         stops = np.full((_pow2(len(stop_ids), 1),), -2, np.int32)
         stops[: len(stop_ids)] = list(stop_ids)
-        tokens, counts, cache = self._decode(
-            self.params, self.lora, cache, jnp.asarray(first_token, jnp.int32),
-            jnp.asarray(start, jnp.int32), jnp.asarray(adapter_ids, jnp.int32), sampling, key,
-            jnp.asarray(limits), jnp.asarray(stops), buffer=buffer,
-        )
+        with sharding.use_mesh(self.mesh):
+            tokens, counts, cache = self._decode(
+                self.params, self.lora, self.place_cache(cache), jnp.asarray(first_token, jnp.int32),
+                jnp.asarray(start, jnp.int32), jnp.asarray(adapter_ids, jnp.int32), sampling, key,
+                jnp.asarray(limits), jnp.asarray(stops), buffer=buffer,
+            )
         return tokens[:, :max_new_tokens], counts, cache
 
 

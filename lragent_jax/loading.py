@@ -222,20 +222,38 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
-def _to_device(tree: dict) -> dict:
-    """Move host buffers to the device one at a time, dropping each host copy as it goes."""
+def _to_device(tree: dict, shardings: dict | None = None) -> dict:
+    """Move host buffers to the device one at a time, dropping each host copy as it goes. With
+    shardings (a NamedSharding per buffer), each device receives only its own shard."""
     for k, v in list(tree.items()):
-        tree[k] = _to_device(v) if isinstance(v, dict) else jnp.asarray(v)
+        s = None if shardings is None else shardings[k]
+        if isinstance(v, dict):
+            tree[k] = _to_device(v, s)
+        else:
+            tree[k] = jnp.asarray(v) if s is None else jax.device_put(v, s)
         del v
     return tree
 
 
-def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
+def _weight_shardings(cfg: ModelConfig, tree, mesh):
+    """The Engine's shardings (sharding.ShardingRules) for a model pytree on `mesh`, or None."""
+    if mesh is None:
+        return None
+    from . import sharding
+
+    return sharding.weight_shardings(tree, mesh, sharding.rules_for(cfg, mesh))
+
+
+def load_model(path_or_hub_id, dtype=jnp.bfloat16, *, mesh=None) -> Llama:
     """Load a Llama / Mistral HF checkpoint (config.json + safetensors) as a `Llama` in `dtype`.
 
     Raises ConfigError for unsupported model types, an unsupported `dtype` or a bad config.json,
     and WeightsError naming the file and tensor for unreadable files, missing, unexpected,
     duplicated, wrongly shaped, non-float or non-finite (NaN/inf) tensors.
+
+    mesh: a jax.sharding.Mesh (sharding.make_mesh): each weight goes from its host buffer straight
+    to its devices with the shardings Engine(mesh=...) uses, so no device ever holds the whole model
+    (the host does, one buffer at a time). Raises sharding.ShardingError if the heads do not divide.
     """
     dtype = check_dtype(dtype)
     folder = resolve_path(path_or_hub_id, MODEL_PATTERNS)
@@ -284,7 +302,7 @@ def load_model(path_or_hub_id, dtype=jnp.bfloat16) -> Llama:
         shown = missing[:8] + ([f"... {len(missing) - 8} more"] if len(missing) > 8 else [])
         raise WeightsError(f"{folder}: missing tensors {shown}{hint}")
 
-    nnx.replace_by_pure_dict(state, _to_device(buffers))
+    nnx.replace_by_pure_dict(state, _to_device(buffers, _weight_shardings(cfg, buffers, mesh)))
     return nnx.merge(graphdef, state)
 
 
@@ -471,6 +489,13 @@ def load_adapters(adapters: Mapping[str, object], model: Llama, dtype=None) -> L
 
 
 # ---- orbax: convert once, restore fast ---------------------------------------------------------
+def _with_shardings(target, shardings):
+    """ShapeDtypeStructs that carry their sharding (orbax then restores each shard in place)."""
+    if shardings is None:
+        return target
+    return jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+
+
 _FORMAT = "lragent_jax.converted.v2"  # v2: one weight pytree per layer (v1 stacked them)
 
 
@@ -526,8 +551,9 @@ def save_converted(directory, model: Llama, lora: LoraWeights | None = None, *, 
     return directory
 
 
-def restore_converted(directory, dtype=None) -> tuple[Llama, LoraWeights | None]:
-    """(model, lora or None) from `save_converted`; dtype casts both (default: as saved)."""
+def restore_converted(directory, dtype=None, *, mesh=None) -> tuple[Llama, LoraWeights | None]:
+    """(model, lora or None) from `save_converted`; dtype casts both (default: as saved). mesh: orbax
+    reads each device's shard of every array straight onto it (Engine(mesh=...)'s shardings)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
@@ -542,6 +568,7 @@ def restore_converted(directory, dtype=None) -> tuple[Llama, LoraWeights | None]
     model_dtype = jnp.dtype(dtype if dtype is not None else meta["dtype"])
     graphdef, state = _abstract_model(cfg, model_dtype)
     target = nnx.to_pure_dict(state)  # ShapeDtypeStructs: orbax restores (and casts) into these
+    target = _with_shardings(target, _weight_shardings(cfg, target, mesh))
     ckpt = ocp.StandardCheckpointer()
     try:
         params = ckpt.restore(os.path.join(directory, "params"), target)
@@ -554,6 +581,11 @@ def restore_converted(directory, dtype=None) -> tuple[Llama, LoraWeights | None]
                     for k, shape in parts.items()}
                 for p, parts in lm["shapes"].items()
             }
+            if mesh is not None:
+                from . import sharding
+
+                lora_target = _with_shardings(lora_target, sharding.lora_shardings(
+                    lora_target, mesh, sharding.rules_for(cfg, mesh)))
             trees = ckpt.restore(os.path.join(directory, "lora"), lora_target)
             lora = LoraWeights(
                 projections={p: LoraProjection(a=t["a"], b=t["b"], scale=t["scale"], shared_a=bool(lm["shared_a"][p]))

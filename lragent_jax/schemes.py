@@ -260,7 +260,8 @@ class NonShared(_OneCacheScheme):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.caches = {a: DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
+        self.caches = {a: self.engine.allocate(lambda: DenseKV.create(self.config, self.batch, self.max_len,
+                                                                      self.dtype, opts=self.opts))
                        for a in self.agents}
         self.held = {a: np.zeros(self.batch, np.int64) for a in self.agents}
 
@@ -299,7 +300,8 @@ class FullShared(_OneCacheScheme):
         self.held = np.zeros(self.batch, np.int64)
 
     def _create(self):
-        return DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
+        return self.engine.allocate(lambda: DenseKV.create(self.config, self.batch, self.max_len, self.dtype,
+                                                           opts=self.opts))
 
     def processed(self):
         return self.held
@@ -327,7 +329,8 @@ class FullShared(_OneCacheScheme):
         fork = self.held.copy()
         ids = np.tile(self.engine.adapter_ids(agents), B)  # row b*N + i = agent i, trajectory b
         limits = np.tile([max_new[a] for a in agents], B)
-        view = ConcurrentKV.create(self.cache, np.repeat(fork, N), N, int((T - fork).max() + limits.max()))
+        view = ConcurrentKV.create(self.cache, np.repeat(fork, N), N, int((T - fork).max() + limits.max()),
+                                   allocate=self.engine.allocate)
         rows = [list(traj[b][fork[b]:]) for b in range(B) for _ in agents]
         sampling = _stack_sampling([sampling_for(a, 1) for a in agents], B)
         logits, view = self.engine.prefill(view, rows, np.repeat(fork, N), ids)
@@ -373,7 +376,8 @@ class BaseLRShared(FullShared):
         if lora is None:
             raise ValueError("base_lr_shared needs adapters with LoRA on v_proj; none are loaded")
         lora.require_shared_a("v")
-        return LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(), self.dtype, opts=self.opts)
+        return self.engine.allocate(lambda: LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(),
+                                                          self.dtype, opts=self.opts))
 
 
 class _SharedPlusOwn(Scheme):
@@ -449,9 +453,10 @@ class BaseShared(_SharedPlusOwn):
         lora = self.engine.lora
         if lora is None or "v" not in lora:
             raise ValueError("base_shared needs adapters with LoRA on v_proj")
-        base = LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(), self.dtype, opts=self.opts)
+        base = self.engine.allocate(lambda: LoRAKV.create(self.config, self.batch, self.max_len, lora.value_rank(),
+                                                          self.dtype, opts=self.opts))
         self.k, self.v_base = base.k, base.v_base
-        self.lr = {a: jnp.zeros_like(base.lr) for a in self.agents}
+        self.lr = {a: jnp.zeros_like(base.lr) for a in self.agents}  # keeps base.lr's sharding
 
     @property
     def nbytes(self):
@@ -478,10 +483,13 @@ class DroidSpeak(_SharedPlusOwn):
         crit = check_critical_layers(default_critical_layers(L) if critical_layers is None else critical_layers, L)
         self.critical = crit
         self._catch_up_layers = (crit[0], crit[-1] + 1)
-        self.shared = DenseKV.create(self.config, self.batch, self.max_len, self.dtype, opts=self.opts)
-        self.own = {a: DenseKV.create(self.config, self.batch, self.max_len, self.dtype, num_layers=len(crit),
-                                      opts=self.opts) for a in self.agents}
-        self.hidden = jnp.zeros((self.batch, capacity(self.max_len), self.config.hidden_size), self.dtype)
+        allocate = self.engine.allocate
+        self.shared = allocate(lambda: DenseKV.create(self.config, self.batch, self.max_len, self.dtype,
+                                                      opts=self.opts))
+        self.own = {a: allocate(lambda: DenseKV.create(self.config, self.batch, self.max_len, self.dtype,
+                                                       num_layers=len(crit), opts=self.opts)) for a in self.agents}
+        self.hidden = allocate(lambda: {"hidden": jnp.zeros((self.batch, capacity(self.max_len),
+                                                             self.config.hidden_size), self.dtype)})["hidden"]
 
     @property
     def nbytes(self):

@@ -39,7 +39,7 @@ import sys
 QUESTION = "Which city hosted the first modern Olympic Games, and how many years before 2025 was that?"
 
 
-from lragent_jax.cli import DTYPES, UsageError, load_agents, strict_parser  # noqa: E402
+from lragent_jax.cli import DTYPES, UsageError, add_mesh_flag, load_agents, parse_mesh, strict_parser  # noqa: E402
 
 
 # ---- tools: name -> callable(str) -> str -------------------------------------------------------
@@ -161,6 +161,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=2048, help="cache capacity in tokens")
     p.add_argument("--dtype", default=None, choices=DTYPES)
+    add_mesh_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     return strict_parser(p).parse_args(argv)
 
@@ -175,8 +176,8 @@ def make_session(args):
     missing = [a for a in ("plan", "action", "reflect") if lora is None or a not in lora.names]
     if missing:
         raise UsageError(f"agents {missing} have no adapter; give --adapter plan=... action=... reflect=...")
-    session = Session(Engine(model, lora), args.scheme, max_len=args.max_len, tokenizer=tokenizer,
-                      model_name=name, seed=args.seed)
+    session = Session(Engine(model, lora, mesh=args.mesh_obj), args.scheme, max_len=args.max_len,
+                      tokenizer=tokenizer, model_name=name, seed=args.seed)
     return session, name, random_weights
 
 
@@ -202,7 +203,8 @@ def run_miniature(args) -> int:
         raise UsageError(f"--question-index must be in [0, {len(test)}), got {args.question_index}")
     q = test[args.question_index]
     question, gold = (q.text, q.answer) if args.question is None else (args.question, None)
-    session = Session(Engine(model, lora), args.scheme, max_len=min(args.max_len, model.config.max_position_embeddings),
+    session = Session(Engine(model, lora, mesh=args.mesh_obj), args.scheme,
+                      max_len=min(args.max_len, model.config.max_position_embeddings),
                       tokenizer=tok, model_name="miniature", seed=args.seed)
     # greedy: the trained agents are read greedily (the demo is deterministic)
     res = run_episode(session, question, tools=make_tools(world), max_steps=args.max_steps, greedy=True)
@@ -225,6 +227,7 @@ def run_miniature(args) -> int:
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        args.mesh_obj = parse_mesh(args.mesh)
         for flag in ("max_steps", "plan_tokens", "action_tokens", "reflect_tokens"):
             if getattr(args, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

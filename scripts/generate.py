@@ -34,7 +34,8 @@ import os
 import sys
 import traceback
 
-from lragent_jax.cli import DTYPES, UsageError, int_list, load_agents, strict_parser  # noqa: E402
+from lragent_jax.cli import (DTYPES, UsageError, add_mesh_flag, int_list, load_agents, parse_mesh,  # noqa: E402
+                             strict_parser)
 from lragent_jax.sampling import check_sampling  # noqa: E402
 
 SEED_MAX = 2**63 - 1
@@ -81,6 +82,7 @@ def parse_args(argv):
                         "loads its independently trained adapters")
     p.add_argument("--questions", type=int, default=None,
                    help="miniature demo: held-out test questions per scheme (default 3)")
+    add_mesh_flag(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout and nothing else: the completed runs and an 'errors' list")
     return strict_parser(p).parse_args(argv)
@@ -337,12 +339,13 @@ def _failure(e: BaseException) -> str:
     return first if isinstance(e, (ValueError, KeyError)) else f"{type(e).__name__}: {first}"
 
 
-def make_engines(model, lora, blr_lora=None):
-    """scheme -> Engine: base_lr_shared on the --share-a adapters when given, the rest on the loaded ones."""
+def make_engines(model, lora, blr_lora=None, mesh=None):
+    """scheme -> Engine: base_lr_shared on the --share-a adapters when given, the rest on the loaded ones;
+    sharded over `mesh` (--mesh) when given."""
     from lragent_jax.engine import Engine
 
-    engine = Engine(model, lora)
-    blr = Engine(model, blr_lora) if blr_lora is not None else engine
+    engine = Engine(model, lora, mesh=mesh)
+    blr = Engine(model, blr_lora, mesh=mesh) if blr_lora is not None else engine
     return lambda scheme: blr if scheme == "base_lr_shared" else engine
 
 
@@ -439,7 +442,7 @@ def episode_demo(args, schemes):
               f"questions per scheme, tools wiki[...] and calc[...]", flush=True)
         if share_report is not None:
             print_share_a(share_report)
-    engines = make_engines(model, lora, blr_lora)
+    engines = make_engines(model, lora, blr_lora, args.mesh_obj)
     runs = []
     for scheme in schemes:
         if scheme in blocked:
@@ -479,6 +482,7 @@ def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         args.share_a_spec = parse_share_a(args.share_a)
+        args.mesh_obj = parse_mesh(args.mesh)
         schemes = parse_schemes(args.scheme or ("all" if args.model is None else "non_shared"))
         if args.max_len is not None and args.max_len < 2:
             raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
@@ -501,7 +505,7 @@ def main(argv=None):
         blocked = scheme_blockers(schemes, model, lora, args, max_len, model_name, blr_lora)
         if len(blocked) == len(schemes):  # nothing can run: bad input, one line
             raise UsageError("; ".join(f"scheme {s}: {why}" for s, why in blocked.items()))
-        engines = make_engines(model, lora, blr_lora)
+        engines = make_engines(model, lora, blr_lora, args.mesh_obj)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
