@@ -21,11 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (file, exact text, replacement, pytest arguments of the tests that must fail)
 MUTATIONS = {
     "a_bs_lr_prefill_no_adapter": (
-        "lragent_jax/schemes.py", "held_own, ids,\n",
-        "held_own, np.full_like(ids, -1) if self.name == 'base_shared' else ids,\n",
+        "lragent_jax/schemes.py", "_start(held_own, active), ids,",
+        "_start(held_own, active), np.full_like(ids, -1) if self.name == 'base_shared' else ids,",
         "tests/test_scheme_reference.py -k base_shared"),
     "b_bs_skip_catch_up": (
-        "lragent_jax/schemes.py", "        if catch_up:\n", "        if catch_up and self.name != 'base_shared':\n",
+        "lragent_jax/schemes.py", "        if catch_up.any():\n",
+        "        if catch_up.any() and self.name != 'base_shared':\n",
         "tests/test_scheme_reference.py -k base_shared"),
     "c_ds_hidden_one_early": (
         "lragent_jax/cache.py", "jnp.minimum(positions, self.capacity - 1)",
@@ -47,14 +48,20 @@ MUTATIONS = {
         "tests/test_scheme_reference.py -k base_lr_shared"),
     "h_catch_up_writes_shared": (
         "lragent_jax/schemes.py",
-        "_, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_own, held_shared)",
-        "_, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_own, held_shared)",
+        "_, view = self.engine.prefill(self._view(agent, False), _rows(traj, held_own, caught_up)",
+        "_, view = self.engine.prefill(self._view(agent, True), _rows(traj, held_own, caught_up)",
         "tests/test_scheme_reference.py -k 'base_shared or droidspeak'"),
     "i_pallas_drops_lora_scale": (
         "pallas_kernels/flash_lora_attention.py",
         "return fn(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale, causal=c.causal,",
         "return fn(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale * 0 + 1, causal=c.causal,",
         "tests/test_pallas_model.py"),
+    "j_idle_rows_catch_up": (
+        "lragent_jax/schemes.py", "T = np.where(active, _lengths(traj), held)  # inactive rows: nothing to process",
+        "T = _lengths(traj)", "tests/test_session_rows.py -k non_shared"),
+    "k_idle_rows_decode_on": (
+        "lragent_jax/schemes.py", "limits = np.where(active, np.broadcast_to(max_new_tokens, active.shape), 1)",
+        "limits = np.broadcast_to(max_new_tokens, active.shape)", "tests/test_session_rows.py -k base_lr_shared"),
 }
 
 

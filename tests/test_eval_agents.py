@@ -240,3 +240,16 @@ def test_batched_run_equals_one_question_at_a_time(quick_run, exported):
             for k in ("generated_tokens", "catch_up_tokens", "new_tokens", "cache_bytes"):
                 assert a["stats"][k] == b["stats"][k], (name, k)
     assert ev.main(["--model", exported["base"], "--adapters", exported["adapters"], "--batch", "0"]) == 2
+
+
+def test_default_world_holds_500_held_out_questions():
+    """The issue's evaluation needs >= 500 held-out test questions: the default world (the one the
+    miniature is trained on) has them, disjoint from its train and validation questions."""
+    from lragent_jax.task.world import WorldConfig
+
+    world = build_world(0, WorldConfig())
+    test = world.questions["test"]
+    assert len(test) >= ev.DEFAULTS["questions"] == 500
+    assert len({q.text for q in test}) == len(test)
+    assert not {q.text for q in test} & {q.text for q in world.questions["train"] + world.questions["validation"]}
+    assert {q.region for q in test} == {"test"}

@@ -44,7 +44,10 @@ class EpisodeResult:
     # (reflect wrote no finish[...]), "context_full" (the trajectory reached session.max_len)
     stop_reason: str
     tool_calls: int
-    turns: list  # one dict per agent turn: role, agent, text, tokens, truncated, timings, catch-up
+    # one dict per agent turn: role, agent, text (its line), tokens, ids (the generated token ids),
+    # truncated, this row's catch_up_tokens / new_tokens, and the timings of the generate call it
+    # shared with `rows` rows (prefill_s, ttft_s, decode_s)
+    turns: list
     trajectory_tokens: int
 
 
@@ -108,13 +111,13 @@ def run_episodes(session, questions, *, tools, max_steps: int = 6, max_tokens_pe
     """
     questions = list(questions)
     if session.tokenizer is None:
-        raise ValueError("run_episode needs a Session with a tokenizer")
+        raise ValueError("run_episode(s) needs a Session with a tokenizer")
     if not questions:
         raise ValueError("run_episodes needs at least one question")
     if len(questions) > session.batch:
         raise ValueError(f"{len(questions)} questions for a Session with batch={session.batch}; one question a row")
     if any(session.trajectory):
-        raise ValueError("run_episode needs a fresh Session (its trajectory is not empty)")
+        raise ValueError("run_episode(s) needs a fresh Session (its trajectory is not empty)")
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
     agents = _role_agents(session, roles)
@@ -203,8 +206,9 @@ class _Episode:
         record = {"role": role, "agent": self.agents[role], "text": line, "tokens": len(ids), "ids": list(ids),
                   "truncated": truncated}
         if stats is not None:  # timings are the shared call's (`rows` rows took it); counts this row's
-            by_row = {k: getattr(stats, f"{k}_by_row", None) for k in ("catch_up", "new")}
-            record.update({f"{k}_tokens": v[self.row] if v else getattr(stats, f"{k}_tokens") for k, v in by_row.items()})
+            for k in ("catch_up", "new"):  # a stand-in session's stats may hold totals only (batch 1)
+                by_row = getattr(stats, f"{k}_by_row", None)
+                record[f"{k}_tokens"] = by_row[self.row] if by_row else getattr(stats, f"{k}_tokens")
             record.update({k: getattr(stats, k) for k in ("prefill_s", "ttft_s", "decode_s")}, rows=rows)
         self.turns.append(record)
         return line
