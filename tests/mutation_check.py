@@ -33,8 +33,8 @@ MUTATIONS = {
         "jnp.maximum(jnp.minimum(positions, self.capacity - 1) - 1, 0)",
         "tests/test_scheme_reference.py -k droidspeak"),
     "d_no_sliding_window_mask": (
-        "pallas_kernels/reference.py",
-        "valid = valid & (cols[None, None, :] > pos[:, :, None] - sliding_window)", "valid = valid",
+        "pallas_kernels/xla_chunked.py",
+        "valid = valid & (cols[None, None, :] > pos[:, :, None] - c.sliding_window)", "valid = valid",
         "tests/test_sliding_window.py tests/test_scheme_reference.py -k 'window'"),
     "e_fs_recomputes": (
         "lragent_jax/schemes.py", "    def _held(self, agent):\n        return self.held\n",
@@ -44,7 +44,7 @@ MUTATIONS = {
         "lragent_jax/config.py", "return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)",
         "return self.alpha / self.rank**0.5", "tests/test_scheme_reference.py -k non_shared"),
     "g_lr_term_unscaled": (
-        "pallas_kernels/reference.py", "o = o + scale.reshape(b, 1, hkv, g, 1) * lo", "o = o + lo",
+        "pallas_kernels/xla_chunked.py", "o = o + c.scale.reshape(b, hkv, g, 1, 1) * lo_term", "o = o + lo_term",
         "tests/test_scheme_reference.py -k base_lr_shared"),
     "h_catch_up_writes_shared": (
         "lragent_jax/schemes.py",
