@@ -38,7 +38,8 @@ SHIPPED = miniature.assets_built(miniature.ASSET_DIR)
 # The shipped model's floor under non_shared on the first FLOOR_QUESTIONS held-out test questions.
 # The benchmark target (issue 13) is 80% EM; the floor sits below it so that float rounding across
 # machines cannot flip the test, yet far above what an untrained model gets (0%).
-FLOOR_QUESTIONS, FLOOR_EM = 20, 0.35  # shipped weights of 2026-11-30: 8/20 (0.40) on CPU, float32, greedy
+FLOOR_QUESTIONS, FLOOR_EM = 20, 0.65  # shipped weights of 2026-11-30 (second): 16/20 (0.80) on CPU, float32, greedy;
+# the margin of 3 questions leaves room for other CPUs and JAX versions (float rounding flips greedy near-ties)
 
 
 @pytest.fixture(scope="module")
