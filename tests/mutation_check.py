@@ -86,13 +86,13 @@ def main(prefixes) -> int:
             env = {**os.environ, "LRAGENT_TEST_JAX_CACHE": os.path.join(tmp, "jax_cache")}
             r = subprocess.run(f"{sys.executable} -m pytest -q -p no:cacheprovider {tests}", shell=True, cwd=copy,
                                env=env, capture_output=True, text=True)
-            if r.returncode not in (0, 1):  # pytest itself could not run: say so, not "not caught"
+            failed = [ln.split(" ")[1] for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+            if r.returncode != 0 and not failed:  # pytest did not get to the tests: say so, not "not caught"
                 tail = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or [""]
-                print(f"{name}: pytest exited {r.returncode} before testing ({tail[0]}); run with the test "
-                      "environment's Python", flush=True)
+                print(f"{name}: pytest exited {r.returncode} without a failed test ({tail[0]}); run this script "
+                      "with the test environment's Python", flush=True)
                 missed += 1
                 continue
-            failed = [ln.split(" ")[1] for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
             caught = r.returncode == 1 and failed
             missed += not caught
             print(f"{name} ({path}:{line}): {'caught by ' + ', '.join(failed) if caught else 'NOT CAUGHT'}",
