@@ -128,8 +128,13 @@ def resolve_path(path_or_hub_id, allow_patterns=MODEL_PATTERNS) -> str:
     except Exception as e:  # network, auth, missing repo: say what was tried
         raise FileNotFoundError(
             f"{path!r} is not a local folder and could not be fetched from the HF hub: "
-            f"{type(e).__name__}: {e}"
+            f"{type(e).__name__}: {_first_line(e)}"
         ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's text (hub errors append multi-line advice)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
 
 
 # ---- the model -------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def canonical_scheme(name: str) -> str:
     key = name.strip().lower().replace("-", "_")
     key = SCHEME_ALIASES.get(key, key)
     if key not in SCHEMES:
-        raise ValueError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)} (or 'all')")
+        raise ValueError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)}")
     return key
 
 

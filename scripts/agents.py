@@ -141,7 +141,7 @@ def run_loop(session, question, tools=DEFAULT_TOOLS, *, max_steps=3, plan_tokens
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF hub id or local folder; default: embedded demo (random weights)")
+    p.add_argument("--model", help="HF hub id or local folder; default: the shipped trained miniature (lragent_jax/assets/miniature)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="PEFT LoRA adapter per agent; needs plan, action and reflect")
     p.add_argument("--scheme", default="base_lr_shared",

@@ -439,7 +439,7 @@ def episode_demo(args, schemes):
         print(f"error: scheme {err['scheme']} cannot run: {err['error']}", file=sys.stderr, flush=True)
     if not args.json:
         print(f"model: {model_name}, trained (scripts/train_miniature.py); {len(questions)} held-out test "
-              f"questions per scheme, tools wiki[...] and calc[...]", flush=True)
+              f"question{'s' if len(questions) != 1 else ''} per scheme, tools wiki[...] and calc[...]", flush=True)
         if share_report is not None:
             print_share_a(share_report)
     engines = make_engines(model, lora, blr_lora, args.mesh_obj)

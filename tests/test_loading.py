@@ -170,6 +170,14 @@ def test_paths_and_hub_ids(tmp_path, monkeypatch, llama_case):
     with pytest.raises(FileNotFoundError, match=r"'some-org/missing'.*HF hub.*offline"):
         resolve_path("some-org/missing")
 
+    def offline_with_advice(repo_id, **kw):  # huggingface_hub appends a paragraph of advice
+        raise OSError("Got: ConnectError: no route\n\nAn error happened while trying to locate the files on the Hub.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline_with_advice)
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_path("some-org/missing")
+    assert len(str(err.value).splitlines()) == 1 and "ConnectError: no route" in str(err.value)
+
 
 def test_load_tokenizer(tmp_path, llama_case):
     assert load_tokenizer(llama_case["model"]) is None
