@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 
 import jax
@@ -167,13 +168,15 @@ def _divisors_up_to(n: int) -> str:
 
 
 def check_model_fits(config, mesh: Mesh) -> None:
-    """ShardingError naming the first model dimension that does not divide over the model axis."""
+    """ShardingError naming the first model dimension that does not divide over the model axis,
+    and the model sizes that divide all of them (heads, KV heads, MLP columns)."""
     m = mesh.shape.get(MODEL, 1)
-    for what, n in (("attention heads", config.num_heads), ("KV heads", config.num_kv_heads),
-                    ("MLP columns (intermediate_size)", config.intermediate_size)):
+    dims = (("attention heads", config.num_heads), ("KV heads", config.num_kv_heads),
+            ("MLP columns (intermediate_size)", config.intermediate_size))
+    fits = math.gcd(*(n for _, n in dims))
+    for what, n in dims:
         if n % m:
-            raise ShardingError(f"{n} {what} do not divide over model={m}; use model in {{{_divisors_up_to(n)}}}"
-                                if n <= 64 else f"{n} {what} do not divide over model={m}")
+            raise ShardingError(f"{n} {what} do not divide over model={m}; use model in {{{_divisors_up_to(fits)}}}")
 
 
 def rules_for(config, mesh: Mesh, rules: ShardingRules | None = None) -> ShardingRules:
