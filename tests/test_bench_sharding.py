@@ -1,4 +1,4 @@
-"""CI smoke of the sharding benchmarks, each in a child process with 8 CPU devices
+"""CI smoke of the sharding benchmarks (and bench.step --mesh), each in a child process with 8 CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8: this pytest process already started JAX with one).
 
 bench.sharded: tiny shape, batch 2, model=1 against model=2, per_layer (the GPU default: the
@@ -90,3 +90,21 @@ def test_tpu_fit_smoke(tmp_path):
     for mesh in ("model=8", "data=2,model=4"):
         assert rows["v2-8", mesh]["weight_bytes_per_device"] == rows["v5e-8", mesh]["weight_bytes_per_device"]
     assert rows["v2-8", "model=8"]["weight_bytes_per_device"] < rows["v2-8", "data=2,model=4"]["weight_bytes_per_device"]
+
+
+def test_step_with_a_mesh(tmp_path):
+    """bench.step --mesh data=2,model=2: the weights are born sharded and the floors are per device."""
+    got = run_bench("bench.step", ["--shape", "tiny", "--quick", "--context", "32", "--new-tokens", "4", "--batch", "2",
+                                   "--gemv", "1:1", "--mesh", "data=2,model=2"], tmp_path)
+    assert got["mesh"] == "data=2,model=2"
+    (row,) = got["rows"]
+    assert row["mesh"] == "data=2,model=2" and row["batch"] == 2 and row["step_ms"] > 0 and row["prefill_s"] > 0
+    V, d, f, L, H, Hkv, D, b = 259, 128, 256, 4, 4, 2, 32, 4  # tiny, float32 (see test_sharded_smoke)
+    whole = 2 * V * d + (2 * L + 1) * d  # embed, lm_head (odd vocabulary: replicated), norms
+    split = L * (d * H * D + 2 * d * Hkv * D + H * D * d + 3 * d * f)
+    assert got["weight_bytes"] == b * (whole + split // 2)
+    assert got["weight_bytes_read_per_step"] == got["weight_bytes"] - b * V * d  # one embedding row per token
+    # one row and one KV head per device, the LR cache (rank 8) whole; 4 new tokens: 2 on average
+    cache_read = 1 * L * (32 + 2) * (2 * 1 * D + 8) * b
+    floor_ms = 1e3 * (got["weight_bytes_read_per_step"] + cache_read) / (got["copy_GBps"] * 1e9)
+    assert abs(row["decode_floor_ms"] - floor_ms) <= 1e-9 * floor_ms
