@@ -178,6 +178,7 @@ def main(argv=None):
     model = make() if mesh is None else sharding.init_sharded(make, mesh)  # 70B never whole on one device
     lora = random_adapters(cfg, rank=8, dtype=dtype)
     weight_bytes = tree_bytes(nnx.state(model))  # per device
+    params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model)))  # all devices
     # A decode step reads every weight but the embedding table (one row gathered per
     # token) unless the LM head is that table.
     read_bytes = weight_bytes - (0 if model.lm_head is None else tree_bytes(model.embed[...]))
@@ -204,9 +205,10 @@ def main(argv=None):
             cache_read = B // data * L * (ctx + n // 2) * (2 * Hkv // model_par * D + 8) * dtype.itemsize
             decode_floor = (read_bytes + cache_read) / bw
             tokens = B * ctx
-            flops = 2 * (weight_bytes / dtype.itemsize) * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
+            flops = 2 * params * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
             prefill_floor = flops / (mm * data * model_par)
-            row = dict(mesh=args.mesh or "data=1,model=1", variant=engine.layer_mode, min_matmul_rows=model.min_matmul_rows, batch=B, context=ctx, step_ms=1e3 * step_s,
+            row = dict(mesh=args.mesh or "data=1,model=1", variant=engine.layer_mode,
+                       min_matmul_rows=model.min_matmul_rows, batch=B, context=ctx, step_ms=1e3 * step_s,
                        decode_floor_ms=1e3 * decode_floor, decode_vs_floor=step_s / decode_floor,
                        prefill_s=prefill_s, prefill_floor_s=prefill_floor, prefill_vs_floor=prefill_s / prefill_floor,
                        prefill_tflops=flops / prefill_s / 1e12)
