@@ -7,6 +7,12 @@ bandwidth; the prefill floor is FLOPs / matmul rate.
 
   python -m bench.step --shape llama-3.1-8b --context 4096 --variants scan,per_layer
   python -m bench.step --shape tiny --quick          # CPU smoke run
+  python -m bench.step --shape llama-3.1-8b --mesh model=2   # tensor parallel over 2 devices
+
+With --mesh data=D,model=M the weights are born sharded (sharding.init_sharded), the engine and
+its caches run over the mesh, and the floors are per device: the bytes one device reads (its
+shards; the embedding and the LR cache are whole on every device) over one device's bandwidth,
+and the FLOPs over D * M devices' matmul rate. bench.sharded compares meshes in one run.
 
 Prints a table; writes JSON (+ PNG when matplotlib is there) to --out.
 """
@@ -88,11 +94,15 @@ def random_prompt(cfg, batch, length):
 
 
 def tree_bytes(tree):
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+    """Bytes one device holds of a pytree: a sharded array counts its shard, others in full."""
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape) if isinstance(x, jax.Array) else x.shape) * x.dtype.itemsize
+                   for x in jax.tree_util.tree_leaves(tree)))
 
 
 def main(argv=None):
+    from lragent_jax import sharding
     from lragent_jax.cache import LoRAKV, AttnOptions
+    from lragent_jax.cli import add_mesh_flag, parse_mesh
     from lragent_jax.config import ConfigError, preset
     from lragent_jax.engine import LAYER_MODES, Engine
     from lragent_jax.lora import random_adapters
@@ -113,6 +123,7 @@ def main(argv=None):
                    help="comma list of Llama(min_matmul_rows=) values to compare (default: the model's default)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default results/step/<timestamp>/)")
+    add_mesh_flag(p)
     args = p.parse_args(argv)
 
     try:
@@ -130,14 +141,23 @@ def main(argv=None):
         cfg = preset(args.shape)
         if args.context < 1 or args.new_tokens < 2:
             raise UsageError("--context must be >= 1 and --new-tokens >= 2 (the step time divides by new tokens - 1)")
-    except (UsageError, ConfigError) as e:
+        if args.mesh is not None:  # before JAX starts NCCL: NVLink multicast is broken on the 2-H200 host
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        mesh = None
+        for B in batches:  # the data axis must divide every batch
+            mesh = parse_mesh(args.mesh, batch=B)
+        if mesh is not None:
+            sharding.check_model_fits(cfg, mesh)
+    except (UsageError, ConfigError, sharding.ShardingError) as e:
         p.error(str(e))
+    data, model_par = (1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"])
 
     dtype = jnp.dtype(args.dtype or ("float32" if args.shape == "tiny" else "bfloat16"))
     if args.quick:
         args.context, args.new_tokens = min(args.context, 256), min(args.new_tokens, 16)
     dev = jax.devices()[0]
-    print(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    print(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+          + ("" if mesh is None else f", mesh {args.mesh} over {data * model_par} devices"), flush=True)
     bw = copy_bandwidth(256 << 20 if args.quick else 2 << 30)
     mm = matmul_rate(1024 if args.quick else 8192)
     print(f"floors: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
@@ -152,36 +172,43 @@ def main(argv=None):
         return dict(card=dev.device_kind, jax=jax.__version__, copy_GBps=bw / 1e9, gemv_GBps=gemv)
 
     t = time.perf_counter()
-    model = Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    def make():
+        return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+
+    model = make() if mesh is None else sharding.init_sharded(make, mesh)  # 70B never whole on one device
     lora = random_adapters(cfg, rank=8, dtype=dtype)
-    weight_bytes = tree_bytes(nnx.state(model))
+    weight_bytes = tree_bytes(nnx.state(model))  # per device
+    params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model)))  # all devices
     # A decode step reads every weight but the embedding table (one row gathered per
     # token) unless the LM head is that table.
     read_bytes = weight_bytes - (0 if model.lm_head is None else tree_bytes(model.embed[...]))
-    print(f"model {args.shape}: {weight_bytes / 1e9:.2f} GB weights, built in {time.perf_counter() - t:.0f} s",
-          flush=True)
+    print(f"model {args.shape}: {weight_bytes / 1e9:.2f} GB weights{'' if mesh is None else ' per device'}, "
+          f"built in {time.perf_counter() - t:.0f} s", flush=True)
     rows = []
     default_pad = model.min_matmul_rows
     for variant, pad in [(v, pd) for v in args.variants.split(",") for pd in pads]:
         model.min_matmul_rows = default_pad if pad is None else pad
-        engine = Engine(model, lora, layer_mode=variant)
+        engine = Engine(model, lora, layer_mode=variant, mesh=mesh)
         for B in batches:
             ctx, n = args.context, args.new_tokens
             ids = np.zeros((B,), np.int32)
             prompt = random_prompt(cfg, B, ctx)
 
-            def new_cache(B=B):
-                return LoRAKV.create(cfg, B, ctx + n + 1, 8, dtype, opts=AttnOptions(impl=args.attention))
+            def new_cache(B=B):  # born sharded over the mesh
+                return engine.allocate(lambda: LoRAKV.create(cfg, B, ctx + n + 1, 8, dtype,
+                                                             opts=AttnOptions(impl=args.attention)))
 
             prefill_s = prefill_time(engine, new_cache, prompt, ids)
             step_s = decode_step_time(engine, new_cache, prompt, ids, n)
             L, Hkv, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-            cache_read = B * L * (ctx + n // 2) * (2 * Hkv * D + 8) * dtype.itemsize
+            # per device: its rows (B / data), its KV heads (Hkv / model), the whole LR cache (rank 8)
+            cache_read = B // data * L * (ctx + n // 2) * (2 * Hkv // model_par * D + 8) * dtype.itemsize
             decode_floor = (read_bytes + cache_read) / bw
             tokens = B * ctx
-            flops = 2 * (weight_bytes / dtype.itemsize) * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
-            prefill_floor = flops / mm
-            row = dict(variant=engine.layer_mode, min_matmul_rows=model.min_matmul_rows, batch=B, context=ctx, step_ms=1e3 * step_s,
+            flops = 2 * params * tokens + 2 * L * cfg.num_heads * D * B * ctx * ctx
+            prefill_floor = flops / (mm * data * model_par)
+            row = dict(mesh=args.mesh or "data=1,model=1", variant=engine.layer_mode,
+                       min_matmul_rows=model.min_matmul_rows, batch=B, context=ctx, step_ms=1e3 * step_s,
                        decode_floor_ms=1e3 * decode_floor, decode_vs_floor=step_s / decode_floor,
                        prefill_s=prefill_s, prefill_floor_s=prefill_floor, prefill_vs_floor=prefill_s / prefill_floor,
                        prefill_tflops=flops / prefill_s / 1e12)
@@ -190,7 +217,7 @@ def main(argv=None):
                   f"(floor {row['decode_floor_ms']:.2f}, x{row['decode_vs_floor']:.2f})  prefill {prefill_s:7.3f} s "
                   f"(floor {prefill_floor:.3f}, x{row['prefill_vs_floor']:.2f}, {row['prefill_tflops']:.0f} TFLOP/s)",
                   flush=True)
-    result = dict(**run_info(), jax=jax.__version__, shape=args.shape, dtype=str(dtype),
+    result = dict(**run_info(), jax=jax.__version__, shape=args.shape, dtype=str(dtype), mesh=args.mesh,
                   attention=args.attention, copy_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12,
                   weight_bytes=weight_bytes, weight_bytes_read_per_step=read_bytes, gemv_GBps=gemv, rows=rows)
     out = results_dir("step", args.out)

@@ -358,7 +358,7 @@ class Engine:
             mode = "all" if want_logits == "all" else (bool(want_logits) and bool(finishing.any()))
             out, cache = self.forward(cache, tokens, start, n_valid, adapter_ids, layers=layers, want_logits=mode)
             if mode == "all":
-                out = np.asarray(out)
+                out = sharding.to_host(out)
                 for b in range(B):
                     per_row[b].append(out[b, : n_valid[b]])
             elif out is not None:  # keep each row's logits from the chunk holding its last token

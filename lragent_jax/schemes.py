@@ -26,6 +26,7 @@ import numpy as np
 
 import copy
 
+from . import sharding
 from .cache import AttnOptions, ConcurrentKV, DenseKV, DroidSpeakKV, LoRAKV, capacity, copy_suffix
 from .engine import Engine
 
@@ -146,10 +147,10 @@ class Scheme:
     def _engine_decode(self, view, agent, first_token, start, sampling, key, max_new_tokens, stop_ids, active):
         """engine.decode where inactive rows stop at once (limit 1: no step writes for them)."""
         limits = np.where(active, np.broadcast_to(max_new_tokens, active.shape), 1)
-        first = np.where(active, np.asarray(first_token), 0)
+        first = np.where(active, sharding.to_host(first_token), 0)
         tokens, counts, view = self.engine.decode(view, first, _start(start, active), self._ids(agent), sampling,
                                                   key, max_new_tokens=limits, stop_ids=stop_ids)
-        return tokens, np.where(active, np.asarray(counts), 0), view
+        return tokens, np.where(active, sharding.to_host(counts), 0), view
 
     def _ids(self, agent):
         return np.full((self.batch,), self.engine.adapter_ids([agent])[0], np.int32)
@@ -203,7 +204,7 @@ class Scheme:
             first = first_fn(logits, sampling_for(agent, self.batch), keys[i][0])
             tokens, counts = self.decode(agent, first, T, sampling_for(agent, self.batch), keys[i][1], max_new[agent],
                                          stop_ids)
-            out[agent] = (np.asarray(tokens), np.asarray(counts))
+            out[agent] = (sharding.to_host(tokens), sharding.to_host(counts))
             snapshot = self._keep_after_branch(agent, snapshot, self._counters(), T)
         self._restore(snapshot)
         return out, None
@@ -341,7 +342,7 @@ class FullShared(_OneCacheScheme):
         tokens, counts, view = self.engine.decode(view, first, np.repeat(T, N), ids, sampling, keys[0][1],
                                                   max_new_tokens=limits, stop_ids=stop_ids)
         self.cache = view.prefix
-        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        tokens, counts = sharding.to_host(tokens), sharding.to_host(counts)
         out = {a: (tokens[i::N], counts[i::N]) for i, a in enumerate(agents)}
         return out, dict(view=view, fork=fork, T=T, agents=tuple(agents))
 

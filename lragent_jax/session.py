@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks
+from . import checks, sharding
 from .cache import AttnOptions
 from .config import check_dtype, preset_name
 from .engine import BASE_AGENT, Engine
@@ -287,11 +287,11 @@ class Session:
             jax.block_until_ready(logits)
             t1 = time.perf_counter()
             first = self.engine.sample(logits, sampling, k_first)
-            first = np.asarray(first)
+            first = sharding.to_host(first)
             t2 = time.perf_counter()
             tokens, counts = self.scheme.decode(agent, first, T, sampling, k_rest, max_new_tokens, stops,
                                                 active=active)
-            tokens = np.asarray(tokens)
+            tokens = sharding.to_host(tokens)
             t3 = time.perf_counter()
 
             out = [tokens[b, : counts[b]].tolist() if active[b] else [] for b in range(self.batch)]
@@ -391,7 +391,7 @@ class Session:
             raise ValueError("the trajectory is empty: append() a prompt before score()")
         with self._transaction():
             first, _, _ = self.scheme.prepare(agent, self.trajectory)
-            first = np.asarray(first)
+            first = sharding.to_host(first)
             self._extend([r[:-1] for r in rows])
             rest, _, _ = self.scheme.prepare(agent, self.trajectory, want_logits="all")
             self._extend([r[-1:] for r in rows])

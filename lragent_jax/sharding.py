@@ -110,6 +110,20 @@ def context_mesh():
     return None if mesh.empty or mesh.size == 1 else mesh
 
 
+def to_host(x, dtype=None) -> np.ndarray:
+    """A jitted output (sampled tokens, counts, logits) as a numpy array on this host.
+
+    On a mesh spanning several processes (jax.distributed) each process holds only its own
+    devices' shards and np.asarray raises; process_allgather then collects the whole array on
+    every process (a collective: every process reads the same outputs, as SPMD programs do). A
+    fully addressable array (one process, any mesh) takes np.asarray alone."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x, dtype)
+
+
 # ---- logical axes -> mesh axes -----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
