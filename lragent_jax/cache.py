@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import attention
+from . import attention, sharding
 from .config import ModelConfig
 from .model import StepInputs, ValueParts
 
@@ -39,9 +39,19 @@ def capacity(max_len: int) -> int:
 
 
 def write_slots(buf: jax.Array, layer, write_positions: jax.Array, new: jax.Array) -> jax.Array:
-    """buf[layer, b, write_positions[b, s]] = new[b, s]; out-of-range slots are dropped."""
+    """buf[layer, b, write_positions[b, s]] = new[b, s] (layer None: buf[b, ...]); out-of-range
+    slots are dropped."""
+    lead = () if layer is None else (layer,)
+    mesh = sharding.context_mesh()
+    if mesh is not None and mesh.shape.get(sharding.DATA, 1) > 1:
+        # Rows as a batching dimension of the scatter: XLA then writes each data shard's rows where
+        # they live; with explicit row indices it all-gathers every new K / V / LR over data first.
+        def one_row(row_buf, pos, x):
+            return row_buf.at[(*lead, pos)].set(x.astype(row_buf.dtype), mode="drop")
+
+        return jax.vmap(one_row, in_axes=(len(lead), 0, 0), out_axes=len(lead))(buf, write_positions, new)
     rows = jnp.arange(new.shape[0])[:, None]
-    return buf.at[layer, rows, write_positions].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[(*lead, rows, write_positions)].set(new.astype(buf.dtype), mode="drop")
 
 
 def _nbytes(*arrays) -> int:
@@ -221,9 +231,7 @@ class DroidSpeakKV(ViewDefaults):
     def store_hidden(self, hidden: jax.Array, step: StepInputs) -> "DroidSpeakKV":
         if not self.write_shared:  # a catch-up reads the producer's hidden states
             return self
-        rows = jnp.arange(hidden.shape[0])[:, None]
-        return self.replace(hidden=self.hidden.at[rows, step.write_positions].set(
-            hidden.astype(self.hidden.dtype), mode="drop"))
+        return self.replace(hidden=write_slots(self.hidden, None, step.write_positions, hidden))
 
     @property
     def capacity(self) -> int:

@@ -64,13 +64,16 @@ def trajectory(engine, scheme, attention="xla"):
 
 
 def collectives(hlo: str) -> list[dict]:
-    """Every all-gather / all-to-all in a compiled HLO text: op and result shape."""
+    """Every all-gather / all-to-all / collective-permute in a compiled HLO text: op, result shape
+    and the JAX operation it was made for (op_name metadata, e.g. ".../while/body/scatter")."""
     found = []
     for line in hlo.splitlines():
-        m = re.search(r"=\s*\(?(\w+)\[([\d,]*)\][^=]*?\s(all-gather|all-to-all)(?:-start)?\(", line)
+        m = re.search(r"=\s*\(?(\w+)\[([\d,]*)\][^=]*?\s(all-gather|all-to-all|collective-permute)(?:-start)?\(",
+                      line)
         if m:
+            name = re.search(r'op_name="([^"]*)"', line)
             found.append({"op": m.group(3), "dtype": m.group(1),
-                          "shape": [int(x) for x in m.group(2).split(",") if x]})
+                          "shape": [int(x) for x in m.group(2).split(",") if x], "for": name.group(1) if name else ""})
     return found
 
 

@@ -94,6 +94,11 @@ def test_decode_step_gathers_no_cache(checks, scheme):
     too_big = [c for c in hlo["collectives"] if hlo["capacity"] in c["shape"]
                or np.prod(c["shape"]) >= hlo["cache_shard_elements"]]
     assert not too_big, too_big
+    # Not even token-sized ones for the cache writes: each data shard writes its own rows' new
+    # K / V / LR in place (cache.write_slots scatters with rows as a batching dimension under a data
+    # axis; with explicit row indices XLA gathered every new token's K / V over data first).
+    for_writes = [c for c in hlo["collectives"] if c["for"].endswith("scatter")]
+    assert not for_writes, for_writes
     control = checks["hlo"]["control"]
     assert [c for c in control["collectives"] if control["capacity"] in c["shape"]], control
 
