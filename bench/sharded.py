@@ -142,7 +142,7 @@ def main(argv=None):
 
     # with no single-device row, the weights are born sharded on the first mesh (a 70B model never
     # exists whole on one device); the other meshes reshard them
-    model = make() if any(m is None for _, m in meshes) else sharding.init_sharded(make, meshes[0][1])
+    model = make() if any(m is None for _, m in meshes) else sharding.init_sharded(cfg, meshes[0][1], dtype=dtype)
     lora = random_adapters(cfg, rank=8, dtype=dtype)
     rows, traces = [], []
     for spec, mesh in meshes:

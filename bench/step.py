@@ -175,7 +175,7 @@ def main(argv=None):
     def make():
         return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0))
 
-    model = make() if mesh is None else sharding.init_sharded(make, mesh)  # 70B never whole on one device
+    model = make() if mesh is None else sharding.init_sharded(cfg, mesh, dtype=dtype)  # 70B never whole on one device
     lora = random_adapters(cfg, rank=8, dtype=dtype)
     weight_bytes = tree_bytes(nnx.state(model))  # per device
     params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model)))  # all devices

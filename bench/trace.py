@@ -613,7 +613,7 @@ def build_engine(args):
         else:  # weights born sharded: a 70B model never exists whole on one device
             from lragent_jax.sharding import init_sharded
 
-            model = init_sharded(make, mesh)
+            model = init_sharded(cfg, mesh, dtype=dtype, seed=args.seed)
         lora = random_adapters(cfg, ("plan", "action", "reflect"), rank=8, alpha=16, targets=("q", "v"),
                                shared_a=True, seed=args.seed, dtype=dtype)
         return Engine(model, lora, **kw), dtype

@@ -140,6 +140,16 @@ def main(out_path: str, full: bool):
                                                                  jax.tree.leaves(engine.params[0])))
         result["loading"][label] = info
 
+    # random weights born sharded (the benchmarks' 70B path): one small init per weight
+    born = sharding.init_sharded(placed.config, mesh24, dtype=jnp.float32, seed=1)
+    want = sharding.weight_shardings(nnx.state(placed), mesh24, sharding.rules_for(placed.config, mesh24, None))
+    result["init_sharded"] = [
+        {"path": jax.tree_util.keystr(p), "shape": list(x.shape), "want_shape": list(w.shape),
+         "same_sharding": x.sharding == ws, "std": float(jnp.std(x)), "min": float(jnp.min(x)),
+         "max": float(jnp.max(x))}
+        for (p, x), w, ws in zip(jax.tree_util.tree_flatten_with_path(nnx.state(born))[0],
+                                 jax.tree.leaves(nnx.state(placed)), jax.tree.leaves(want))]
+
     sessions = {}
 
     def record(label, engine, schemes, **kw):

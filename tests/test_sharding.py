@@ -151,6 +151,16 @@ def test_loading_places_each_shard_on_its_devices(checks, loader):
     assert info["engine_keeps_arrays"]
 
 
+def test_random_weights_are_born_sharded_like_loaded_ones(checks):
+    leaves = checks["init_sharded"]
+    assert leaves and all(w["shape"] == w["want_shape"] and w["same_sharding"] for w in leaves)
+    norms = [w for w in leaves if "norm" in w["path"]]
+    assert norms and all(w["min"] == w["max"] == 1.0 for w in norms)
+    for w in leaves:  # Llama's random init: normal, std 0.02 (hundreds of entries: within 25%)
+        if "norm" not in w["path"]:
+            assert 0.015 < w["std"] < 0.025, w
+
+
 @pytest.mark.parametrize("script", ["generate.py", "agents.py"])
 def test_scripts_reject_a_mesh_that_cannot_run_in_one_line(script):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
