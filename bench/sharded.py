@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before JAX starts NCCL
 
@@ -40,37 +39,16 @@ from flax import nnx  # noqa: E402
 from bench.common import UsageError, positive_int_list, results_dir, run_info, write_json  # noqa: E402
 from bench.step import decode_step_time, random_prompt  # noqa: E402
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
-
-
 def collectives(hlo: str) -> dict:
-    """{kind: {"count", "bytes"}} over the collective instructions of a compiled HLO text (the async
-    -start halves counted once; a tuple-shaped all-reduce counts each of its parts' bytes)."""
-    out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-    for line in hlo.splitlines():
-        m = re.search(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-        if not m:
-            continue
-        kind = m.group(2)
-        out[kind]["count"] += 1
-        for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
-            out[kind]["bytes"] += _DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-    return {k: v for k, v in out.items() if v["count"]}
-
-
-def decode_program(engine, cache, batch: int, buffer: int = 32) -> str:
-    """Compiled text of the engine's decode loop over `cache` (the program Engine.decode runs)."""
+    """{op: {"count", "bytes"}} over the collective instructions of a compiled HLO text."""
     from lragent_jax import sharding
-    from lragent_jax.sampling import SamplingParams
 
-    ids = jnp.zeros((batch,), jnp.int32)
-    with sharding.use_mesh(engine.mesh):
-        lowered = engine._decode.lower(engine.params, engine.lora, engine.place_cache(cache), ids,
-                                       jnp.full((batch,), 1, jnp.int32), ids, SamplingParams.make(batch, greedy=True),
-                                       jax.random.key(0), jnp.full((batch,), 2, jnp.int32),
-                                       jnp.full((1,), -2, jnp.int32), buffer=buffer)
-    return lowered.compile().as_text()
+    out = {}
+    for c in sharding.collectives(hlo):
+        kind = out.setdefault(c["op"], {"count": 0, "bytes": 0})
+        kind["count"] += 1
+        kind["bytes"] += c["bytes"]
+    return out
 
 
 def bytes_per_device(tree) -> int:
@@ -161,7 +139,7 @@ def main(argv=None):
             cache = new_cache()
             row = dict(mesh=spec, batch=B, context=ctx, step_ms=1e3 * step_s, weight_bytes_per_device=weights,
                        cache_bytes_per_device=bytes_per_device(cache),
-                       collectives=collectives(decode_program(engine, cache, B)),
+                       collectives=collectives(engine.decode_program(cache, B)),
                        paper_all_reduce=paper_all_reduces(cfg, B, model.min_matmul_rows, M, dtype))
             del cache
             base = next((r for r in rows if r["batch"] == B), row)

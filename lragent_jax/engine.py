@@ -394,6 +394,19 @@ class Engine:
             )
         return tokens[:, :max_new_tokens], counts, cache
 
+    def decode_program(self, cache, batch: int, buffer: int = 32) -> str:
+        """Compiled HLO text of the decode loop `decode` runs over `cache` (for inspection: the
+        collectives of a sharded step, sharding.collectives). Compiles; runs nothing."""
+        from lragent_jax.sampling import SamplingParams
+
+        ids = jnp.zeros((batch,), jnp.int32)
+        with sharding.use_mesh(self.mesh):
+            lowered = self._decode.lower(self.params, self.lora, self.place_cache(cache), ids,
+                                         jnp.ones((batch,), jnp.int32), ids, SamplingParams.make(batch, greedy=True),
+                                         jax.random.key(0), jnp.full((batch,), 2, jnp.int32),
+                                         jnp.full((1,), -2, jnp.int32), buffer=buffer)
+        return lowered.compile().as_text()
+
 
 def _capacity(cache) -> int:
     """Slots per row of a cache view; a write to this slot (or beyond) is dropped."""

@@ -291,6 +291,31 @@ def init_sharded(config, mesh: Mesh, *, dtype, seed: int = 0, rules: ShardingRul
     return nnx.merge(graphdef, state)
 
 
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_HLO_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8,
+                    "s64": 8}
+
+
+def collectives(hlo: str) -> list[dict]:
+    """The collective instructions of a compiled HLO text (Engine.decode_program): op, the first
+    result's dtype and shape, bytes of all results (a tuple-shaped all-reduce counts each part), and
+    the JAX operation it was made for (op_name metadata). Async pairs are counted at their -start."""
+    found = []
+    pattern = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVE_OPS) + r")(?:-start)?\(")
+    for line in hlo.splitlines():
+        m = pattern.search(line)
+        if not m:
+            continue
+        results = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
+        shapes = [(dt, [int(d) for d in dims.split(",") if d]) for dt, dims in results]
+        name = re.search(r'op_name="([^"]*)"', line)
+        found.append({"op": m.group(2), "dtype": shapes[0][0] if shapes else "",
+                      "shape": shapes[0][1] if shapes else [],
+                      "bytes": sum(_HLO_DTYPE_BYTES.get(dt, 4) * math.prod(sh) for dt, sh in shapes),
+                      "for": name.group(1) if name else ""})
+    return found
+
+
 def constrain(tree, shardings):
     """with_sharding_constraint leaf by leaf (inside a traced program)."""
     return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -64,34 +63,11 @@ def trajectory(engine, scheme, attention="xla"):
 
 
 def collectives(hlo: str) -> list[dict]:
-    """Every all-gather / all-to-all / collective-permute in a compiled HLO text: op, result shape
-    and the JAX operation it was made for (op_name metadata, e.g. ".../while/body/scatter")."""
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(r"=\s*\(?(\w+)\[([\d,]*)\][^=]*?\s(all-gather|all-to-all|collective-permute)(?:-start)?\(",
-                      line)
-        if m:
-            name = re.search(r'op_name="([^"]*)"', line)
-            found.append({"op": m.group(3), "dtype": m.group(1),
-                          "shape": [int(x) for x in m.group(2).split(",") if x], "for": name.group(1) if name else ""})
-    return found
-
-
-def decode_hlo(engine, view, batch):
-    """Compiled text of the engine's decode loop over `view` (what Session.generate runs)."""
-    import jax
-    import jax.numpy as jnp
-
+    """Every all-gather / all-to-all / collective-permute of a compiled HLO text (all-reduces are the
+    tensor-parallel matmuls' own)."""
     from lragent_jax import sharding
-    from lragent_jax.sampling import SamplingParams
 
-    ids = jnp.zeros((batch,), jnp.int32)
-    with sharding.use_mesh(engine.mesh):
-        lowered = engine._decode.lower(engine.params, engine.lora, engine.place_cache(view), ids,
-                                       jnp.full((batch,), 40, jnp.int32), ids, SamplingParams.make(batch, greedy=True),
-                                       jax.random.key(0), jnp.full((batch,), 8, jnp.int32),
-                                       jnp.full((1,), -2, jnp.int32), buffer=32)
-    return lowered.compile().as_text()
+    return [c for c in sharding.collectives(hlo) if c["op"] in ("all-gather", "all-to-all", "collective-permute")]
 
 
 def main(out_path: str, full: bool):
@@ -179,7 +155,7 @@ def main(out_path: str, full: bool):
                 view = s.scheme._view("plan", True)
                 per_device = [int(np.prod(x.sharding.shard_shape(x.shape)))
                               for x in jax.tree.leaves(view) if x.ndim >= 4]
-                result["hlo"][scheme] = {"collectives": collectives(decode_hlo(engine, view, 2)),
+                result["hlo"][scheme] = {"collectives": collectives(engine.decode_program(view, 2)),
                                          "capacity": int(view.capacity), "cache_shard_elements": min(per_device)}
             # the detector's control: a program that does gather a cache must be caught
             k = view.k
