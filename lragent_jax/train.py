@@ -287,6 +287,7 @@ def pretrain(
     Returns (a new trained Llama; `model` keeps its weights, {"loss": [per-step mean loss]}).
     """
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every)
+    plan = _StepPlan(steps, lr, warmup_steps, min_lr_ratio, time_budget_s)  # the budget counts from here
     cfg = model.config
     if isinstance(data, Iterator):
         batches = data
@@ -300,7 +301,6 @@ def pretrain(
     params = jax.tree.map(jnp.copy, params)  # the caller's model keeps its arrays (we donate ours)
     decay_mask = jax.tree_util.tree_map_with_path(
         lambda path, _: not any(getattr(k, "key", None) in _NORM_PARAMS for k in path), params)
-    plan = _StepPlan(steps, lr, warmup_steps, min_lr_ratio, time_budget_s)
     opt = _optimizer(weight_decay, clip_norm, decay_mask=decay_mask)
     opt_state = opt.init(params)
 
@@ -417,6 +417,7 @@ def train_adapters(
     roles = tuple(examples_by_role)
     if "loss" in roles:  # the history's key for the mean over roles
         raise ValueError("a role may not be named 'loss' (train_adapters' history uses that key for the mean)")
+    plan = _StepPlan(steps, lr, warmup_steps, min_lr_ratio, time_budget_s)  # the budget counts from here
     lcfg = LoraConfig(rank=rank, alpha=float(alpha), target_modules=tuple(targets), use_rslora=use_rslora)
     seq_len = seq_len or _default_seq_len(examples_by_role.values())
     rng = np.random.default_rng(seed)
@@ -429,7 +430,6 @@ def train_adapters(
 
     graphdef, base = nnx.split(model)
     params = init_lora_params(cfg, len(roles), rank=rank, targets=lcfg.target_modules, shared_a=shared_a, seed=seed)
-    plan = _StepPlan(steps, lr, warmup_steps, min_lr_ratio, time_budget_s)
     opt = _optimizer(weight_decay, clip_norm)
     opt_state = opt.init(params)
 

@@ -44,20 +44,23 @@ Steps (seeded, deterministic up to float rounding on the device):
      adapters_independent/ (PEFT folders), loss.png, train_log.json; --archive packs the folder
      into one .tar.gz (written once here, so the weights survive a later timeout, and again at
      the end with the evaluation in train_log.json);
-  6. evaluate: masked validation loss per role (base, both flavours); the value-cache similarity
-     of the shared-A agents on validation trajectories (adapter/base norm, base and LR cosine,
-     as scripts/fidelity.py); the exact match on --eval-questions validation questions through
-     the agent loop per --eval-schemes entry (default: non_shared and base_lr_shared on the
-     shared-A adapters, and the base model alone), by template group; --install copies the
-     folder to lragent_jax/assets/miniature/.
+  6. evaluate: masked validation loss per role (base, both flavours); the exact match on
+     --eval-questions validation questions through the agent loop per --eval-schemes entry
+     (default: non_shared and base_lr_shared on the shared-A adapters, and the base model alone),
+     by template group; the value-cache similarity of the shared-A agents on validation
+     trajectories (adapter/base norm, base and LR cosine, as scripts/fidelity.py); --install
+     copies the folder to lragent_jax/assets/miniature/.
 
   python scripts/train_miniature.py --archive $OUT/miniature.tar.gz --time-limit 570   # GPU (<= 9.5 min, H200)
   python scripts/train_miniature.py --install-from miniature.tar.gz   # install that run's result
   python scripts/train_miniature.py --tiny --out /tmp/m               # CPU smoke run (about a minute)
 
---time-limit SECONDS: the run ends within that long, however fast the device is. Training ends
+--time-limit SECONDS: the run ends within that long, however fast the device is (but for one
+agent-loop question: an entry's first compiles its programs, 10-35 s on the H200, and cannot be
+stopped; keep ~30 s between --time-limit and a device's hard limit). Training ends
 PRESETS[...]["reserve_s"] seconds before it (the rest saves, archives and evaluates): pre-training
-gets PRETRAIN_SHARE of the time left for training, each adapter flavour half of what is then left;
+gets PRETRAIN_SHARE of the time left for training, the independent adapters half of what is then
+left, the shared-A ones the rest;
 each loop times its steps and plans fewer when the requested ones would not fit, its learning-rate
 schedule re-planned so it still decays (lragent_jax.train's time_budget_s). The steps done are in
 train_log.json ("steps_done"). The validation loss and similarity are skipped, and the agent loop
@@ -100,18 +103,22 @@ PRESETS = {
                     intermediate=960, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=300,
                     batch_size=32, adapter_batch=32, lr_base=1e-3, lr_adapter=1e-3, eval_questions=40,
                     val_loss_episodes=256, browsing=0.5, solved=1.0, base_templates="compositional", max_seq=None,
-                    turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=110.0),
+                    turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=115.0,
+                    eval_entry_min_s=25.0),
     "tiny": dict(world="small", train_worlds=6, vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                  intermediate=128, max_positions=512, pretrain_seq=256, steps_base=12, steps_adapter=10,
                  batch_size=4, adapter_batch=2, lr_base=3e-3, lr_adapter=1e-2, eval_questions=2,
                  val_loss_episodes=4, browsing=0.5, solved=0.5, base_templates="compositional", max_seq=192,
-                 turn_tokens=8, max_steps=1, similarity_episodes=1, reserve_s=20.0),
+                 turn_tokens=8, max_steps=1, similarity_episodes=1, reserve_s=20.0,
+                 eval_entry_min_s=5.0),
 }
 # Under --time-limit: pre-training's share of the time left for training (the second miniature's
 # split: 167 s pre-training, 136 s for both adapter flavours at 400 steps; these run 300).
 PRETRAIN_SHARE = 0.6
 # Under --time-limit, the validation loss and the similarity run only with this many seconds left
-# (each took about half of it on the second miniature, compilation included).
+# (each took about half of it on the second miniature, compilation included); an agent-loop entry
+# runs only if its share of the time left is at least the preset's eval_entry_min_s (its first
+# question compiles the Session's programs: 10-35 s on the H200, during which nothing can stop it).
 VAL_LOSS_MIN_S, SIMILARITY_MIN_S = 40.0, 45.0
 # Templates whose trajectories the base never reads (the adapters learn them): each is a new
 # composition of steps that base templates contain (e.g. director -> birth city -> country from
@@ -377,17 +384,18 @@ def em_summary(rows, held_out) -> dict:
 
 def run_evaluations(entries, model, adapters, tokenizer, world, questions, max_len, s, time_limit, deadline=None,
                     held_out=HELD_OUT_TEMPLATES):
-    """{entry: {"em", ..., "rows"}} for each --eval-schemes entry (see EVAL_CHOICES), each given
-    at most time_limit seconds and an equal share of what is left before `deadline` (a
-    time.perf_counter() value); an entry that fails, or finds no time left, is recorded with its
-    error and the next one runs."""
+    """{entry: {"em", ..., "rows"}} for each --eval-schemes entry (see EVAL_CHOICES), in order,
+    each given at most time_limit seconds and what is left before `deadline` (a
+    time.perf_counter() value; the first entries come first: non_shared is the headline); an
+    entry that fails, or finds less than s["eval_entry_min_s"] left, is recorded with its error
+    and the next one runs."""
     out = {}
-    for k, entry in enumerate(entries):
+    for entry in entries:
         t = time.perf_counter()
         limit = time_limit
         if deadline is not None:
-            limit = min(limit, (deadline - t) / (len(entries) - k))
-            if limit < 5:
+            limit = min(limit, deadline - t)
+            if limit < s.get("eval_entry_min_s", 5.0):  # too short to compile the Session's programs
                 out[entry] = {"em": None, "questions": 0, "seconds": 0.0, "rows": [],
                               "error": "skipped: --time-limit reached"}
                 log(f"agent-loop evaluation [{entry}] skipped: --time-limit reached")
@@ -674,15 +682,6 @@ def train(args) -> dict:
         _validation_losses(model, adapters, val_ex, train_ex, world, held_t, base_t, adapter_seq, record)
     times["val_loss_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    if time_left() < SIMILARITY_MIN_S:
-        sim = {"error": "skipped: --time-limit reached"}
-        log("similarity measurement skipped: --time-limit reached")
-    else:
-        sim = _similarity(model, adapters["shared"], tok, val_eps[: s["similarity_episodes"]])
-    times["similarity_s"] = time.perf_counter() - t
-    record["similarity_shared"] = sim
-
     if s["eval_questions"]:
         t = time.perf_counter()
         questions = world.questions["validation"][: s["eval_questions"]]
@@ -703,6 +702,16 @@ def train(args) -> dict:
                 n = min(len(r["rows"]), len(ref["rows"]))  # the questions both ran
                 gap = sum(a["em"] - b["em"] for a, b in zip(r["rows"][:n], ref["rows"][:n])) / max(n, 1)
                 log(f"  {entry} - non_shared on the same {n} questions: {100 * gap:+.1f} EM points")
+
+    # last: eval_agents.py measures it too (on test trajectories); the loss and EM come first
+    t = time.perf_counter()
+    if time_left() < SIMILARITY_MIN_S:
+        sim = {"error": "skipped: --time-limit reached"}
+        log("similarity measurement skipped: --time-limit reached")
+    else:
+        sim = _similarity(model, adapters["shared"], tok, val_eps[: s["similarity_episodes"]])
+    times["similarity_s"] = time.perf_counter() - t
+    record["similarity_shared"] = sim
 
     times["total_s"] = time.perf_counter() - t0
     write_record(out, record)
