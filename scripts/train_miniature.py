@@ -60,11 +60,11 @@ agent-loop question: an entry's first compiles its programs, 10-35 s on the H200
 stopped; keep ~30 s between --time-limit and a device's hard limit). Training ends
 PRESETS[...]["reserve_s"] seconds before it (the rest saves, archives and evaluates): pre-training
 gets PRETRAIN_SHARE of the time left for training, the independent adapters half of what is then
-left, the shared-A ones the rest;
-each loop times its steps and plans fewer when the requested ones would not fit, its learning-rate
-schedule re-planned so it still decays (lragent_jax.train's time_budget_s). The steps done are in
-train_log.json ("steps_done"). The validation loss and similarity are skipped, and the agent loop
-cut short, when too little time is left; the weights are archived before any of them.
+left, the shared-A ones the rest; each loop times its steps and plans fewer when the requested
+ones would not fit, its learning-rate schedule re-planned so it still decays (lragent_jax.train's
+time_budget_s). The steps done are in train_log.json ("steps_done"). The validation loss and
+similarity are skipped, and the agent loop cut short, when too little time is left; the weights
+are archived before any of them.
 
 Exit code 2 with a one-line message on bad input.
 """
@@ -123,7 +123,7 @@ PRESETS = {
 PRETRAIN_SHARE = 0.6
 # Under --time-limit, the validation loss and the similarity run only with this many seconds left
 # (each took about half of it on the second miniature, compilation included); an agent-loop entry
-# runs only if its share of the time left is at least the preset's eval_entry_min_s (its first
+# runs only if the time left is at least the preset's eval_entry_min_s (its first
 # question compiles the Session's programs: 10-35 s on the H200, during which nothing can stop it).
 VAL_LOSS_MIN_S, SIMILARITY_MIN_S = 40.0, 45.0
 # Templates whose trajectories the base never reads (the adapters learn them): each is a new
