@@ -206,7 +206,7 @@ class _StepPlan:
         self.warmup = warmup_steps if warmup_steps is not None else max(1, steps // 10)
         self.clock = clock
         self.end = None if time_budget_s is None else clock() + time_budget_s
-        self.every = max(5, steps // 40)  # synchronised checks: about 40 per run
+        self.every = min(50, max(5, steps // 40))  # synchronised checks: about 40 a run, at least every 50 steps
         self._first = None  # (steps done, time) after the first (compiling) step
         self._lrs = self._table()
 

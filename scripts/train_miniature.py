@@ -627,7 +627,8 @@ def train(args, start: float) -> dict:
                                 seq_len=s["pretrain_seq"], seed=args.seed, progress=progress, time_budget_s=seconds)
     times["pretrain_s"] = time.perf_counter() - t
     steps_done = {"base": len(base_hist["loss"])}
-    log(f"pre-training done in {times['pretrain_s']:.1f} s: {_steps(steps_done['base'], s['steps_base'])}, "
+    log(f"pre-training done in {times['pretrain_s']:.1f} s: {_steps(steps_done['base'], s['steps_base'])} "
+        f"({times['pretrain_s'] / steps_done['base']:.3f} s a step, compilation included), "
         f"loss {base_hist['loss'][0]:.3f} -> {np.mean(base_hist['loss'][-10:]):.3f}")
 
     adapters, hists = {}, {}
@@ -645,7 +646,8 @@ def train(args, start: float) -> dict:
         adapters[flavour], hists[flavour] = lora, hist
         steps_done[f"adapters_{flavour}"] = len(hist["loss"])
         log(f"adapters ({flavour}) done in {times[f'adapters_{flavour}_s']:.1f} s: "
-            f"{_steps(len(hist['loss']), s['steps_adapter'])}, "
+            f"{_steps(len(hist['loss']), s['steps_adapter'])} "
+            f"({times[f'adapters_{flavour}_s'] / len(hist['loss']):.3f} s a step), "
             + ", ".join(f"{r} {hist[r][0]:.3f} -> {np.mean(hist[r][-10:]):.3f}" for r in train_ex))
 
     # Saved (and archived) before evaluating: an evaluation failure or a timeout cannot lose the weights.
