@@ -97,20 +97,22 @@ BASE_MODEL_REF = "lragent-jax-miniature"  # what the PEFT configs name as their 
 # pretrain_seq = max_positions: every position the agents reach is trained (rows hold whole documents).
 # solved: fraction of the eligible questions (base templates, not an adapter's) whose solved trajectory
 # the base reads; browsing: browsing trajectories per question (halved from the first recipe: the
-# solved ones teach the format too).
+# solved ones teach the format too). reserve_s: under --time-limit, the seconds kept after training
+# for saving (~5 s), the first archive (~2 s), the validation loss (~20-30 s) and the first agent-loop
+# entry (--eval-seconds 35 s and a question); the entries after it run only if eval_entry_min_s is left.
 PRESETS = {
     "default": dict(world="default", train_worlds=24, vocab=2048, hidden=384, layers=8, heads=6, kv_heads=2, head_dim=64,
                     intermediate=960, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=300,
                     batch_size=32, adapter_batch=32, lr_base=1e-3, lr_adapter=1e-3, eval_questions=40,
                     val_loss_episodes=256, browsing=0.5, solved=1.0, base_templates="compositional", max_seq=None,
-                    turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=115.0,
+                    turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=100.0,
                     eval_entry_min_s=40.0),
     # the second miniature (shipped 2026-11-30: 5.8M parameters, float32, 65.2% EM on 500 test questions)
     "second": dict(world="default", train_worlds=24, vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
                    intermediate=768, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=400,
                    batch_size=32, adapter_batch=32, lr_base=1e-3, lr_adapter=1e-3, eval_questions=40,
                    val_loss_episodes=256, browsing=0.5, solved=1.0, base_templates="compositional", max_seq=None,
-                   turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=115.0, eval_entry_min_s=40.0),
+                   turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=100.0, eval_entry_min_s=40.0),
     "tiny": dict(world="small", train_worlds=6, vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                  intermediate=128, max_positions=512, pretrain_seq=256, steps_base=12, steps_adapter=10,
                  batch_size=4, adapter_batch=2, lr_base=3e-3, lr_adapter=1e-2, eval_questions=2,
