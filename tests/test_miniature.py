@@ -257,10 +257,12 @@ def test_install_from_an_archive(tiny, tmp_path, monkeypatch, capsys):
     assert miniature.assets_built(str(target))  # the installed one is untouched
 
 
-def test_time_limit_bounds_the_whole_run(tmp_path):
+def test_time_limit_bounds_the_whole_run(tmp_path, monkeypatch):
     """--time-limit with far more steps than fit: each training loop plans fewer steps, the
     weights are saved and archived, what no longer fits is skipped, and the run ends in time
-    (slack: one agent-loop question, the tiny one's are ~1 s, and process jitter on a shared CPU)."""
+    (slack: one agent-loop question, the tiny one's are ~1 s, and process jitter on a shared CPU).
+    The weights are stored as the default preset's are (bfloat16) and evaluated as read back."""
+    monkeypatch.setattr(train_miniature, "SIZE_LIMIT_F32", 0)
     out, archive, limit = tmp_path / "out", tmp_path / "mini.tar.gz", 45.0
     t = time.perf_counter()
     rc = train_miniature.main(["--tiny", "--out", str(out), "--archive", str(archive), "--no-progress",
@@ -271,6 +273,8 @@ def test_time_limit_bounds_the_whole_run(tmp_path):
         log = json.load(f)
     assert log["time_limit_s"] == limit and set(log["steps_done"]) == {"base", "adapters_independent",
                                                                        "adapters_shared"}
+    assert log["weights_dtype"] == "bfloat16"
+    assert _safetensors_dtypes(out / "base" / "model.safetensors") == {"BF16"}
     assert all(1 <= n < 100_000 for n in log["steps_done"].values()), log["steps_done"]
     assert len(log["losses"]["base"]) == log["steps_done"]["base"]
     for key in ("adapters_independent", "adapters_shared"):
