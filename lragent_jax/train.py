@@ -7,12 +7,18 @@ jitted step compiles once; padding is masked out and, the attention being causal
 the real tokens.
 
 Train a float32 model (optimizer moments and updates in bfloat16 lose too much); cast afterwards.
+
+time_budget_s (pretrain, train_adapters): the run ends within that many seconds however fast the
+device is: the loop times its steps and, when the requested steps would not fit, plans fewer,
+with the learning-rate schedule recomputed for the new total (so the rate still decays to its end
+value) rather than cut off mid-schedule. The steps done are len(history["loss"]).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -169,10 +175,70 @@ def _schedule(lr: float, steps: int, warmup_steps: int | None, min_lr_ratio: flo
                                               end_value=lr * min_lr_ratio)
 
 
-def _optimizer(schedule, weight_decay: float, clip_norm: float | None, decay_mask=None):
+def _optimizer(weight_decay: float, clip_norm: float | None, decay_mask=None):
+    """AdamW at learning rate 1: each step scales the updates by that step's rate (_StepPlan.lr),
+    which is AdamW at that rate exactly (the rate multiplies the whole update, decay included),
+    so a time budget can re-plan the schedule mid-run."""
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-    parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
+    parts.append(optax.adamw(1.0, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def _scaled(updates, lr):
+    return jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
+
+
+class _StepPlan:
+    """How many steps a training loop runs, and each step's learning rate (warmup then cosine
+    decay to lr * min_lr_ratio over the planned steps).
+
+    With time_budget_s, the loop reports each step (`done`); at a few synchronised points it
+    measures the seconds per step (the first step, compilation, excluded) and, when the steps
+    left would overrun the budget, plans fewer (never more) and recomputes the schedule for the
+    new total; the warmup keeps its length. A step that starts past the budget ends the loop."""
+
+    def __init__(self, steps, lr, warmup_steps, min_lr_ratio, time_budget_s, *, margin: float = 0.97,
+                 clock=time.perf_counter):
+        if time_budget_s is not None and not time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds or None, got {time_budget_s!r}")
+        self.requested = self.planned = steps
+        self.lr_peak, self.min_lr_ratio, self.margin = lr, min_lr_ratio, margin
+        self.warmup = warmup_steps if warmup_steps is not None else max(1, steps // 10)
+        self.clock = clock
+        self.end = None if time_budget_s is None else clock() + time_budget_s
+        self.every = min(50, max(5, steps // 40))  # synchronised checks: about 40 a run, at least every 50 steps
+        self._first = None  # (steps done, time) after the first (compiling) step
+        self._lrs = self._table()
+
+    def _table(self) -> np.ndarray:
+        sched = _schedule(self.lr_peak, self.planned, self.warmup, self.min_lr_ratio)
+        return np.asarray(sched(np.arange(self.planned)), np.float32)
+
+    def lr(self, i: int) -> np.float32:
+        return self._lrs[i]
+
+    def keep_going(self, i: int) -> bool:
+        """Whether step i (0-based) runs."""
+        return i < self.planned and (self.end is None or i == 0 or self.clock() < self.end)
+
+    def done(self, i: int, last) -> None:
+        """Step i was dispatched; `last` is one of its outputs (synchronised at check points)."""
+        if self.end is None or not (i == 0 or (i + 1) % self.every == 0):
+            return
+        jax.block_until_ready(last)
+        now = self.clock()
+        if self._first is None:
+            self._first = (i + 1, now)
+            return
+        per_step = (now - self._first[1]) / (i + 1 - self._first[0])
+        fit = i + 1 + int(self.margin * (self.end - now) / per_step)
+        if fit < self.planned:
+            self.planned = max(i + 1, fit)
+            self._lrs = self._table()
+
+    @property
+    def cut(self) -> bool:
+        return self.planned < self.requested
 
 
 def _check_positive(**kw) -> None:
@@ -184,7 +250,7 @@ def _check_positive(**kw) -> None:
 def _progress(steps: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(range(steps), desc=desc, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=steps, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 def _donate() -> tuple:
@@ -208,6 +274,7 @@ def pretrain(
     clip_norm: float | None = 1.0,
     progress: bool = True,
     log_every: int = 10,
+    time_budget_s: float | None = None,
 ) -> tuple[Llama, dict]:
     """Full-parameter next-token training of `model` (AdamW, linear warmup then cosine decay).
 
@@ -216,9 +283,11 @@ def pretrain(
       loss_mask [batch_size, seq_len]) batches.
     seq_len: fixed row length (default: the longest example, rounded up to 16).
     weight_decay applies to matrices, not to the norm weights.
+    time_budget_s: end within this many seconds (fewer steps, schedule re-planned; module doc).
     Returns (a new trained Llama; `model` keeps its weights, {"loss": [per-step mean loss]}).
     """
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every)
+    plan = _StepPlan(steps, lr, warmup_steps, min_lr_ratio, time_budget_s)  # the budget counts from here
     cfg = model.config
     if isinstance(data, Iterator):
         batches = data
@@ -232,8 +301,7 @@ def pretrain(
     params = jax.tree.map(jnp.copy, params)  # the caller's model keeps its arrays (we donate ours)
     decay_mask = jax.tree_util.tree_map_with_path(
         lambda path, _: not any(getattr(k, "key", None) in _NORM_PARAMS for k in path), params)
-    opt = _optimizer(_schedule(lr, steps, warmup_steps, min_lr_ratio), weight_decay, clip_norm,
-                     decay_mask=decay_mask)
+    opt = _optimizer(weight_decay, clip_norm, decay_mask=decay_mask)
     opt_state = opt.init(params)
 
     def loss_fn(params, tokens, mask):
@@ -242,20 +310,25 @@ def pretrain(
         total, count = masked_loss(logits, tokens, mask)
         return total.sum() / jnp.maximum(count.sum(), 1.0)
 
-    def step(params, opt_state, tokens, mask):
+    def step(params, opt_state, tokens, mask, lr):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, _scaled(updates, lr)), opt_state, loss
 
     step = jax.jit(step, donate_argnums=_donate())
     losses = []
-    bar = _progress(steps, "pretrain", progress)
-    for i in bar:
-        tokens, mask = _check_batch(*next(batches), batch_size, cfg.vocab_size)
-        params, opt_state, loss = step(params, opt_state, tokens, mask)
-        losses.append(loss)
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+    i = 0
+    with _progress(steps, "pretrain", progress) as bar:
+        while plan.keep_going(i):
+            tokens, mask = _check_batch(*next(batches), batch_size, cfg.vocab_size)
+            params, opt_state, loss = step(params, opt_state, tokens, mask, plan.lr(i))
+            losses.append(loss)
+            plan.done(i, loss)
+            bar.total = plan.planned
+            bar.update(1)
+            i += 1
+            if i % log_every == 0 or i == plan.planned:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
     return nnx.merge(graphdef, params, rest), {"loss": [float(x) for x in jax.device_get(losses)]}
 
 
@@ -318,6 +391,7 @@ def train_adapters(
     clip_norm: float | None = None,
     progress: bool = True,
     log_every: int = 10,
+    time_budget_s: float | None = None,
 ) -> tuple[LoraWeights, dict]:
     """LoRA fine-tuning on a frozen base: one adapter per role (agent), named by the role.
 
@@ -331,6 +405,7 @@ def train_adapters(
       Without clip_norm (the default) each independent adapter's AdamW update depends on its own
       role's rows only (AdamW is per element), so independent adapters do not interact.
     Init as PEFT: A uniform (kaiming), B zero, so training starts from the base model.
+    time_budget_s: end within this many seconds (fewer steps, schedule re-planned; module doc).
     Returns (LoraWeights float32 [names = roles in order], {"loss": [...], role: [...]} per step).
     """
     _check_positive(steps=steps, batch_size=batch_size, rank=rank, log_every=log_every)
@@ -342,6 +417,7 @@ def train_adapters(
     roles = tuple(examples_by_role)
     if "loss" in roles:  # the history's key for the mean over roles
         raise ValueError("a role may not be named 'loss' (train_adapters' history uses that key for the mean)")
+    plan = _StepPlan(steps, lr, warmup_steps, min_lr_ratio, time_budget_s)  # the budget counts from here
     lcfg = LoraConfig(rank=rank, alpha=float(alpha), target_modules=tuple(targets), use_rslora=use_rslora)
     seq_len = seq_len or _default_seq_len(examples_by_role.values())
     rng = np.random.default_rng(seed)
@@ -354,7 +430,7 @@ def train_adapters(
 
     graphdef, base = nnx.split(model)
     params = init_lora_params(cfg, len(roles), rank=rank, targets=lcfg.target_modules, shared_a=shared_a, seed=seed)
-    opt = _optimizer(_schedule(lr, steps, warmup_steps, min_lr_ratio), weight_decay, clip_norm)
+    opt = _optimizer(weight_decay, clip_norm)
     opt_state = opt.init(params)
 
     def loss_fn(params, base, tokens, mask):
@@ -364,23 +440,28 @@ def train_adapters(
         per_role = (total.reshape(len(roles), -1).sum(1) / jnp.maximum(count.reshape(len(roles), -1).sum(1), 1.0))
         return per_role.mean(), per_role
 
-    def step(params, opt_state, base, tokens, mask):
+    def step(params, opt_state, base, tokens, mask, lr):
         (loss, per_role), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, base, tokens, mask)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, per_role
+        return optax.apply_updates(params, _scaled(updates, lr)), opt_state, loss, per_role
 
     step = jax.jit(step, donate_argnums=_donate())
     losses, per_role_losses = [], []
-    bar = _progress(steps, "adapters (shared A)" if shared_a else "adapters", progress)
-    for i in bar:
-        parts = [next(s) for s in streams]
-        tokens = jnp.asarray(np.concatenate([p[0] for p in parts]), jnp.int32)
-        mask = jnp.asarray(np.concatenate([p[1] for p in parts]), jnp.bool_)
-        params, opt_state, loss, per_role = step(params, opt_state, base, tokens, mask)
-        losses.append(loss)
-        per_role_losses.append(per_role)
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+    i = 0
+    with _progress(steps, "adapters (shared A)" if shared_a else "adapters", progress) as bar:
+        while plan.keep_going(i):
+            parts = [next(s) for s in streams]
+            tokens = jnp.asarray(np.concatenate([p[0] for p in parts]), jnp.int32)
+            mask = jnp.asarray(np.concatenate([p[1] for p in parts]), jnp.bool_)
+            params, opt_state, loss, per_role = step(params, opt_state, base, tokens, mask, plan.lr(i))
+            losses.append(loss)
+            per_role_losses.append(per_role)
+            plan.done(i, loss)
+            bar.total = plan.planned
+            bar.update(1)
+            i += 1
+            if i % log_every == 0 or i == plan.planned:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
     history = {"loss": [float(x) for x in jax.device_get(losses)]}
     per_role_np = np.asarray(jax.device_get(per_role_losses))
     for j, role in enumerate(roles):

@@ -35,23 +35,36 @@ Steps (seeded, deterministic up to float rounding on the device):
   2. train a BPE tokenizer on a sample of the training worlds' text;
   3. pre-train a small Llama (float32) on the base corpus, documents packed whole into rows of
      the model's full context (a trajectory cut in two would train its end without its question,
-     and positions past the row length would never be trained);
+     and positions past the row length would never be trained); its weights are stored in
+     bfloat16 when float32 would not fit SIZE_LIMIT_F32 (the default shape: 13.6M parameters),
+     and the evaluation below runs on the stored weights, as users load them;
   4. fine-tune q/v LoRA adapters (rank 8, alpha 16) for plan / action / reflect, each loss on its
      own role's tokens, twice: independent adapters and shared-A multi-LoRA;
   5. save into --out: base/ (config.json, model.safetensors, tokenizer files), adapters_shared/,
      adapters_independent/ (PEFT folders), loss.png, train_log.json; --archive packs the folder
      into one .tar.gz (written once here, so the weights survive a later timeout, and again at
      the end with the evaluation in train_log.json);
-  6. evaluate: masked validation loss per role (base, both flavours); the value-cache similarity
-     of the shared-A agents on validation trajectories (adapter/base norm, base and LR cosine,
-     as scripts/fidelity.py); the exact match on --eval-questions validation questions through
-     the agent loop per --eval-schemes entry (default: non_shared and base_lr_shared on the
-     shared-A adapters, and the base model alone), by template group; --install copies the
-     folder to lragent_jax/assets/miniature/.
+  6. evaluate: masked validation loss per role (base, both flavours); the exact match on
+     --eval-questions validation questions through the agent loop per --eval-schemes entry
+     (default: non_shared and base_lr_shared on the shared-A adapters, and the base model alone),
+     by template group; the value-cache similarity of the shared-A agents on validation
+     trajectories (adapter/base norm, base and LR cosine, as scripts/fidelity.py); --install
+     copies the folder to lragent_jax/assets/miniature/.
 
-  python scripts/train_miniature.py --archive $OUT/miniature.tar.gz --time-limit 570   # GPU (~8 min, H200)
+  python scripts/train_miniature.py --archive $OUT/miniature.tar.gz --time-limit 570   # GPU (<= 9.5 min, H200)
   python scripts/train_miniature.py --install-from miniature.tar.gz   # install that run's result
   python scripts/train_miniature.py --tiny --out /tmp/m               # CPU smoke run (about a minute)
+
+--time-limit SECONDS: the run ends within that long, however fast the device is (but for one
+agent-loop question: an entry's first compiles its programs, 10-35 s on the H200, and cannot be
+stopped; keep ~30 s between --time-limit and a device's hard limit). Training ends
+PRESETS[...]["reserve_s"] seconds before it (the rest saves, archives and evaluates): pre-training
+gets PRETRAIN_SHARE of the time left for training, the independent adapters half of what is then
+left, the shared-A ones the rest; each loop times its steps and plans fewer when the requested
+ones would not fit, its learning-rate schedule re-planned so it still decays (lragent_jax.train's
+time_budget_s). The steps done are in train_log.json ("steps_done"). The validation loss and
+similarity are skipped, and the agent loop cut short, when too little time is left; the weights
+are archived before any of them.
 
 Exit code 2 with a one-line message on bad input.
 """
@@ -68,31 +81,53 @@ import tarfile
 import time
 
 
-START = time.perf_counter()  # --time-limit counts from here (imports included)
+START = time.perf_counter()  # run as a script, --time-limit counts from here (imports included)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "out", "miniature")  # /out/ is git-ignored
 SIZE_LIMIT_F32 = 30 * 2**20  # ship float32 when everything fits in this; else bfloat16 weights
 BASE_MODEL_REF = "lragent-jax-miniature"  # what the PEFT configs name as their base
 
-# Model shape and training lengths. "default": one H200, ~7 minutes to the saved weights (the first
-# recipe: 0.069 s per pre-training step of 64 x 512 tokens, 0.14 s per adapter step; rows of 1024
-# cost up to 2x per token in attention), then the evaluation; "tiny": CPU in CI.
+# Model shape and training lengths. "default": one H200 under --time-limit 570. The second
+# miniature (hidden 256, 6 layers, 5.8M parameters) took 0.083 s per pre-training step of 32 x 1024
+# tokens (compilation included) and 0.15-0.19 s per adapter step; its held-out errors are copying
+# errors (names cut short, a distractor's city), so this one is 2.35x larger (hidden 384, 8 layers,
+# 6 heads: 13.6M parameters, 25.9 MiB in bfloat16) at about 1.6-2.4x the step time (attention's
+# cost grows 2x, layers x heads; the matmuls 2.5x), and pre-trains at most steps_base steps within
+# its share of the time (see --time-limit in the module doc); "tiny": CPU in CI.
 # pretrain_seq = max_positions: every position the agents reach is trained (rows hold whole documents).
 # solved: fraction of the eligible questions (base templates, not an adapter's) whose solved trajectory
 # the base reads; browsing: browsing trajectories per question (halved from the first recipe: the
-# solved ones teach the format too).
+# solved ones teach the format too). reserve_s: under --time-limit, the seconds kept after training
+# for saving (~5 s), the first archive (~2 s), the validation loss (~20-30 s) and the first agent-loop
+# entry (--eval-seconds 35 s and a question); the entries after it run only if eval_entry_min_s is left.
 PRESETS = {
-    "default": dict(world="default", train_worlds=24, vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
-                    intermediate=768, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=400,
+    "default": dict(world="default", train_worlds=24, vocab=2048, hidden=384, layers=8, heads=6, kv_heads=2, head_dim=64,
+                    intermediate=960, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=300,
                     batch_size=32, adapter_batch=32, lr_base=1e-3, lr_adapter=1e-3, eval_questions=40,
                     val_loss_episodes=256, browsing=0.5, solved=1.0, base_templates="compositional", max_seq=None,
-                    turn_tokens=None, max_steps=6, similarity_episodes=4),
+                    turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=100.0,
+                    eval_entry_min_s=40.0),
+    # the second miniature (shipped 2026-11-30: 5.8M parameters, float32, 65.2% EM on 500 test questions)
+    "second": dict(world="default", train_worlds=24, vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
+                   intermediate=768, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=400,
+                   batch_size=32, adapter_batch=32, lr_base=1e-3, lr_adapter=1e-3, eval_questions=40,
+                   val_loss_episodes=256, browsing=0.5, solved=1.0, base_templates="compositional", max_seq=None,
+                   turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=100.0, eval_entry_min_s=40.0),
     "tiny": dict(world="small", train_worlds=6, vocab=768, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                  intermediate=128, max_positions=512, pretrain_seq=256, steps_base=12, steps_adapter=10,
                  batch_size=4, adapter_batch=2, lr_base=3e-3, lr_adapter=1e-2, eval_questions=2,
                  val_loss_episodes=4, browsing=0.5, solved=0.5, base_templates="compositional", max_seq=192,
-                 turn_tokens=8, max_steps=1, similarity_episodes=1),
+                 turn_tokens=8, max_steps=1, similarity_episodes=1, reserve_s=20.0,
+                 eval_entry_min_s=5.0),
 }
+# Under --time-limit: pre-training's share of the time left for training (the second miniature's
+# split: 167 s pre-training, 136 s for both adapter flavours at 400 steps; these run 300).
+PRETRAIN_SHARE = 0.6
+# Under --time-limit, the validation loss and the similarity run only with this many seconds left
+# (each took about half of it on the second miniature, compilation included); an agent-loop entry
+# runs only if the time left is at least the preset's eval_entry_min_s (its first
+# question compiles the Session's programs: 10-35 s on the H200, during which nothing can stop it).
+VAL_LOSS_MIN_S, SIMILARITY_MIN_S = 40.0, 45.0
 # Templates whose trajectories the base never reads (the adapters learn them): each is a new
 # composition of steps that base templates contain (e.g. director -> birth city -> country from
 # film_director_birth_year, book_author_city_population and org_country), ~28% of the questions.
@@ -127,7 +162,11 @@ def parse_args(argv):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny model, small world, few steps (CPU, for CI)")
+    p.add_argument("--tiny", action="store_true", help="tiny model, small world, few steps (CPU, for CI); "
+                                                        "the same as --preset tiny")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="model shape and training lengths (default: default; second: the second miniature's "
+                        "shape and steps, hidden 256 x 6 layers, for comparison)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"result folder (default {os.path.relpath(DEFAULT_OUT, ROOT)})")
     p.add_argument("--seed", type=int, default=0, help="world, initialisation and data-order seed")
     p.add_argument("--train-worlds", type=int, default=None,
@@ -153,8 +192,8 @@ def parse_args(argv):
     p.add_argument("--eval-seconds", type=float, default=35.0,
                    help="stop each --eval-schemes entry's agent loop after this long (the questions done count)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="end the agent-loop evaluation early so the whole run stays within this long "
-                        "(e.g. under a device's per-call limit; training itself is never cut)")
+                   help="the whole run stays within this long (e.g. under a device's per-call limit): training "
+                        "plans fewer steps if the requested ones would not fit, the evaluation is cut short")
     p.add_argument("--archive", default=None, metavar="PATH.tar.gz", help="also pack the result folder into this file")
     p.add_argument("--install", action="store_true", help="copy the result into lragent_jax/assets/miniature/")
     p.add_argument("--install-from", default=None, metavar="PATH.tar.gz",
@@ -164,7 +203,11 @@ def parse_args(argv):
 
 
 def settings(args) -> dict:
-    s = dict(PRESETS["tiny" if args.tiny else "default"])
+    from lragent_jax.cli import UsageError
+
+    if args.tiny and args.preset not in (None, "tiny"):
+        raise UsageError(f"--tiny is --preset tiny; got --preset {args.preset} too")
+    s = dict(PRESETS[preset_name(args)])
     for flag, key in (("steps_base", "steps_base"), ("steps_adapter", "steps_adapter"), ("batch_size", "batch_size"),
                       ("adapter_batch_size", "adapter_batch"), ("lr_base", "lr_base"), ("lr_adapter", "lr_adapter"),
                       ("vocab_size", "vocab"), ("eval_questions", "eval_questions"),
@@ -173,8 +216,6 @@ def settings(args) -> dict:
         v = getattr(args, flag)
         if v is not None:
             s[key] = v
-    from lragent_jax.cli import UsageError
-
     for key in ("steps_base", "steps_adapter", "batch_size", "adapter_batch", "train_worlds"):
         if s[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
@@ -199,6 +240,10 @@ def settings(args) -> dict:
     if not 0 <= args.seed < 2**31:
         raise UsageError(f"--seed must be in [0, 2**31), got {args.seed}")
     return s
+
+
+def preset_name(args) -> str:
+    return "tiny" if args.tiny else (args.preset or "default")
 
 
 def eval_schemes(text: str) -> list:
@@ -357,17 +402,18 @@ def em_summary(rows, held_out) -> dict:
 
 def run_evaluations(entries, model, adapters, tokenizer, world, questions, max_len, s, time_limit, deadline=None,
                     held_out=HELD_OUT_TEMPLATES):
-    """{entry: {"em", ..., "rows"}} for each --eval-schemes entry (see EVAL_CHOICES), each given
-    at most time_limit seconds and an equal share of what is left before `deadline` (a
-    time.perf_counter() value); an entry that fails, or finds no time left, is recorded with its
-    error and the next one runs."""
+    """{entry: {"em", ..., "rows"}} for each --eval-schemes entry (see EVAL_CHOICES), in order,
+    each given at most time_limit seconds and what is left before `deadline` (a
+    time.perf_counter() value; the first entries come first: non_shared is the headline); an
+    entry that fails, or finds less than s["eval_entry_min_s"] left, is recorded with its error
+    and the next one runs."""
     out = {}
-    for k, entry in enumerate(entries):
+    for entry in entries:
         t = time.perf_counter()
         limit = time_limit
         if deadline is not None:
-            limit = min(limit, (deadline - t) / (len(entries) - k))
-            if limit < 5:
+            limit = min(limit, deadline - t)
+            if limit < s.get("eval_entry_min_s", 5.0):  # too short to compile the Session's programs
                 out[entry] = {"em": None, "questions": 0, "seconds": 0.0, "rows": [],
                               "error": "skipped: --time-limit reached"}
                 log(f"agent-loop evaluation [{entry}] skipped: --time-limit reached")
@@ -496,18 +542,19 @@ def install_archive(archive):
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def train(args) -> dict:
+def train(args, start: float) -> dict:
+    """The run (module doc); `start`: the time.perf_counter() value --time-limit counts from."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from lragent_jax.export import save_adapters
-    from lragent_jax.loading import load_tokenizer
+    from lragent_jax.loading import load_model, load_tokenizer
     from lragent_jax.miniature import world_record
     from lragent_jax.model import Llama
     from lragent_jax.task import SMALL_CONFIG, TRAIN_WORLD_CONFIG, examples_by_role, train_tokenizer
-    from lragent_jax.train import eval_loss, plot_losses, pretrain, train_adapters
+    from lragent_jax.train import plot_losses, pretrain, train_adapters
 
     s = settings(args)
     out = os.path.abspath(args.out)
@@ -519,8 +566,20 @@ def train(args) -> dict:
     _LOG_FILES.append(open(os.path.join(out, "train.log"), "w"))
     progress = not args.no_progress
     times, t0 = {}, time.perf_counter()
+    # --time-limit: the run's end (eval_deadline keeps 10 s to write the record and the archive)
+    # and training's (reserve_s earlier: saving, the first archive and the evaluation).
+    eval_deadline = None if args.time_limit is None else start + args.time_limit - 10
+    train_end = None if args.time_limit is None else start + args.time_limit - s["reserve_s"]
+
+    def budget(share):
+        """Seconds for the next training loop: `share` of what is left before train_end."""
+        return None if train_end is None else max(1.0, share * (train_end - time.perf_counter()))
+
+    def time_left():
+        return float("inf") if eval_deadline is None else eval_deadline - time.perf_counter()
+
     log(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-        f"preset {'tiny' if args.tiny else 'default'}, seed {args.seed}")
+        f"preset {preset_name(args)}, seed {args.seed}")
 
     t = time.perf_counter()
     world, data, val_eps = build_data(s, args.seed)
@@ -563,24 +622,34 @@ def train(args) -> dict:
 
     t = time.perf_counter()
     model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+    seconds = budget(PRETRAIN_SHARE)
+    if seconds is not None:
+        log(f"pre-training time budget {seconds:.0f} s (--time-limit {args.time_limit:.0f} s)")
     model, base_hist = pretrain(model, rows, steps=s["steps_base"], lr=s["lr_base"], batch_size=s["batch_size"],
-                                seq_len=s["pretrain_seq"], seed=args.seed, progress=progress)
+                                seq_len=s["pretrain_seq"], seed=args.seed, progress=progress, time_budget_s=seconds)
     times["pretrain_s"] = time.perf_counter() - t
-    log(f"pre-training done in {times['pretrain_s']:.1f} s: loss {base_hist['loss'][0]:.3f} -> "
-        f"{np.mean(base_hist['loss'][-10:]):.3f}")
+    steps_done = {"base": len(base_hist["loss"])}
+    log(f"pre-training done in {times['pretrain_s']:.1f} s: {_steps(steps_done['base'], s['steps_base'])} "
+        f"({times['pretrain_s'] / steps_done['base']:.3f} s a step, compilation included), "
+        f"loss {base_hist['loss'][0]:.3f} -> {np.mean(base_hist['loss'][-10:]):.3f}")
 
     adapters, hists = {}, {}
     epochs = s["steps_adapter"] * s["adapter_batch"] / len(train_eps)
-    for flavour, shared in (("independent", False), ("shared", True)):
+    for k, (flavour, shared) in enumerate((("independent", False), ("shared", True))):
+        seconds = budget(1.0 / (2 - k))  # half of what is left, then all of it
         log(f"adapters ({flavour}): {s['steps_adapter']} steps x {s['adapter_batch']} rows per role "
-            f"= {epochs:.1f} epochs")
+            f"= {epochs:.1f} epochs" + ("" if seconds is None else f" (time budget {seconds:.0f} s)"))
         t = time.perf_counter()
         lora, hist = train_adapters(model, train_ex, rank=8, alpha=16.0, targets=("q", "v"), shared_a=shared,
                                     steps=s["steps_adapter"], lr=s["lr_adapter"], batch_size=s["adapter_batch"],
-                                    seq_len=adapter_seq, seed=args.seed + 1, progress=progress)
+                                    seq_len=adapter_seq, seed=args.seed + 1, progress=progress,
+                                    time_budget_s=seconds)
         times[f"adapters_{flavour}_s"] = time.perf_counter() - t
         adapters[flavour], hists[flavour] = lora, hist
+        steps_done[f"adapters_{flavour}"] = len(hist["loss"])
         log(f"adapters ({flavour}) done in {times[f'adapters_{flavour}_s']:.1f} s: "
+            f"{_steps(len(hist['loss']), s['steps_adapter'])} "
+            f"({times[f'adapters_{flavour}_s'] / len(hist['loss']):.3f} s a step), "
             + ", ".join(f"{r} {hist[r][0]:.3f} -> {np.mean(hist[r][-10:]):.3f}" for r in train_ex))
 
     # Saved (and archived) before evaluating: an evaluation failure or a timeout cannot lose the weights.
@@ -590,13 +659,15 @@ def train(args) -> dict:
         save_adapters(lora, os.path.join(out, f"adapters_{flavour}"), base_model_name_or_path=BASE_MODEL_REF)
     plot_losses({"base": base_hist["loss"], **{f"lora_{k}": {r: h[r] for r in train_ex} for k, h in hists.items()}},
                 os.path.join(out, "loss.png"), title="miniature training loss", smooth=5)
+    if weights_dtype != "float32":  # evaluate what ships: the stored (rounded) weights, read back as users do
+        model = load_model(base_dir, dtype=jnp.float32)
     times["save_s"] = time.perf_counter() - t
     log(f"saved weights ({weights_dtype}) and adapters in {times['save_s']:.1f} s")
     record = {
         "world": world_record(world),
         "training_worlds": {"seeds": data.seeds, "config": dataclasses.asdict(
             SMALL_CONFIG if s["world"] == "small" else TRAIN_WORLD_CONFIG)},
-        "preset": "tiny" if args.tiny else "default",
+        "preset": preset_name(args),
         "settings": s,
         "seed": args.seed,
         "base_templates": list(base_t),
@@ -604,6 +675,8 @@ def train(args) -> dict:
         "model_config": cfg.to_hf_dict(),
         "num_params": cfg.num_params(),
         "weights_dtype": weights_dtype,
+        "steps_done": steps_done,
+        "time_limit_s": args.time_limit,
         "lora": {"rank": 8, "alpha": 16.0, "targets": ["q", "v"]},
         "adapter_seq_len": adapter_seq,
         "data": {"pretrain_tokens": corpus_tokens, "pretrain_rows": len(rows), "pretrain_documents": len(corpus),
@@ -624,41 +697,11 @@ def train(args) -> dict:
         log(f"archive (before evaluation): {pack(out, args.archive)} ({os.path.getsize(args.archive) / 2**20:.2f} MiB)")
 
     t = time.perf_counter()
-    val_loss = {"base": eval_loss(model, val_ex, None, seq_len=adapter_seq)}
-    for flavour, lora in adapters.items():
-        val_loss[flavour] = eval_loss(model, val_ex, lora, seq_len=adapter_seq)
-    # The same measure on as many training-world trajectories: validation should track it (a
-    # gap means the adapters recall training facts instead of copying them from observations).
-    seen_ex = {r: exs[: len(val_ex[r])] for r, exs in train_ex.items()}
-    train_loss = {flavour: eval_loss(model, seen_ex, lora, seq_len=adapter_seq) for flavour, lora in adapters.items()}
-    for k, v in val_loss.items():
-        log(f"validation loss ({k}): " + ", ".join(f"{r} {x:.4f} (gold p~{np.exp(-x):.2f})" for r, x in v.items()))
-    for k, v in train_loss.items():
-        log(f"training-world loss, teacher forced ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
-    record.update(validation_loss=val_loss, training_world_loss=train_loss)
-    # The same on the held-out templates' validation trajectories only (the base never read their kind).
-    held = [i for i, q in enumerate(world.questions["validation"][: len(val_ex["plan"])]) if q.template in held_t]
-    if held and base_t:  # (with no base template, "held out" is every trajectory: the line above)
-        held_ex = {r: [exs[i] for i in held] for r, exs in val_ex.items()}
-        held_loss = {"base": eval_loss(model, held_ex, None, seq_len=adapter_seq),
-                     **{k: eval_loss(model, held_ex, lora, seq_len=adapter_seq) for k, lora in adapters.items()}}
-        for k, v in held_loss.items():
-            log(f"validation loss, held-out templates only ({k}, {len(held)} trajectories): "
-                + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
-        record["validation_loss_held_out_templates"] = held_loss
+    if time_left() < VAL_LOSS_MIN_S:
+        log("validation loss skipped: --time-limit reached")
+    else:
+        _validation_losses(model, adapters, val_ex, train_ex, world, held_t, base_t, adapter_seq, record)
     times["val_loss_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    try:
-        sim = adapter_similarity(model, adapters["shared"], tok, val_eps[: s["similarity_episodes"]])
-        log(f"shared-A agents on {sim['episodes']} validation trajectories: adapter/base norm "
-            f"{sim['adapter_norm_ratio']:.3f} (first recipe 0.93, paper ~0.05); cosine across agents "
-            + ", ".join(f"{k} {v:.3f}" for k, v in sim["cosine"].items()) + " (paper: base 0.973, full 0.958)")
-    except Exception as e:  # noqa: BLE001 - a measurement, not the product
-        sim = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-        log(f"similarity measurement failed: {sim['error']}")
-    times["similarity_s"] = time.perf_counter() - t
-    record["similarity_shared"] = sim
 
     if s["eval_questions"]:
         t = time.perf_counter()
@@ -667,7 +710,7 @@ def train(args) -> dict:
             f"(held-out templates: {', '.join(record['held_out_templates']) or 'none'})")
         by_entry = run_evaluations(s["eval_schemes"], model, adapters, tok, world, questions,
                                    cfg.max_position_embeddings, s, args.eval_seconds,
-                                   deadline=None if args.time_limit is None else START + args.time_limit - 10,
+                                   deadline=eval_deadline,
                                    held_out=held_t)
         first = by_entry[s["eval_schemes"][0]]
         record.update(validation_em=first["em"], validation_em_questions=first["rows"],
@@ -681,12 +724,73 @@ def train(args) -> dict:
                 gap = sum(a["em"] - b["em"] for a, b in zip(r["rows"][:n], ref["rows"][:n])) / max(n, 1)
                 log(f"  {entry} - non_shared on the same {n} questions: {100 * gap:+.1f} EM points")
 
+    # last: eval_agents.py measures it too (on test trajectories); the loss and EM come first
+    t = time.perf_counter()
+    if time_left() < SIMILARITY_MIN_S:
+        sim = {"error": "skipped: --time-limit reached"}
+        log("similarity measurement skipped: --time-limit reached")
+    else:
+        sim = _similarity(model, adapters["shared"], tok, val_eps[: s["similarity_episodes"]])
+    times["similarity_s"] = time.perf_counter() - t
+    record["similarity_shared"] = sim
+
     times["total_s"] = time.perf_counter() - t0
     write_record(out, record)
+    if record["total_bytes"] > SIZE_LIMIT_F32:
+        log(f"warning: the result is {record['total_bytes'] / 2**20:.2f} MiB, over the {SIZE_LIMIT_F32 / 2**20:.0f} MiB "
+            f"the package ships")
     log(f"saved {out}: {record['total_bytes'] / 2**20:.2f} MiB (weights {weights_dtype}); "
         f"model.safetensors {record['file_bytes'].get('base/model.safetensors', 0) / 2**20:.2f} MiB; "
         f"total {times['total_s']:.1f} s")
     return {"out": out, "record": record}
+
+
+def _steps(done, requested) -> str:
+    return f"{done} steps" if done == requested else f"{done} of {requested} steps (--time-limit)"
+
+
+def _validation_losses(model, adapters, val_ex, train_ex, world, held_t, base_t, seq_len, record) -> None:
+    """Masked validation loss per role (base, each adapter flavour), the same on training-world
+    trajectories and on the held-out templates' validation trajectories, logged and into `record`."""
+    import numpy as np
+
+    from lragent_jax.train import eval_loss
+
+    val_loss = {"base": eval_loss(model, val_ex, None, seq_len=seq_len)}
+    for flavour, lora in adapters.items():
+        val_loss[flavour] = eval_loss(model, val_ex, lora, seq_len=seq_len)
+    # The same measure on as many training-world trajectories: validation should track it (a
+    # gap means the adapters recall training facts instead of copying them from observations).
+    seen_ex = {r: exs[: len(val_ex[r])] for r, exs in train_ex.items()}
+    train_loss = {flavour: eval_loss(model, seen_ex, lora, seq_len=seq_len) for flavour, lora in adapters.items()}
+    for k, v in val_loss.items():
+        log(f"validation loss ({k}): " + ", ".join(f"{r} {x:.4f} (gold p~{np.exp(-x):.2f})" for r, x in v.items()))
+    for k, v in train_loss.items():
+        log(f"training-world loss, teacher forced ({k}): " + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
+    record.update(validation_loss=val_loss, training_world_loss=train_loss)
+    # The same on the held-out templates' validation trajectories only (the base never read their kind).
+    held = [i for i, q in enumerate(world.questions["validation"][: len(val_ex["plan"])]) if q.template in held_t]
+    if held and base_t:  # (with no base template, "held out" is every trajectory: the line above)
+        held_ex = {r: [exs[i] for i in held] for r, exs in val_ex.items()}
+        held_loss = {"base": eval_loss(model, held_ex, None, seq_len=seq_len),
+                     **{k: eval_loss(model, held_ex, lora, seq_len=seq_len) for k, lora in adapters.items()}}
+        for k, v in held_loss.items():
+            log(f"validation loss, held-out templates only ({k}, {len(held)} trajectories): "
+                + ", ".join(f"{r} {x:.4f}" for r, x in v.items()))
+        record["validation_loss_held_out_templates"] = held_loss
+
+
+def _similarity(model, lora, tok, episodes) -> dict:
+    """adapter_similarity, logged; a failure is recorded, not raised (a measurement, not the product)."""
+    try:
+        sim = adapter_similarity(model, lora, tok, episodes)
+        log(f"shared-A agents on {sim['episodes']} validation trajectories: adapter/base norm "
+            f"{sim['adapter_norm_ratio']:.3f} (first recipe 0.93, paper ~0.05); cosine across agents "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sim["cosine"].items()) + " (paper: base 0.973, full 0.958)")
+    except Exception as e:  # noqa: BLE001
+        sim = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        log(f"similarity measurement failed: {sim['error']}")
+    return sim
 
 
 def write_record(out, record) -> None:
@@ -715,7 +819,8 @@ def main(argv=None):
             return 2
         return 0
     try:
-        result = train(args)
+        # main() called from Python (tests): the limit counts from the call, not from the import
+        result = train(args, START if argv is None else time.perf_counter())
     finally:
         while _LOG_FILES:
             _LOG_FILES.pop().close()

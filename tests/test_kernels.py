@@ -179,7 +179,7 @@ def check(c: Case, out, x):
 
 
 # Fast sweep: every case runs on both Pallas backends (kernel picked by q_len
-# unless forced). Together they cover GQA 4:1 / 8:1, MQA, 1:1, ragged
+# unless forced). Together they cover GQA 3:1 / 4:1 / 8:1, MQA, 1:1, ragged
 # kv_lengths, q_offsets before the end, q_len 1 / 4 / 37, rank 3 / 8 / 16 / none,
 # head_dim 64 / 80 / 96 / 128 / 256, per-row / per-head scales, per-q-head B,
 # split-K merging, kv_len not a multiple of the block, 16-bit dtypes; rank 1 / 64,
@@ -199,6 +199,9 @@ FAST_CASES = [
     Case(tq=3, d=64, r=64, hq=8, hkv=2, s=64, layers=2, scale="scalar",
          kw=(("num_splits", 2), ("block_k", 16))),
     Case(tq=20, d=64, r=64, hq=4, hkv=2, s=64, causal=False, kw=(("block_q", 16), ("block_k", 32))),
+    # GQA 3:1, a group that is no power of two (the default miniature's 6 query / 2 KV heads), decode and prefill
+    Case(tq=1, d=64, r=8, hq=6, hkv=2, kw=(("num_splits", 2), ("block_k", 32))),
+    Case(tq=37, d=64, r=8, hq=6, hkv=2, s=200, kw=(("block_q", 16), ("block_k", 32))),
 ]
 
 

@@ -72,6 +72,9 @@ def test_tiny_run_trains_and_logs(tiny):
     assert log["validation_em_error"] is None and log["validation_em"] is not None
     assert len(log["validation_em_questions"]) == 2
     assert log["world"]["seed"] == 0 and log["weights_dtype"] == "float32"
+    assert log["time_limit_s"] is None and log["steps_done"] == {  # no --time-limit: every step asked for
+        "base": log["settings"]["steps_base"], "adapters_independent": log["settings"]["steps_adapter"],
+        "adapters_shared": log["settings"]["steps_adapter"]}
     assert 0 not in log["training_worlds"]["seeds"] and len(set(log["training_worlds"]["seeds"])) == 6
     assert set(log["training_world_loss"]) == {"independent", "shared"}
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
@@ -123,6 +126,93 @@ def test_tiny_folders_load(tiny):
     assert lora2.names == miniature.AGENTS and len(tok2) == len(tok)
 
 
+def _safetensors_dtypes(path) -> set:
+    """The tensor dtypes a .safetensors file declares (its JSON header: 8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny, tmp_path_factory):
+    """The tiny run's folder with its base stored as the default preset's is (bfloat16, as
+    save_weights writes it when float32 would not fit SIZE_LIMIT_F32): (folder, float32 model)."""
+    import shutil
+
+    from lragent_jax.loading import load_model
+
+    out, _, _ = tiny
+    folder = str(tmp_path_factory.mktemp("bf16") / "miniature")
+    shutil.copytree(out, folder)
+    model = load_model(os.path.join(out, "base"), dtype=np.float32)
+    limit = train_miniature.SIZE_LIMIT_F32
+    train_miniature.SIZE_LIMIT_F32 = 0  # every model is over it
+    try:
+        assert train_miniature.save_weights(model, os.path.join(folder, "base")) == "bfloat16"
+    finally:
+        train_miniature.SIZE_LIMIT_F32 = limit
+    return folder, model
+
+
+def test_bfloat16_storage_loads_as_float32(tiny, tiny_bf16):
+    """A base stored in bfloat16 (the default miniature's: 13.6M parameters would be 52 MiB in
+    float32) is half the size, and load_miniature reads it in float32 as the bfloat16-rounded
+    weights exactly (bfloat16 -> float32 is exact), with both adapter sets."""
+    import jax
+    import ml_dtypes
+    from flax import nnx
+
+    out, _, _ = tiny
+    folder, model = tiny_bf16
+    f32, bf16 = (os.path.join(d, "base", "model.safetensors") for d in (out, folder))
+    assert _safetensors_dtypes(f32) == {"F32"} and _safetensors_dtypes(bf16) == {"BF16"}
+    assert os.path.getsize(bf16) < 0.55 * os.path.getsize(f32)
+    for flavour in miniature.FLAVOURS:
+        loaded, lora, tok, world = miniature.load_miniature(flavour, folder=folder)
+        assert lora.names == miniature.AGENTS and len(tok) == model.config.vocab_size
+        got = jax.tree.leaves(nnx.state(loaded, nnx.Param))
+        ref = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            assert g.dtype == np.float32
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(r).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parity
+def test_bfloat16_storage_loads_in_transformers_and_peft(tiny_bf16):
+    """transformers + peft read the bfloat16 base (in float32) and the PEFT adapter folders, and
+    give our forward's logits on the same stored weights: relative 1e-5 (float32 on both sides,
+    different summation orders)."""
+    import jax.numpy as jnp
+    from hf_fixtures import require_parity
+
+    from lragent_jax.train import forward_logits
+
+    torch = require_parity()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = tiny_bf16
+    model, lora, _, _ = miniature.load_miniature("shared", folder=folder)
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base"), dtype=torch.float32,
+                                                attn_implementation="eager")
+    paths = _adapters(folder, "shared")
+    pm = PeftModel.from_pretrained(base, paths["plan"], adapter_name="plan")
+    for name in ("action", "reflect"):
+        pm.load_adapter(paths[name], adapter_name=name)
+    pm.eval()
+    tokens = np.random.default_rng(3).integers(2, model.config.vocab_size, 24)
+    ids = np.array([lora.adapter_id(a) for a in miniature.AGENTS], np.int32)
+    ours = np.asarray(forward_logits(model, jnp.asarray(np.stack([tokens] * len(ids)), jnp.int32), lora,
+                                     jnp.asarray(ids)))
+    with torch.no_grad():
+        for agent, got in zip(miniature.AGENTS, ours):
+            pm.set_adapter(agent)
+            ref = pm(input_ids=torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
+            rel = np.abs(got - ref).max() / np.abs(ref).max()
+            assert rel <= 1e-5, (agent, rel)
+
+
 def test_archive_unpacks_to_the_folder(tiny, tmp_path):
     out, archive, _ = tiny
     with tarfile.open(archive) as tar:
@@ -167,6 +257,49 @@ def test_install_from_an_archive(tiny, tmp_path, monkeypatch, capsys):
     assert miniature.assets_built(str(target))  # the installed one is untouched
 
 
+def test_time_limit_bounds_the_whole_run(tmp_path, monkeypatch):
+    """--time-limit with far more steps than fit: each training loop plans fewer steps, the
+    weights are saved and archived, what no longer fits is skipped, and the run ends in time
+    (slack: one agent-loop question, the tiny one's are ~1 s, and process jitter on a shared CPU).
+    The weights are stored as the default preset's are (bfloat16) and evaluated as read back."""
+    monkeypatch.setattr(train_miniature, "SIZE_LIMIT_F32", 0)
+    out, archive, limit = tmp_path / "out", tmp_path / "mini.tar.gz", 45.0
+    t = time.perf_counter()
+    rc = train_miniature.main(["--tiny", "--out", str(out), "--archive", str(archive), "--no-progress",
+                               "--steps-base", "100000", "--steps-adapter", "100000", "--time-limit", str(limit)])
+    wall = time.perf_counter() - t
+    assert rc == 0 and wall < limit + 5, wall
+    with open(out / "train_log.json") as f:
+        log = json.load(f)
+    assert log["time_limit_s"] == limit and set(log["steps_done"]) == {"base", "adapters_independent",
+                                                                       "adapters_shared"}
+    assert log["weights_dtype"] == "bfloat16"
+    assert _safetensors_dtypes(out / "base" / "model.safetensors") == {"BF16"}
+    assert all(1 <= n < 100_000 for n in log["steps_done"].values()), log["steps_done"]
+    assert len(log["losses"]["base"]) == log["steps_done"]["base"]
+    for key in ("adapters_independent", "adapters_shared"):
+        assert len(log["losses"][key]["loss"]) == log["steps_done"][key]
+    assert miniature.assets_built(str(out)) and os.path.isfile(archive)
+
+
+def test_default_preset_ships_within_30_mib():
+    """The default shape stored as save_weights stores it (bfloat16 once float32 would not fit),
+    with six float32 rank-8 q/v adapters, fits the ~30 MB the package ships (tokenizer, logs and
+    the loss plot add ~0.5 MiB)."""
+    s = train_miniature.PRESETS["default"]
+
+    class Vocab:  # what model_config reads of a tokenizer
+        bos_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return s["vocab"]
+
+    cfg = train_miniature.model_config(s, Vocab())
+    adapters = 6 * cfg.num_layers * train_miniature.lora_params_per_layer(cfg)
+    assert 4 * (cfg.num_params() + adapters) > train_miniature.SIZE_LIMIT_F32  # so it is stored in bfloat16
+    assert 2 * cfg.num_params() + 4 * adapters < train_miniature.SIZE_LIMIT_F32 - 2**20
+
+
 def test_evaluation_entries_skip_when_the_time_limit_is_reached():
     """With no time left before the deadline an entry is recorded as skipped, not run."""
     by_entry = train_miniature.run_evaluations(["non_shared", "base_model"], None, {}, None, None, [], 512,
@@ -190,7 +323,8 @@ def test_train_miniature_bad_flags(capsys):
     for args, needle in ((["--archive", "x.zip"], "--archive"), (["--steps-base", "0"], "--steps-base"),
                          (["--vocab-size", "10"], "--vocab-size"), (["--eval-schemes", "non_shared,bogus"], "--eval-schemes"),
                          (["--eval-schemes", "non_shared,non_shared"], "--eval-schemes"), (["--solved", "1.5"], "--solved"),
-                         (["--base-templates", "some"], "--base-templates"), (["--time-limit", "0"], "--time-limit")):
+                         (["--base-templates", "some"], "--base-templates"), (["--time-limit", "0"], "--time-limit"),
+                         (["--tiny", "--preset", "default"], "--preset"), (["--preset", "huge"], "--preset")):
         assert train_miniature.main(args) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err

@@ -136,6 +136,42 @@ def test_pretrain_reduces_loss_on_repeating_data():
     assert train.eval_loss(model, {"all": data}, seq_len=SEQ)["all"] == pytest.approx(before, rel=1e-6)
 
 
+def test_step_plan_without_budget_is_the_optax_schedule():
+    """No budget: every requested step runs at optax's warmup-cosine rate (what training used)."""
+    plan = train._StepPlan(200, 1e-3, None, 0.1, None)
+    ref = train._schedule(1e-3, 200, None, 0.1)
+    np.testing.assert_allclose([plan.lr(i) for i in range(200)], [float(ref(i)) for i in range(200)], rtol=1e-6)
+    assert all(plan.keep_going(i) for i in range(200)) and not plan.keep_going(200) and not plan.cut
+
+
+def test_step_plan_fits_the_time_budget_and_still_decays():
+    """A fake clock: 10 s to compile, then 0.5 s a step, 100 s budget, 1000 steps asked. The plan
+    shrinks to what fits (90 s / 0.5 s, less the 3% margin), ends within the budget, and the
+    re-planned schedule still decays to lr * min_lr_ratio by its last step."""
+    now = [0.0]
+    plan = train._StepPlan(1000, 1e-3, None, 0.1, 100.0, clock=lambda: now[0])
+    i = 0
+    while plan.keep_going(i):
+        now[0] += 10.0 if i == 0 else 0.5
+        plan.done(i, jnp.zeros(()))
+        i += 1
+    assert plan.cut and i == plan.planned and 160 <= i <= 181, i
+    assert now[0] <= 100.0
+    assert plan.lr(i - 1) == pytest.approx(1e-4, rel=0.01)  # decayed on time, not cut mid-schedule
+    assert max(plan.lr(j) for j in range(i)) == pytest.approx(1e-3, rel=1e-3)  # warmup kept: peak reached
+    with pytest.raises(ValueError, match="time_budget_s"):
+        train._StepPlan(10, 1e-3, None, 0.1, 0.0)
+
+
+def test_pretrain_stops_within_its_time_budget():
+    """Far more steps than fit in the budget: the run stops early (and still learns)."""
+    model = tiny_model()
+    data = [np.tile(np.arange(1, 9), 4) + k for k in range(4)]
+    trained, hist = train.pretrain(model, data, steps=100_000, lr=3e-3, batch_size=4, seq_len=SEQ, progress=False,
+                                   time_budget_s=4.0)
+    assert 1 <= len(hist["loss"]) < 100_000 and np.isfinite(hist["loss"]).all()
+
+
 @pytest.fixture(scope="module")
 def trained_adapters():
     model = confident_model()
