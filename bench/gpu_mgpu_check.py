@@ -484,6 +484,12 @@ def main(argv=None):
   t_start = time.perf_counter()
   status = {}
   for part in args.parts:
+    if part == "ours" and status.get("numerics", {}).get("rc") == "timeout" and \
+        not any(r.get("ok") for r in read_rows(args.out, "numerics") if r.get("backend") == "mosaic_gpu"):
+      # Not one numerics case finished: the kernel hangs, and "ours" would hang the same way.
+      log("\n### part ours SKIPPED: the numerics part timed out before any mosaic_gpu case passed")
+      status["ours"] = dict(rc="skipped")
+      continue
     if os.path.exists(os.path.join(args.out, f"{part}.jsonl")):
       os.remove(os.path.join(args.out, f"{part}.jsonl"))
     cmd = [sys.executable, "-m", "bench.gpu_mgpu_check", "--part", part, "--out", args.out,

@@ -45,8 +45,9 @@ def _inputs(tq=40, s=64, b=2, hq=4, hkv=2, d=32, r=8, layers=2, dtype=jnp.float3
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(block_q=48), "block_q must be a multiple of 64 for the mosaic_gpu backend"),
-    (dict(block_k=96), "block_k must be a multiple of 64 for the mosaic_gpu backend"),
+    (dict(block_q=48), "block_q must be a multiple of 64 up to 256 for the mosaic_gpu backend"),
+    (dict(block_k=96), "block_k must be a multiple of 64 up to 256 for the mosaic_gpu backend"),
+    (dict(block_k=512), "block_k must be a multiple of 64 up to 256"),
     (dict(num_stages=1), "num_stages must be >= 2"),
     (dict(num_warps=4), "unknown keyword 'num_warps' for backend 'mosaic_gpu'"),
 ])

@@ -62,8 +62,9 @@ class PrefillBlockSizes:
         continue
       if not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{f.name} must be a positive int, got {val!r}.")
-      if f.name in ("block_q", "block_k") and val % 64:
-        raise ValueError(f"{f.name} must be a multiple of 64 for the mosaic_gpu backend, got {val}.")
+      # wgmma takes 64 rows at a time; a TMA box has at most 256 rows.
+      if f.name in ("block_q", "block_k") and (val % 64 or val > 256):
+        raise ValueError(f"{f.name} must be a multiple of 64 up to 256 for the mosaic_gpu backend, got {val}.")
       if f.name == "num_stages" and val < 2:
         raise ValueError(f"num_stages must be >= 2 for the mosaic_gpu backend, got {val}.")
 
