@@ -5,10 +5,13 @@
 
 computed without expanding LR to [kv_len, heads, head_dim] (docs/kernels.md).
 
-Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU; triton/), "mosaic_tpu"
+Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU; triton/), "mosaic_gpu"
+(Pallas Mosaic GPU prefill for Hopper sm90+, mosaic_gpu/; decode, interpret mode and
+the calls that prefill does not support run the Triton kernels), "mosaic_tpu"
 (Pallas TPU; tpu/), "xla" (jnp in float32, reading only the visible key chunks;
 xla_chunked.py; reference.py holds the dense form it is tested against), "auto"
-(by jax.default_backend(): gpu -> triton, tpu -> mosaic_tpu, otherwise xla).
+(by jax.default_backend(): gpu -> triton (mosaic_gpu on sm90+ once
+AUTO_PICKS_MOSAIC_GPU is flipped), tpu -> mosaic_tpu, otherwise xla).
 ``interpret=True`` runs the Pallas backend in interpret mode (CPU tests).
 
 Kernels: q_len <= ``decode_max_q_len`` (default 16) uses the split-K decode
@@ -32,15 +35,22 @@ import numpy as np
 from pallas_kernels import reference, xla_chunked
 from pallas_kernels._args import Canon, canonicalize, check_kernel_limits
 
-BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
+BACKENDS = ("auto", "triton", "mosaic_gpu", "mosaic_tpu", "xla")
 KERNELS = ("prefill", "decode")
 DECODE_MAX_Q_LEN = 16
 TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
+# COORDINATOR FLAG: whether "auto" picks "mosaic_gpu" on sm90+ GPUs. Off until the H200
+# numbers (bench/gpu_mgpu_check.py) show it correct and faster than "triton".
+AUTO_PICKS_MOSAIC_GPU = False
+MOSAIC_GPU_MIN_CC = 9.0
 
 # Keyword knobs accepted per backend: each lands in the block-size dataclass of the
 # kernel that runs (num_splits: decode only; block_q: prefill only).
 KNOBS = {
     "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits"),
+    # Mosaic GPU prefill only (mosaic_gpu.tuning.PrefillBlockSizes); what falls back to
+    # Triton (decode, unsupported calls) runs with Triton's measured defaults.
+    "mosaic_gpu": ("block_q", "block_k", "num_stages"),
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
     "xla": ("q_chunk", "kv_chunk"),
 }
@@ -52,6 +62,17 @@ def triton_available() -> bool:
   return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
 
 
+def mosaic_gpu_available() -> bool:
+  """Whether this JAX ships Pallas Mosaic GPU and the first device is an sm90+ GPU."""
+  if importlib.util.find_spec("jax.experimental.pallas.mosaic_gpu") is None:
+    return False
+  try:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and float(getattr(dev, "compute_capability", 0) or 0) >= MOSAIC_GPU_MIN_CC
+  except Exception:  # pragma: no cover
+    return False
+
+
 def resolve_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -59,6 +80,8 @@ def resolve_backend(backend: str) -> str:
     return backend
   platform = jax.default_backend()
   if platform in ("gpu", "cuda", "rocm"):
+    if AUTO_PICKS_MOSAIC_GPU and mosaic_gpu_available():
+      return "mosaic_gpu"
     if triton_available():
       return "triton"
     warnings.warn("this JAX has no Pallas Triton backend (deprecated since JAX 0.12): attention runs "
@@ -70,6 +93,9 @@ def resolve_backend(backend: str) -> str:
 
 
 def _block_size_classes(backend):
+  if backend == "mosaic_gpu":
+    from pallas_kernels.mosaic_gpu import tuning as mgpu_tuning   # no Mosaic GPU import
+    return mgpu_tuning.PrefillBlockSizes, None
   if backend == "triton":
     from pallas_kernels.triton import tuning
   else:
@@ -102,7 +128,9 @@ def check_knobs(backend: str, kw: dict):
       raise ValueError(f"{key} must be a positive int, got {val!r}.")
   if backend != "xla":
     prefill_cls, decode_cls = _block_size_classes(backend)
-    _pick(prefill_cls, knobs), _pick(decode_cls, knobs)   # validates (ValueError naming the knob)
+    _pick(prefill_cls, knobs)   # validates (ValueError naming the knob)
+    if decode_cls is not None:
+      _pick(decode_cls, knobs)
   return dispatch, knobs
 
 
@@ -119,7 +147,7 @@ def choose_kernel(c: Canon, backend: str, kernel=None, decode_max_q_len=None) ->
   limit = DECODE_MAX_Q_LEN if decode_max_q_len is None else decode_max_q_len
   if dims["Tq"] > limit:
     return "prefill"
-  if backend == "triton" and dims["Tq"] * dims["G"] > TRITON_DECODE_MAX_ROWS:
+  if backend in ("triton", "mosaic_gpu") and dims["Tq"] * dims["G"] > TRITON_DECODE_MAX_ROWS:
     return "prefill"
   return "decode"
 
@@ -140,6 +168,18 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
         f"the Pallas kernels have no sliding window (sliding_window={c.sliding_window} < "
         f"kv_len={c.dims['S']}); use backend 'xla' (attention 'xla') or a cache no longer than the window.")
   kernel = choose_kernel(c, backend, dispatch.get("kernel"), dispatch.get("decode_max_q_len"))
+  extra = {"return_lse": True} if return_lse else {}  # the default path is the unchanged kernel call
+  if backend == "mosaic_gpu":
+    from pallas_kernels import mosaic_gpu
+    # Falls back to the Triton kernels (their measured defaults) for decode, interpret
+    # mode (Mosaic GPU's interpret mode does not run this kernel) and the calls the
+    # Mosaic GPU prefill does not take (mosaic_gpu.unsupported_reason: float32, head_dim
+    # no multiple of 64, cache length no multiple of 64).
+    if kernel == "prefill" and not interpret and mosaic_gpu.unsupported_reason(c) is None:
+      return mosaic_gpu.prefill(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
+                                causal=c.causal, sm_scale=c.sm_scale,
+                                block_sizes=_pick(mosaic_gpu.PrefillBlockSizes, knobs), **extra)
+    backend, knobs = "triton", {}
   if backend == "triton":
     from pallas_kernels import triton as impl
   else:
@@ -149,7 +189,6 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
     fn, block_sizes = impl.prefill, _pick(prefill_cls, knobs)
   else:
     fn, block_sizes = impl.decode, _pick(decode_cls, knobs)
-  extra = {"return_lse": True} if return_lse else {}  # the default path is the unchanged kernel call
   return fn(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale, causal=c.causal,
             sm_scale=c.sm_scale, block_sizes=block_sizes, interpret=interpret, **extra)
 
@@ -177,11 +216,12 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
       j > p - sliding_window. Only the xla backend has it; the Pallas backends
       accept a window no shorter than kv_len (it masks nothing) and raise
       NotImplementedError otherwise.
-    backend: "auto" | "triton" | "mosaic_tpu" | "xla".
+    backend: "auto" | "triton" | "mosaic_gpu" | "mosaic_tpu" | "xla".
     interpret: run the Pallas kernel in interpret mode.
     return_lse: python bool (static). Also return the log-sum-exp of each row.
     **knobs: triton: block_q, block_k, num_warps, num_stages, num_splits
-      (triton.tuning.PrefillBlockSizes / DecodeBlockSizes); mosaic_tpu:
+      (triton.tuning.PrefillBlockSizes / DecodeBlockSizes); mosaic_gpu: block_q,
+      block_k, num_stages of its prefill (mosaic_gpu.tuning); mosaic_tpu:
       block_q, block_k, num_splits (tpu.tuning); xla: q_chunk, kv_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len. None or absent: the
       measured defaults (get_default).

@@ -1,0 +1,82 @@
+"""Block sizes of the Mosaic GPU (Hopper, sm90+) prefill kernel: the frozen
+dataclass, its default chooser and the tuning as data keyed by device kind.
+
+Imports nothing from jax.experimental.pallas.mosaic_gpu, so that the package
+and the knob checks work on JAX versions without (or with a different) Mosaic GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+
+# Starting point: JAX 0.11.2's ops/gpu/attention_mgpu.py measured on an H200 (plain attention,
+# float16, causal, 16k / 32k: 644 / 619 TFLOP/s at block_q 64, block_kv 128, 2 stages).
+# Not yet measured with the LoRA accumulator: bench/gpu_mgpu_check.py sweeps block_k.
+_H200 = {"prefill": dict(block_q=64, block_k=128, num_stages=2)}
+TUNING = {"NVIDIA H200": _H200, "generic": _H200}
+
+# Shared memory of one block on sm90 (bytes) and what the tiles may fill.
+SMEM_PER_BLOCK = 227 * 1024
+
+
+def device_tuning(device_kind: str | None = None) -> dict:
+  if device_kind is None:
+    try:
+      dev = jax.devices()[0]
+      device_kind = dev.device_kind if dev.platform == "gpu" else "generic"
+    except Exception:  # pragma: no cover
+      device_kind = "generic"
+  return TUNING.get(device_kind, TUNING["generic"])
+
+
+def lr_width(r: int) -> int:
+  """Columns of the LR tile: the rank padded to a width wgmma takes with a swizzle
+  (16 -> 32-byte, 32 -> 64-byte, 64 -> 128-byte swizzle in 16-bit types)."""
+  for w in (16, 32, 64):
+    if r <= w:
+      return w
+  raise ValueError(f"LoRA rank must be <= 64 for the mosaic_gpu backend, got {r}.")
+
+
+def prefill_smem(block_q, block_k, stages, d, rp, itemsize=2):
+  """Shared memory (bytes) of one program: q/out tiles of the two compute
+  warpgroups, `stages` K, V and LR tiles, one B tile, the lse rows."""
+  return itemsize * (2 * block_q * d + stages * block_k * (2 * d + rp) + rp * d) + 2 * block_q * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillBlockSizes:
+  """block_q: query rows per compute warpgroup (two per program; multiple of 64);
+  block_k: keys per pipeline stage (multiple of 64); num_stages: K/V/LR buffers
+  (>= 2). None: chosen by resolve."""
+  block_q: int | None = None
+  block_k: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      val = getattr(self, f.name)
+      if val is None:
+        continue
+      if not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1:
+        raise ValueError(f"{f.name} must be a positive int, got {val!r}.")
+      # wgmma takes 64 rows at a time; a TMA box has at most 256 rows.
+      if f.name in ("block_q", "block_k") and (val % 64 or val > 256):
+        raise ValueError(f"{f.name} must be a multiple of 64 up to 256 for the mosaic_gpu backend, got {val}.")
+      if f.name == "num_stages" and val < 2:
+        raise ValueError(f"num_stages must be >= 2 for the mosaic_gpu backend, got {val}.")
+
+  def resolve(self, *, s_len, d, r, itemsize=2) -> "PrefillBlockSizes":
+    """The given sizes, the rest from TUNING; block_k falls back to 64 when kv_len
+    is no multiple of the default; stages drop (not below 2) until the tiles fit."""
+    t = device_tuning()["prefill"]
+    bq = self.block_q or t["block_q"]
+    bk = self.block_k or (t["block_k"] if s_len % t["block_k"] == 0 else 64)
+    stages = self.num_stages or t["num_stages"]
+    rp = lr_width(r) if r else 0
+    while self.num_stages is None and stages > 2 and \
+        prefill_smem(bq, bk, stages, d, rp, itemsize) > SMEM_PER_BLOCK:
+      stages -= 1
+    return PrefillBlockSizes(block_q=bq, block_k=bk, num_stages=stages)
