@@ -45,7 +45,7 @@ import time
 import traceback
 
 PARTS = ("numerics", "ours", "baselines")
-TIMEOUT_S = {"numerics": 80, "ours": 95, "baselines": 75}
+TIMEOUT_S = {"numerics": 70, "ours": 90, "baselines": 70}
 HQ, HKV, D = 32, 8, 128
 BF16_TOL, F16_TOL, LSE_TOL = 1.5e-2, 4e-3, 1e-2
 
