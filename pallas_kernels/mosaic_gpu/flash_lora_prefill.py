@@ -57,8 +57,21 @@ def interpret_available() -> bool:
   return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
 
 
+@functools.lru_cache(maxsize=1)
+def _cuda_runtime_version() -> int | None:
+  try:
+    from jax._src.lib import cuda_versions
+    return None if cuda_versions is None else int(cuda_versions.cuda_runtime_get_version())
+  except Exception:  # pragma: no cover
+    return None
+
+
 def unsupported_reason(c) -> str | None:
   """None when this kernel runs the canonical call `c` (_args.Canon), else why not."""
+  cuda = _cuda_runtime_version()
+  if cuda is not None and 12080 <= cuda < 12091:
+    # JAX's attention_mgpu refuses masking there too: ptxas miscompiles it.
+    return f"CUDA runtime {cuda} (12.8.0 to 12.9.0: a ptxas miscompilation of masked attention)"
   dims = c.dims
   dt = jnp.dtype(c.q.dtype)
   if dt not in SUPPORTED_DTYPES:
