@@ -45,7 +45,7 @@ import time
 import traceback
 
 PARTS = ("numerics", "ours", "baselines")
-TIMEOUT_S = {"numerics": 80, "ours": 95, "baselines": 75}
+TIMEOUT_S = {"numerics": 70, "ours": 90, "baselines": 70}
 HQ, HKV, D = 32, 8, 128
 BF16_TOL, F16_TOL, LSE_TOL = 1.5e-2, 4e-3, 1e-2
 
@@ -384,7 +384,19 @@ def run_child(args):
   info = dict(kind="info", part=args.part, card=getattr(dev, "device_kind", str(dev)),
               compute_capability=str(getattr(dev, "compute_capability", None)), jax_version=jax.__version__,
               dry_run=args.dry_run, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  log(f"[{args.part}] {info['card']} cc {info['compute_capability']} JAX {info['jax_version']}")
+  try:   # whether "mosaic_gpu" really runs its own kernel here (else it hands calls to Triton)
+    import jax.numpy as jnp
+    from pallas_kernels._args import canonicalize
+    from pallas_kernels.mosaic_gpu import flash_lora_prefill as mg
+    sd = lambda *shape: jnp.zeros(shape, jnp.bfloat16)
+    info["cuda_runtime"] = mg._cuda_runtime_version()
+    info["mosaic_gpu_unsupported"] = mg.unsupported_reason(
+        canonicalize(sd(1, 1024, HQ, D), sd(1, 1024, HKV, D), sd(1, 1024, HKV, D), sd(1, 1024, 8), sd(1, HKV, 8, D)))
+  except Exception as e:  # noqa: BLE001
+    info["mosaic_gpu_unsupported"] = f"could not tell: {type(e).__name__}: {e}"
+  log(f"[{args.part}] {info['card']} cc {info['compute_capability']} JAX {info['jax_version']} "
+      f"CUDA runtime {info.get('cuda_runtime')}; mosaic_gpu kernel "
+      f"{'runs' if info.get('mosaic_gpu_unsupported') is None else 'NOT used: ' + str(info['mosaic_gpu_unsupported'])}")
 
   def sink(row):
     with open(path, "a") as f:

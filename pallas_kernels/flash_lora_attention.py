@@ -171,13 +171,14 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
   extra = {"return_lse": True} if return_lse else {}  # the default path is the unchanged kernel call
   if backend == "mosaic_gpu":
     from pallas_kernels import mosaic_gpu
-    # Falls back to the Triton kernels (their measured defaults) for decode, interpret
-    # mode (Mosaic GPU's interpret mode does not run this kernel) and the calls the
-    # Mosaic GPU prefill does not take (mosaic_gpu.unsupported_reason: float32, head_dim
-    # no multiple of 64, cache length no multiple of 64).
-    if kernel == "prefill" and not interpret and mosaic_gpu.unsupported_reason(c) is None:
+    # Falls back to the Triton kernels (their measured defaults) for decode and for the
+    # calls the Mosaic GPU prefill does not take (mosaic_gpu.unsupported_reason: float32,
+    # head_dim no multiple of 64, cache length no multiple of 64), and in interpret mode
+    # on a JAX without Pallas' GPU interpret mode.
+    if kernel == "prefill" and mosaic_gpu.unsupported_reason(c) is None and \
+        (not interpret or mosaic_gpu.interpret_available()):
       return mosaic_gpu.prefill(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
-                                causal=c.causal, sm_scale=c.sm_scale,
+                                causal=c.causal, sm_scale=c.sm_scale, interpret=interpret,
                                 block_sizes=_pick(mosaic_gpu.PrefillBlockSizes, knobs), **extra)
     backend, knobs = "triton", {}
   if backend == "triton":

@@ -38,6 +38,8 @@ def tuning_line() -> str:
         return f"backend xla (no Pallas kernels on {jax.default_backend()})"
     if backend == "triton":
         from pallas_kernels.triton import tuning
+    elif backend == "mosaic_gpu":
+        from pallas_kernels.mosaic_gpu import tuning
     else:
         from pallas_kernels.tpu import tuning
     kind = jax.devices()[0].device_kind

@@ -52,8 +52,26 @@ COMPUTE_WGS = 2
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def interpret_available() -> bool:
+  """Whether this JAX has Pallas' GPU interpret mode (JAX >= 0.11)."""
+  return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_runtime_version() -> int | None:
+  try:
+    from jax._src.lib import cuda_versions
+    return None if cuda_versions is None else int(cuda_versions.cuda_runtime_get_version())
+  except Exception:  # pragma: no cover
+    return None
+
+
 def unsupported_reason(c) -> str | None:
   """None when this kernel runs the canonical call `c` (_args.Canon), else why not."""
+  cuda = _cuda_runtime_version()
+  if cuda is not None and 12080 <= cuda < 12091:
+    # JAX's attention_mgpu refuses masking there too: ptxas miscompiles it.
+    return f"CUDA runtime {cuda} (12.8.0 to 12.9.0: a ptxas miscompilation of masked attention)"
   dims = c.dims
   dt = jnp.dtype(c.q.dtype)
   if dt not in SUPPORTED_DTYPES:
@@ -70,7 +88,7 @@ def unsupported_reason(c) -> str | None:
 
 
 def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, stages,
-            d, rp, group, per_q_b, lr_layered, nq, dtype):
+            d, rp, group, per_q_b, lr_layered, nq, dtype, staged):
   if has_lora:
     layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, lr_ref, b_ref, scale_ref, \
         out_ref, lse_ref, scoped = refs
@@ -78,7 +96,7 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
     layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped = refs
     lr_ref = b_ref = scale_ref = None
   smem, (k_bar, v_bar, lr_bar, q_bar, b_bar), (k_used, v_used), schedule_bar = scoped
-  qo_smem2, k_smem, v_smem, lr_smem, b_smem, lse_smem2 = smem
+  qo_smem2, k_smem, v_smem, lr_smem, b_smem, lse_smem2, stage_smem2 = smem
 
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
@@ -106,6 +124,32 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
   def schedule_barrier():
     plgpu.barrier_arrive(schedule_bar)
     plgpu.barrier_wait(schedule_bar)
+
+  def mma(pairs, before_wait=None):
+    """acc_i + a_i @ b_i for (acc_i, a_i, b_i) in pairs, a_i in registers, as one wgmma
+    group (one wait). staged (GPU interpret mode, which has neither register operands
+    nor pl.run_state): each a_i goes through shared memory and each product is added."""
+    if not staged:
+      def body(refs):
+        for ref, (_, a, b) in zip(refs, pairs):
+          plgpu.wgmma(ref, a, b)
+        if before_wait is not None:
+          before_wait()
+      return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x, _, _ in pairs))
+    outs = []
+    p_stage2, lora_stage2 = stage_smem2
+    for i, (x, a, b) in enumerate(pairs):
+      a_smem = (p_stage2 if a.shape[-1] == block_k else lora_stage2).at[wg]
+      a_smem[...] = a
+      plgpu.commit_smem()
+
+      def body(ref, a_smem=a_smem, b=b, last=i == len(pairs) - 1):
+        plgpu.wgmma(ref, a_smem, b)
+        if last and before_wait is not None:
+          before_wait()
+        return ref[...]
+      outs.append(x + pl.run_scoped(body, plgpu.ACC(x.shape, jnp.float32)))
+    return tuple(outs)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute_wg():
@@ -188,26 +232,23 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
         def _():
           plgpu.barrier_wait(k_bar.at[nxt_slot])
 
+      # P @ V_base and P @ LR in one wgmma group: a single wait for both.
       if has_lora:
-        def compute_pv(refs):
-          acc_ref, racc_ref = refs
-          # One wgmma group for both: a single wait at the end of run_state.
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          plgpu.wgmma(racc_ref, p16, lr_smem.at[slot])
-          wait_next_k()
-        acc, racc = pl.run_state(compute_pv)((plgpu.ACC.init(acc), plgpu.ACC.init(racc)))
+        acc, racc = mma([(acc, p16, v_smem.at[slot]), (racc, p16, lr_smem.at[slot])], wait_next_k)
       else:
-        def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          wait_next_k()
-        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        (acc,) = mma([(acc, p16, v_smem.at[slot])], wait_next_k)
       plgpu.barrier_arrive(v_used.at[slot])   # V and LR of this slot
       return acc, racc, m_i, l_i
 
     def drain_loop(step, _):
       # Blocks the other warpgroup still needs: release the buffers and keep the
-      # schedule barrier in step with it.
+      # schedule barrier in step with it. Waiting for the (unused) data keeps every
+      # thread's barrier phases in step (GPU interpret mode checks it; free here).
       slot = lax.rem(step, jnp.array(stages, step.dtype))
+      plgpu.barrier_wait(k_bar.at[slot])
+      plgpu.barrier_wait(v_bar.at[slot])
+      if has_lora:
+        plgpu.barrier_wait(lr_bar.at[slot])
       plgpu.barrier_arrive(k_used.at[slot])
       plgpu.barrier_arrive(v_used.at[slot])
       schedule_barrier()
@@ -228,9 +269,7 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
       lora_in = racc * lax.broadcast_in_dim(inv * scale_ref[batch, q_head], racc.shape, [0])
       lora16 = lora_in.astype(dtype)
 
-      def epilogue(o_ref):
-        plgpu.wgmma(o_ref, lora16, b_smem)
-      out = pl.run_state(epilogue)(plgpu.ACC.init(out))
+      (out,) = mma([(out, lora16, b_smem)])
     qo_smem[...] = out.astype(dtype)
     if return_lse:
       lse_smem = lse_smem2.at[wg]
@@ -246,9 +285,6 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
   def _memory_wg():
     plgpu.set_max_registers(40, action="decrease")
     lr_l = layer if lr_layered else 0
-    if has_lora:
-      b_head = q_head if per_q_b else kv_head
-      plgpu.copy_gmem_to_smem(b_ref.at[batch, b_head], b_smem, b_bar.at[0])
 
     def load(step, slot, wait_used):
       kv = (layer, batch, pl.ds(step * block_k, block_k), kv_head)
@@ -263,11 +299,21 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
                                 lr_smem.at[slot], lr_bar.at[slot])
 
     for i in range(stages):
-      load(i, i, wait_used=False)
+      pl.when(i < max_steps)(functools.partial(load, i, i, wait_used=False))
+    if has_lora:   # B_h for the epilogue
+      b_head = q_head if per_q_b else kv_head
+      plgpu.copy_gmem_to_smem(b_ref.at[batch, b_head], b_smem, b_bar.at[0])
 
     @pl.loop(0, max_steps - stages)
     def _(step):
       load(step + stages, lax.rem(step, jnp.array(stages, step.dtype)), wait_used=True)
+
+    # Observe the last releases too, so no barrier ends with a phase this warpgroup missed.
+    @pl.loop(jnp.maximum(max_steps - stages, 0), max_steps)
+    def _(step):
+      slot = lax.rem(step, jnp.array(stages, step.dtype))
+      plgpu.barrier_wait(k_used.at[slot])
+      plgpu.barrier_wait(v_used.at[slot])
 
 
 def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
@@ -275,11 +321,13 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   """Flash-LoRA prefill on Mosaic GPU. Canonical shapes (see _args.Canon); returns
   [B, Tq, Hq, D] (and the float32 lse [B, Tq, Hq] with return_lse).
 
-  The caller checks ``unsupported_reason`` first. ``interpret`` is not supported
-  (GPU interpret mode of JAX 0.11 does not run this kernel's wgmma / run_state).
+  The caller checks ``unsupported_reason`` first. ``interpret=True`` runs Pallas' GPU
+  interpret mode on the CPU (``interpret_available``): the same kernel, its barrier
+  protocol checked by the interpreter, with the register operands of wgmma staged
+  through shared memory (the interpreter has no register operands nor pl.run_state).
   """
-  if interpret:
-    raise NotImplementedError("the mosaic_gpu prefill has no interpret mode; use backend 'triton'.")
+  if interpret and not interpret_available():
+    raise NotImplementedError(f"this JAX ({jax.__version__}) has no Pallas GPU interpret mode.")
   if plgpu is None:
     raise NotImplementedError(f"this JAX ({jax.__version__}) has no usable Pallas Mosaic GPU: {_IMPORT_ERROR}")
   b, tq, hq, d = q.shape
@@ -293,10 +341,7 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   block_q, block_k = cfg.block_q, cfg.block_k
   if s_len % block_k:
     raise ValueError(f"kv_len {s_len} must be a multiple of block_k {block_k} for the mosaic_gpu prefill.")
-  stages = min(cfg.num_stages, s_len // block_k)
-  if stages < 2:
-    raise ValueError(f"kv_len {s_len} holds fewer than two blocks of block_k={block_k}; "
-                     "the mosaic_gpu prefill pipelines at least two.")
+  stages = min(cfg.num_stages, s_len // block_k)   # a one-block cache: one buffer
   tile_rows = COMPUTE_WGS * block_q
   nq = pl.cdiv(tq, tile_rows)
   tq_pad = nq * tile_rows
@@ -319,7 +364,8 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   kernel = functools.partial(
       _kernel, has_lora=has_lora, return_lse=return_lse, causal=causal,
       qk_scale=float(sm_scale) * LOG2E, block_q=block_q, block_k=block_k, stages=stages,
-      d=d, rp=rp, group=group, per_q_b=per_q_b, lr_layered=lr_layered, nq=nq, dtype=dtype)
+      d=d, rp=rp, group=group, per_q_b=per_q_b, lr_layered=lr_layered, nq=nq, dtype=dtype,
+      staged=bool(interpret))
 
   swizzle = 128
   # LR tile: swizzle = its row in bytes (Rp 16 / 32 / 64 -> 32 / 64 / 128 bytes in 16-bit types).
@@ -336,6 +382,10 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
         # swizzle / itemsize, so B gets the LR tile's swizzle (K = 16 needs 32 bytes).
         plgpu.SMEM((rp, d), dtype, transforms=tiled(rp)) if has_lora else None,
         plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32) if return_lse else None,
+        # interpret mode only: the wgmma A operands (P, and the epilogue's LoRA rows).
+        (plgpu.SMEM((COMPUTE_WGS, block_q, block_k), dtype, transforms=big),
+         plgpu.SMEM((COMPUTE_WGS, block_q, rp), dtype, transforms=tiled(rp)) if has_lora else None)
+        if interpret else None,
     ]
     bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages) if has_lora else None,
@@ -356,6 +406,7 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
+      **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
   )(*args)
   out = out[:, :tq] if tq_pad != tq else out
   if not return_lse:

@@ -73,7 +73,8 @@ class PrefillBlockSizes:
     is no multiple of the default; stages drop (not below 2) until the tiles fit."""
     t = device_tuning()["prefill"]
     bq = self.block_q or t["block_q"]
-    bk = self.block_k or (t["block_k"] if s_len % t["block_k"] == 0 else 64)
+    # 64-key blocks where kv_len is no multiple of the default or holds fewer than two of them.
+    bk = self.block_k or (t["block_k"] if s_len % t["block_k"] == 0 and s_len >= 2 * t["block_k"] else 64)
     stages = self.num_stages or t["num_stages"]
     rp = lr_width(r) if r else 0
     while self.num_stages is None and stages > 2 and \
