@@ -241,6 +241,17 @@ class _StepPlan:
         return self.planned < self.requested
 
 
+def _advance(plan: _StepPlan, bar, i: int, loss, log_every: int) -> int:
+    """Book step i (time budget, progress bar, loss shown every log_every steps); the next i."""
+    plan.done(i, loss)
+    bar.total = plan.planned
+    bar.update(1)
+    i += 1
+    if i % log_every == 0 or i == plan.planned:
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    return i
+
+
 def _check_positive(**kw) -> None:
     for name, v in kw.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -323,12 +334,7 @@ def pretrain(
             tokens, mask = _check_batch(*next(batches), batch_size, cfg.vocab_size)
             params, opt_state, loss = step(params, opt_state, tokens, mask, plan.lr(i))
             losses.append(loss)
-            plan.done(i, loss)
-            bar.total = plan.planned
-            bar.update(1)
-            i += 1
-            if i % log_every == 0 or i == plan.planned:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+            i = _advance(plan, bar, i, loss, log_every)
     return nnx.merge(graphdef, params, rest), {"loss": [float(x) for x in jax.device_get(losses)]}
 
 
@@ -456,12 +462,7 @@ def train_adapters(
             params, opt_state, loss, per_role = step(params, opt_state, base, tokens, mask, plan.lr(i))
             losses.append(loss)
             per_role_losses.append(per_role)
-            plan.done(i, loss)
-            bar.total = plan.planned
-            bar.update(1)
-            i += 1
-            if i % log_every == 0 or i == plan.planned:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+            i = _advance(plan, bar, i, loss, log_every)
     history = {"loss": [float(x) for x in jax.device_get(losses)]}
     per_role_np = np.asarray(jax.device_get(per_role_losses))
     for j, role in enumerate(roles):
