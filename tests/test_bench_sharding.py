@@ -112,3 +112,29 @@ def test_step_with_a_mesh(tmp_path):
     # FLOPs count every weight once (not one device's shards), split over the 4 devices' matmul rate
     flops = 2 * (whole + 2 * (split // 2)) * 2 * 32 + 2 * L * H * D * 2 * 32 * 32
     assert abs(row["prefill_floor_s"] - flops / (4 * got["matmul_TFLOPs"] * 1e12)) <= 1e-9 * row["prefill_floor_s"]
+
+
+def test_decode_flags_runs_each_setting_in_its_own_process(tmp_path):
+    """bench.decode_flags: each setting's child gets its variables (XLA flags appended to the
+    caller's CPU device count, NVLS off) and reports its rows; the table's ratios are the rows'."""
+    from bench.decode_flags import SETTINGS, child_env
+
+    env = child_env("cb_all")
+    assert env["NCCL_NVLS_ENABLE"] == "0" and SETTINGS["cb_all"]["XLA_FLAGS"] in env["XLA_FLAGS"]
+    run_bench("bench.decode_flags", ["--shape", "tiny", "--quick", "--mesh", "model=1", "--mesh", "model=2",
+                                     "--settings", "default,nccl_ll", "--context", "32"], tmp_path)
+    got = json.loads((tmp_path / "decode_flags.json").read_text())
+    assert got["failures"] == {} and (tmp_path / "decode_flags.png").exists()
+    rows = {(r["setting"], r["mesh"]): r for r in got["rows"]}
+    assert set(rows) == {(s, m) for s in ("default", "nccl_ll") for m in ("model=1", "model=2")}
+    assert rows[("nccl_ll", "model=2")]["env"] == {"NCCL_PROTO": "LL"}
+    for (s, m), r in rows.items():
+        assert r["vs_first_setting"] == r["step_ms"] / rows[("default", m)]["step_ms"]
+        assert r["vs_first_mesh_first_setting"] == r["step_ms"] / rows[("default", "model=1")]["step_ms"]
+    assert rows[("default", "model=2")]["collectives"]["all-reduce"]["count"] > 0
+
+
+def test_decode_flags_rejects_an_unknown_setting(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.decode_flags", "--settings", "default,fast"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--settings: unknown ['fast']" in proc.stderr
