@@ -114,7 +114,9 @@ def main(argv=None):
     p.add_argument("--batch", default="1", help="comma list of batch sizes")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--variants", default="auto", help="comma list of engine layer modes: auto, scan, per_layer")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "triton", "mosaic_gpu"),
+                   help="attention kernel: auto / pallas = the platform's Pallas kernel; triton or mosaic_gpu "
+                        "(Hopper prefill) by name on a GPU")
     p.add_argument("--dtype", default=None)
     p.add_argument("--gemv", default="1:1,1:2,2:2,8:8",
                    help="comma list of rows:padded_rows for the projection microbenchmark")

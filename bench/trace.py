@@ -496,7 +496,9 @@ def parse_args(argv):
     p.add_argument("--paper", action="store_true", help="Lctx = the paper's 256,512,...,16384")
     p.add_argument("--naive-expansion", action="store_true",
                    help="add base_shared+naive and base_lr_shared+naive rows (V expanded before attention)")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "triton", "mosaic_gpu"),
+                   help="attention kernel: auto / pallas = the platform's Pallas kernel; triton or mosaic_gpu "
+                        "(Hopper prefill) by name on a GPU")
     p.add_argument("--batch", default="1",
                    help="independent trajectories per jitted step; a comma list (1,4,16) sweeps it "
                         "and adds a throughput-against-batch plot")
