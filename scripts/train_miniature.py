@@ -91,9 +91,13 @@ BASE_MODEL_REF = "lragent-jax-miniature"  # what the PEFT configs name as their 
 # miniature (hidden 256, 6 layers, 5.8M parameters) took 0.083 s per pre-training step of 32 x 1024
 # tokens (compilation included) and 0.15-0.19 s per adapter step; its held-out errors are copying
 # errors (names cut short, a distractor's city), so this one is 2.35x larger (hidden 384, 8 layers,
-# 6 heads: 13.6M parameters, 25.9 MiB in bfloat16) at about 1.6-2.4x the step time (attention's
-# cost grows 2x, layers x heads; the matmuls 2.5x), and pre-trains at most steps_base steps within
-# its share of the time (see --time-limit in the module doc); "tiny": CPU in CI.
+# 6 heads: 13.6M parameters, 25.9 MiB in bfloat16) and pre-trains at most steps_base steps within
+# its share of the time (see --time-limit in the module doc). Shipped 2026-12-01 (the third
+# miniature, 81.2% EM on 500 test questions): 0.159 s a pre-training step on one H200 (1.9x the
+# second's), so --time-limit 570 stopped pre-training at 1546 steps and the adapters at 300; on a
+# slower device the same command trains fewer steps: `--steps-base 1546` without --time-limit trains
+# as long (its schedule planned from the start, not re-planned at step 50: close, not bit-identical).
+# "tiny": CPU in CI.
 # pretrain_seq = max_positions: every position the agents reach is trained (rows hold whole documents).
 # solved: fraction of the eligible questions (base templates, not an adapter's) whose solved trajectory
 # the base reads; browsing: browsing trajectories per question (halved from the first recipe: the
@@ -107,7 +111,7 @@ PRESETS = {
                     val_loss_episodes=256, browsing=0.5, solved=1.0, base_templates="compositional", max_seq=None,
                     turn_tokens=None, max_steps=6, similarity_episodes=4, reserve_s=100.0,
                     eval_entry_min_s=40.0),
-    # the second miniature (shipped 2026-11-30: 5.8M parameters, float32, 65.2% EM on 500 test questions)
+    # the second miniature (shipped 2026-11-30, retired: 5.8M parameters, float32, 65.2% EM on 500 test questions)
     "second": dict(world="default", train_worlds=24, vocab=2048, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64,
                    intermediate=768, max_positions=1024, pretrain_seq=1024, steps_base=2000, steps_adapter=400,
                    batch_size=32, adapter_batch=32, lr_base=1e-3, lr_adapter=1e-3, eval_questions=40,
