@@ -380,8 +380,8 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   kernel = functools.partial(
       _kernel, has_lora=has_lora, return_lse=return_lse, causal=causal,
       qk_scale=float(sm_scale) * LOG2E, block_q=block_q, block_k=block_k, stages=stages,
-      d=d, rp=rp, lr_cols=lr_cols, group=group, per_q_b=per_q_b, lr_layered=lr_layered, nq=nq, dtype=dtype,
-      staged=bool(interpret))
+      d=d, rp=rp, lr_cols=lr_cols, group=group, per_q_b=per_q_b, lr_layered=lr_layered, nq=nq,
+      dtype=dtype, staged=bool(interpret))
 
   swizzle = 128
   # LR tile: swizzle = its row in bytes (Rp 16 / 32 / 64 -> 32 / 64 / 128 bytes in 16-bit types).
