@@ -50,7 +50,7 @@ KNOBS = {
     "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits"),
     # Mosaic GPU prefill only (mosaic_gpu.tuning.PrefillBlockSizes); what falls back to
     # Triton (decode, unsupported calls) runs with Triton's measured defaults.
-    "mosaic_gpu": ("block_q", "block_k", "num_stages"),
+    "mosaic_gpu": ("block_q", "block_k", "num_stages", "lr_pad"),
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
     "xla": ("q_chunk", "kv_chunk"),
 }
@@ -222,7 +222,7 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     return_lse: python bool (static). Also return the log-sum-exp of each row.
     **knobs: triton: block_q, block_k, num_warps, num_stages, num_splits
       (triton.tuning.PrefillBlockSizes / DecodeBlockSizes); mosaic_gpu: block_q,
-      block_k, num_stages of its prefill (mosaic_gpu.tuning); mosaic_tpu:
+      block_k, num_stages, lr_pad of its prefill (mosaic_gpu.tuning); mosaic_tpu:
       block_q, block_k, num_splits (tpu.tuning); xla: q_chunk, kv_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len. None or absent: the
       measured defaults (get_default).

@@ -54,12 +54,28 @@ def _inputs(tq=40, s=64, b=2, hq=4, hkv=2, d=32, r=8, layers=2, dtype=jnp.float3
     (dict(block_k=96), "block_k must be a multiple of 64 up to 256 for the mosaic_gpu backend"),
     (dict(block_k=512), "block_k must be a multiple of 64 up to 256"),
     (dict(num_stages=1), "num_stages must be >= 2"),
+    (dict(lr_pad=12), r"lr_pad must be one of \(8, 16\)"),
     (dict(num_warps=4), "unknown keyword 'num_warps' for backend 'mosaic_gpu'"),
 ])
 def test_bad_knobs(kw, msg):
   q, k, v, lr, bm = _inputs()
   with pytest.raises(ValueError, match=msg):
     flash_lora_attention(q, k, v, lr, bm, layer=1, backend="mosaic_gpu", interpret=True, **kw)
+
+
+def test_lr_tile_width():
+  """lr_pad 8 narrows only ranks <= 8 to an 8-column LR tile; the B tile / LoRA accumulator
+  stays >= 16 (the epilogue wgmma's K); the default stays 16 until measured."""
+  from pallas_kernels.mosaic_gpu import tuning as t
+  assert [t.lr_width(r) for r in (1, 8, 9, 16, 17, 33, 64)] == [16, 16, 16, 16, 32, 64, 64]
+  assert [t.lr_width(r, 8) for r in (1, 4, 8, 9, 16, 17, 64)] == [8, 8, 8, 16, 16, 32, 64]
+  assert [t.lora_rows(w) for w in (8, 16, 32, 64)] == [16, 16, 32, 64]
+  with pytest.raises(ValueError, match="rank must be <= 64"):
+    t.lr_width(65, 8)
+  assert t.PrefillBlockSizes().resolve(s_len=1024, d=128, r=8).lr_pad == 16
+  assert t.PrefillBlockSizes(lr_pad=8).resolve(s_len=1024, d=128, r=8).lr_pad == 8
+  # 2 stages x 128 keys x 8 columns x 2 bytes less LR buffer than at 16 columns.
+  assert t.prefill_smem(64, 128, 2, 128, 16) - t.prefill_smem(64, 128, 2, 128, 8) == 2 * 128 * 8 * 2
 
 
 def test_unsupported_reasons():
@@ -139,6 +155,11 @@ def _mgpu_calls(lowered):
     (128, 64, 16, jnp.bfloat16, dict(per_q_b=True)),
     (256, 256, 32, jnp.bfloat16, dict(block_k=64)),
     (384, 128, None, jnp.bfloat16, dict(causal=False)),
+    # lr_pad 8: the K-major 8-column LR tile.
+    (256, 128, 8, jnp.bfloat16, dict(lr_pad=8)),
+    (200, 128, 4, jnp.float16, dict(lr_pad=8, return_lse=True)),
+    (256, 128, 1, jnp.bfloat16, dict(lr_pad=8, block_k=64, per_q_b=True)),
+    (256, 64, 8, jnp.bfloat16, dict(lr_pad=8, causal=False)),
 ])
 def test_lower_mosaic_gpu_prefill_for_cuda(tq, d, r, dtype, kw):
   lowered = _lower(tq, d, r, dtype=dtype, **kw)
@@ -159,6 +180,10 @@ def test_lower_reads_stacked_cache_in_place():
   # Rank 8 is padded to 16: only that layer's LR is copied (K and V still in place).
   padded = operands(8)
   assert padded.count("tensor<3x1x256x2x128xbf16>") == 2 and "tensor<1x1x256x16xbf16>" in padded
+  # lr_pad 8: that layer's LR padded to 8 and transposed (K-major tile); B padded to 16 rows.
+  narrow = _mgpu_calls(_lower(256, 128, 8, layers=3, s=256, b=1, lr_pad=8))[0].split(" : (")[-1]
+  assert narrow.count("tensor<3x1x256x2x128xbf16>") == 2 and "tensor<1x1x8x256xbf16>" in narrow
+  assert "tensor<1x2x16x128xbf16>" in narrow
 
 
 @needs_mgpu
@@ -180,6 +205,13 @@ INTERPRET_CASES = [
     ("q_offsets 200, block_k 128, r32", dict(s=512, tq=256, r=32, qoff=[200], knobs=dict(block_k=128))),
     ("empty row with LoRA, lse", dict(b=2, kv=[256, 0], lse=True)),
     ("GQA 2:1 + LoRA r64 d128 + lse", dict(hq=2, hkv=1, r=64, d=128, lse=True)),
+    # lr_pad 8 (8-column K-major LR tile) at ranks 8 / 4 / 1.
+    ("lr_pad 8 r8: ragged rows, tq padding, stacked layers", dict(tq=100, b=2, kv=[200, 256], layers=2, r=8,
+                                                                  knobs=dict(lr_pad=8))),
+    ("lr_pad 8 r4: GQA, block_k 128, q_offsets", dict(hq=2, hkv=1, r=4, s=512, tq=256, qoff=[200],
+                                                     knobs=dict(lr_pad=8, block_k=128))),
+    ("lr_pad 8 r1: non-causal ragged d128, lse", dict(causal=False, kv=[150], r=1, d=128, lse=True,
+                                                     knobs=dict(lr_pad=8))),
 ]
 
 _CHILD = r"""
@@ -209,6 +241,10 @@ for name, c in cases:
                                  scale, kv, qoff, causal=c.get("causal", True), sm_scale=1 / math.sqrt(d))
   row = dict(name=name, dtype=dt.name, err=float(np.abs(f64(out) - ref).max() / np.abs(ref).max()),
              unseen_zero=bool(np.all(f64(out)[~np.isfinite(ref_lse)] == 0)))
+  if lr is not None:   # how large the LoRA term is next to the error tolerance
+    plain, _ = numpy_reference(f64(q), f64(k[-1]), f64(v[-1]), None, None, scale, kv, qoff,
+                               causal=c.get("causal", True), sm_scale=1 / math.sqrt(d))
+    row["lora_rel"] = float(np.abs(ref - plain).max() / np.abs(ref).max())
   if lse is not None:
     lse = np.asarray(lse, np.float64)
     fin = np.isfinite(ref_lse)
@@ -252,6 +288,9 @@ def test_interpret_matches_float64(interpret_rows, name):
   assert name in rows, f"interpret-mode case did not finish: {err}"
   row = rows[name]
   assert row["err"] < (4e-3 if row["dtype"] == "float16" else 1.5e-2), row
+  if name.startswith("lr_pad 8"):
+    # The LoRA term is >= 10x the tolerance: a lost or half-lost P @ LR product fails above.
+    assert row["lora_rel"] > 0.15, row
   assert row["unseen_zero"], row
   if "lse_err" in row:
     assert row["lse_inf_match"] and row["lse_err"] < 1e-4, row

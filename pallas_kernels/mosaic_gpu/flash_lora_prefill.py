@@ -11,7 +11,11 @@ one warpgroup overlapping the matmuls of the other (the schedule barrier). Chang
 * the LoRA term: a second accumulator racc [block_q, Rp] += P @ LR rides in the same
   wgmma group as P @ V_base (LR tile [block_k, Rp], Rp = rank padded to 16/32/64);
   the epilogue adds scale * (racc / l) @ B_h as one more wgmma (B_h [Rp, D] loaded
-  once by the memory warpgroup);
+  once by the memory warpgroup). With lr_pad 8, ranks <= 8 use an 8-column LR tile
+  (P @ LR at N = 8: 8 / 256 instead of 16 / 256 extra MMA work per key block next to
+  q k^T and P V at N = 128 each); it is stored K-major ([8, block_k], LR transposed by
+  the wrapper: 16-byte rows have no swizzle wgmma takes) and the product fills the first
+  8 columns of a 16-column racc (the epilogue wgmma needs K = 16; B's rows 8-15 are 0);
 * the contract of the other backends: sm_scale, ragged kv_lengths and q_offsets
   (a block is masked only where it straddles the causal diagonal or kv_len; blocks
   past both are never computed), GQA, layer index read inside the kernel (stacked
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.mosaic_gpu.tuning import PrefillBlockSizes, lr_width
+from pallas_kernels.mosaic_gpu.tuning import PrefillBlockSizes, lora_rows, lr_width
 
 try:  # Never at package import time (flash_lora_attention imports this file lazily), and
   # never fatal: JAX versions without Mosaic GPU keep the other backends.
@@ -88,7 +92,7 @@ def unsupported_reason(c) -> str | None:
 
 
 def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, stages,
-            d, rp, group, per_q_b, lr_layered, nq, dtype, staged):
+            d, rp, lr_cols, group, per_q_b, lr_layered, nq, dtype, staged):
   if has_lora:
     layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, lr_ref, b_ref, scale_ref, \
         out_ref, lse_ref, scoped = refs
@@ -126,25 +130,28 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
     plgpu.barrier_wait(schedule_bar)
 
   def mma(pairs, before_wait=None):
-    """acc_i + a_i @ b_i for (acc_i, a_i, b_i) in pairs, a_i in registers, as one wgmma
-    group (one wait). staged (GPU interpret mode, which has neither register operands
-    nor pl.run_state): each a_i goes through shared memory and each product is added."""
+    """acc_i + a_i @ b_i for (acc_i, a_i, b_i[, n_i]) in pairs, a_i in registers, as one
+    wgmma group (one wait); with n_i the product fills only acc_i's first n_i columns.
+    staged (GPU interpret mode, which has neither register operands nor pl.run_state):
+    each a_i goes through shared memory and each product is added."""
+    pairs = [tuple(pr) + (None,) * (4 - len(pr)) for pr in pairs]
+    into = lambda ref, n: ref if n is None else ref.at[:, pl.ds(0, n)]
     if not staged:
       def body(refs):
-        for ref, (_, a, b) in zip(refs, pairs):
-          plgpu.wgmma(ref, a, b)
+        for ref, (_, a, b, n) in zip(refs, pairs):
+          plgpu.wgmma(into(ref, n), a, b)
         if before_wait is not None:
           before_wait()
-      return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x, _, _ in pairs))
+      return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x, _, _, _ in pairs))
     outs = []
     p_stage2, lora_stage2 = stage_smem2
-    for i, (x, a, b) in enumerate(pairs):
+    for i, (x, a, b, n) in enumerate(pairs):
       a_smem = (p_stage2 if a.shape[-1] == block_k else lora_stage2).at[wg]
       a_smem[...] = a
       plgpu.commit_smem()
 
-      def body(ref, a_smem=a_smem, b=b, last=i == len(pairs) - 1):
-        plgpu.wgmma(ref, a_smem, b)
+      def body(ref, a_smem=a_smem, b=b, n=n, last=i == len(pairs) - 1):
+        plgpu.wgmma(into(ref, n), a_smem, b)
         if last and before_wait is not None:
           before_wait()
         return ref[...]
@@ -234,7 +241,11 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
 
       # P @ V_base and P @ LR in one wgmma group: a single wait for both.
       if has_lora:
-        acc, racc = mma([(acc, p16, v_smem.at[slot]), (racc, p16, lr_smem.at[slot])], wait_next_k)
+        if lr_cols == rp:
+          lr_pair = (racc, p16, lr_smem.at[slot])
+        else:   # K-major [lr_cols, block_k] tile into racc[:, :lr_cols]
+          lr_pair = (racc, p16, lr_smem.at[slot].transpose((1, 0)), lr_cols)
+        acc, racc = mma([(acc, p16, v_smem.at[slot]), lr_pair], wait_next_k)
       else:
         (acc,) = mma([(acc, p16, v_smem.at[slot])], wait_next_k)
       plgpu.barrier_arrive(v_used.at[slot])   # V and LR of this slot
@@ -295,8 +306,9 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
         plgpu.barrier_wait(v_used.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_bar.at[slot])
       if has_lora:
-        plgpu.copy_gmem_to_smem(lr_ref.at[lr_l, batch, pl.ds(step * block_k, block_k)],
-                                lr_smem.at[slot], lr_bar.at[slot])
+        keys = pl.ds(step * block_k, block_k)
+        lr_src = lr_ref.at[lr_l, batch, keys] if lr_cols == rp else lr_ref.at[lr_l, batch, :, keys]
+        plgpu.copy_gmem_to_smem(lr_src, lr_smem.at[slot], lr_bar.at[slot])
 
     for i in range(stages):
       pl.when(i < max_steps)(functools.partial(load, i, i, wait_used=False))
@@ -336,8 +348,9 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   has_lora = lr is not None
   dtype = jnp.dtype(q.dtype)
   r = lr.shape[-1] if has_lora else 0
-  rp = lr_width(r) if has_lora else 0
   cfg = (block_sizes or PrefillBlockSizes()).resolve(s_len=s_len, d=d, r=r, itemsize=dtype.itemsize)
+  lr_cols = lr_width(r, cfg.lr_pad) if has_lora else 0   # N of the P @ LR wgmma
+  rp = lora_rows(lr_cols) if has_lora else 0             # racc columns = B rows
   block_q, block_k = cfg.block_q, cfg.block_k
   if s_len % block_k:
     raise ValueError(f"kv_len {s_len} must be a multiple of block_k {block_k} for the mosaic_gpu prefill.")
@@ -352,10 +365,13 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   lr_layered = True
   per_q_b = False
   if has_lora:
-    if rp != r or jnp.dtype(lr.dtype) != dtype:
-      # Only this layer's LR is padded / cast (B x S x Rp, small next to K and V).
+    if lr_cols != r or jnp.dtype(lr.dtype) != dtype or lr_cols != rp:
+      # Only this layer's LR is padded / cast (B x S x Rp, small next to K and V);
+      # an 8-column tile is read K-major: [1, B, 8, S].
       lr = lax.dynamic_index_in_dim(lr, layer, axis=0, keepdims=True)
-      lr = jnp.pad(lr, ((0, 0), (0, 0), (0, 0), (0, rp - r))).astype(dtype)
+      lr = jnp.pad(lr, ((0, 0), (0, 0), (0, 0), (0, lr_cols - r))).astype(dtype)
+      if lr_cols != rp:
+        lr = jnp.swapaxes(lr, 2, 3)
       lr_layered = False
     bm = jnp.pad(lora_b, ((0, 0), (0, 0), (0, rp - r), (0, 0))).astype(dtype)
     per_q_b = lora_b.shape[1] != hkv
@@ -364,8 +380,8 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
   kernel = functools.partial(
       _kernel, has_lora=has_lora, return_lse=return_lse, causal=causal,
       qk_scale=float(sm_scale) * LOG2E, block_q=block_q, block_k=block_k, stages=stages,
-      d=d, rp=rp, group=group, per_q_b=per_q_b, lr_layered=lr_layered, nq=nq, dtype=dtype,
-      staged=bool(interpret))
+      d=d, rp=rp, lr_cols=lr_cols, group=group, per_q_b=per_q_b, lr_layered=lr_layered, nq=nq,
+      dtype=dtype, staged=bool(interpret))
 
   swizzle = 128
   # LR tile: swizzle = its row in bytes (Rp 16 / 32 / 64 -> 32 / 64 / 128 bytes in 16-bit types).
@@ -377,7 +393,8 @@ def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scal
         plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=big),
         plgpu.SMEM((stages, block_k, d), dtype, transforms=big),
         plgpu.SMEM((stages, block_k, d), dtype, transforms=big),
-        plgpu.SMEM((stages, block_k, rp), dtype, transforms=tiled(rp)) if has_lora else None,
+        (plgpu.SMEM((stages, block_k, rp), dtype, transforms=tiled(rp)) if lr_cols == rp else
+         plgpu.SMEM((stages, lr_cols, block_k), dtype, transforms=big)) if has_lora else None,
         # B as the epilogue wgmma's [K = Rp, N = D] operand: wgmma takes K in groups of
         # swizzle / itemsize, so B gets the LR tile's swizzle (K = 16 needs 32 bytes).
         plgpu.SMEM((rp, d), dtype, transforms=tiled(rp)) if has_lora else None,
