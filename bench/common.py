@@ -30,6 +30,23 @@ def check_model_and_adapters(model, adapters, hint: str = "") -> None:
         raise UsageError("--model needs --adapter plan=... --adapter action=... --adapter reflect=...")
 
 
+def parse_lens(text: str) -> list[int]:
+    """'4k,16k,300' -> [4096, 16384, 300] (k = 1024); an argparse type: bad input is one line."""
+    import argparse
+
+    out = []
+    try:
+        for tok in text.split(","):
+            tok = tok.strip().lower()
+            if tok:
+                out.append(int(float(tok[:-1]) * 1024) if tok.endswith("k") else int(tok))
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive lengths like 16k,32k, got {text!r}")
+    return out
+
+
 def log(*a):
     print(*a, flush=True)
 

@@ -46,6 +46,8 @@ import sys
 import time
 import traceback
 
+from bench.common import parse_lens
+
 PARTS = ("numerics", "ours", "baselines")
 TIMEOUT_S = {"numerics": 70, "ours": 90, "baselines": 70}
 HQ, HKV, D = 32, 8, 128
@@ -54,17 +56,6 @@ BF16_TOL, F16_TOL, LSE_TOL = 1.5e-2, 4e-3, 1e-2
 
 def log(*a):
   print(*a, flush=True)
-
-
-def parse_lens(s):
-  out = []
-  for tok in s.split(","):
-    tok = tok.strip().lower()
-    if tok:
-      out.append(int(float(tok[:-1]) * 1024) if tok.endswith("k") else int(tok))
-  if not out or min(out) < 1:
-    raise argparse.ArgumentTypeError(f"--lens must be positive lengths like 16k,32k, got {s!r}")
-  return out
 
 
 def parse_args(argv=None):
@@ -94,39 +85,9 @@ def parse_args(argv=None):
 # float64 numpy reference
 # ----------------------------------------------------------------------------
 def numpy_reference(q, k, v, lr, lora_b, scale, kv_len, q_off, *, causal, sm_scale):
-  """Flash-LoRA attention in float64. q [B,Tq,Hq,D]; k, v [B,S,Hkv,D] (one layer);
-  lr [B,S,R] | None; lora_b [B,Hb,R,D]; scale [B,Hq]; kv_len, q_off [B].
-  Returns (out [B,Tq,Hq,D], lse [B,Tq,Hq]); rows that see no key: 0 and -inf."""
-  import numpy as np
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, tq, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
-  kh = np.repeat(k, g, axis=2)
-  vh = np.repeat(v, g, axis=2)
-  scores = np.einsum("bthd,bshd->bhts", q, kh) * sm_scale
-  cols = np.arange(s)
-  pos = np.asarray(q_off)[:, None] + np.arange(tq)[None, :]                      # [B,Tq]
-  valid = cols[None, None, :] < np.asarray(kv_len)[:, None, None]                # [B,1,S]
-  if causal:
-    valid = valid & (cols[None, None, :] <= pos[:, :, None])                     # [B,Tq,S]
-  valid = np.broadcast_to(valid[:, None], scores.shape)
-  scores = np.where(valid, scores, -np.inf)
-  m = scores.max(-1, keepdims=True)
-  m = np.where(np.isfinite(m), m, 0.0)
-  p = np.where(valid, np.exp(scores - m), 0.0)
-  l = p.sum(-1, keepdims=True)
-  pn = p / np.where(l > 0, l, 1.0)
-  out = np.einsum("bhts,bshd->bthd", pn, vh)
-  if lr is not None:
-    lr = np.asarray(lr, np.float64)
-    bm = np.asarray(lora_b, np.float64)
-    if bm.shape[1] != hq:
-      bm = np.repeat(bm, g, axis=1)
-    plr = np.einsum("bhts,bsr->bhtr", pn, lr)
-    out = out + np.einsum("bhtr,bhrd->bthd", plr, bm) * np.asarray(scale, np.float64)[:, None, :, None]
-  lse = np.where(l[..., 0] > 0, m[..., 0] + np.log(np.where(l[..., 0] > 0, l[..., 0], 1.0)), -np.inf)
-  return out, np.moveaxis(lse, 1, 2)
+  """(out, lse) in float64: pallas_kernels.reference.reference_float64 (one layer's k, v, lr)."""
+  from pallas_kernels.reference import reference_float64
+  return reference_float64(q, k, v, lr, lora_b, scale, kv_len, q_off, causal=causal, sm_scale=sm_scale)
 
 
 # (name, shape/knob dict). Defaults: b 2, tq 256, s 512, hq 8, hkv 2, d 128, layers 2 (layer 1).

@@ -48,7 +48,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from bench.common import results_dir
+from bench.common import parse_lens, results_dir
 from pallas_kernels import flash_lora_attention, naive_lora_attention, reference_attention
 from pallas_kernels.triton import tuning as triton_tuning
 
@@ -61,15 +61,6 @@ PIPELINE = 3                   # executions dispatched back to back per timing s
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-def parse_lens(s):
-  out = []
-  for tok in s.split(","):
-    tok = tok.strip().lower()
-    if tok:
-      out.append(int(float(tok[:-1]) * 1024) if tok.endswith("k") else int(tok))
-  return out
-
-
 def fmt_len(n):
   return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
 

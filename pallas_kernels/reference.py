@@ -9,6 +9,8 @@
   floats. Has the sliding window (as has xla_chunked; the Pallas kernels not).
 * ``expand_values``: the naive expansion ``V = V_base + s * LR @ B`` per head;
   ``flash_lora_attention.naive_lora_attention`` runs plain attention on it.
+* ``reference_float64``: the same in float64 numpy (out and lse), what the kernel tests
+  and the GPU checks (bench.kernels, bench.gpu_mgpu_check) compare every backend with.
 
 Imports nothing from flash_lora_attention.py (which imports this file).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
@@ -152,3 +155,45 @@ def expand_values(c: Canon):
   delta = jnp.einsum("bsr,bhrd->bshd", lr, bm, precision=lax.Precision.HIGHEST)
   v = (v.astype(jnp.float32) + scale[:, None, :, None] * delta).astype(c.v.dtype)
   return k, v
+
+
+def reference_float64(q, k, v, lr, lora_b, scale, kv_len, q_off, *, causal, sm_scale=None, layer=None,
+                      window=None):
+  """Flash-LoRA attention in float64 numpy: (out [B,Tq,Hq,D], lse [B,Tq,Hq]).
+
+  q [B,Tq,Hq,D]; k, v [B,S,Hkv,D], or [L,B,S,Hkv,D] with `layer`; lr [B,S,R] (or [L,..]) or
+  None; lora_b [B,Hkv|Hq,R,D]; scale [B,Hq]; kv_len, q_off [B]. Query t of row b sits at
+  q_off[b] + t and sees keys j < kv_len[b] (j <= its position when causal; j > position - window
+  with a window). Rows that see no key: 0 and lse -inf. Inputs of any dtype (JAX or numpy)."""
+  f = lambda x: None if x is None else np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+  q, k, v, lr, lora_b = map(f, (q, k, v, lr, lora_b))
+  if layer is not None:
+    k, v = k[layer], v[layer]
+    lr = None if lr is None else lr[layer]
+  b, tq, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  sm_scale = 1.0 / np.sqrt(d) if sm_scale is None else sm_scale
+  sc = np.einsum("bthgd,bshd->bhgts", q.reshape(b, tq, hkv, g, d), k) * sm_scale
+  cols, pos = np.arange(s), np.asarray(q_off)[:, None, None] + np.arange(tq)[None, :, None]
+  valid = cols[None, None, :] < np.asarray(kv_len)[:, None, None]
+  if causal:
+    valid = valid & (cols[None, None, :] <= pos)
+  if window is not None:
+    valid = valid & (cols[None, None, :] > pos - window)
+  valid = np.broadcast_to(valid, (b, tq, s))[:, None, None]
+  sc = np.where(valid, sc, -np.inf)
+  m = sc.max(-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  p = np.where(valid, np.exp(sc - m), 0.0)
+  l = p.sum(-1, keepdims=True)
+  p = p / np.where(l > 0, l, 1.0)
+  o = np.einsum("bhgts,bshd->bthgd", p, v)
+  if lr is not None:
+    plr = np.einsum("bhgts,bsr->bthgr", p, lr)
+    bm = lora_b if lora_b.shape[1] == hq else np.repeat(lora_b, g, axis=1)
+    bm = bm.reshape(b, hkv, g, *bm.shape[2:])
+    o = o + np.asarray(scale, np.float64).reshape(b, 1, hkv, g, 1) * np.einsum("bthgr,bhgrd->bthgd", plr, bm)
+  l, m = l[..., 0], m[..., 0]                                                      # [B,Hkv,G,Tq]
+  lse = np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), -np.inf)
+  return o.reshape(b, tq, hq, d), lse.transpose(0, 3, 1, 2).reshape(b, tq, hq)

@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import flash_lora_attention, naive_lora_attention, reference_attention
+from pallas_kernels.reference import reference_float64
 
 PALLAS = ("triton", "mosaic_tpu")
 # Interpret-mode programs are big; cheaper XLA:CPU codegen cuts compile time ~30%.
@@ -42,37 +43,8 @@ def compiled(f, *args):
 # float64 numpy reference
 # ----------------------------------------------------------------------------
 def np_reference(q, k, v, lr, lora_b, scale, kv_len, q_off, causal, sm_scale=None, layer=None, window=None):
-  f = lambda x: None if x is None else np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
-  q, k, v, lr, lora_b = map(f, (q, k, v, lr, lora_b))
-  if layer is not None:
-    k, v = k[layer], v[layer]
-    lr = None if lr is None else lr[layer]
-  b, tq, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
-  sm_scale = 1.0 / np.sqrt(d) if sm_scale is None else sm_scale
-  qg = q.reshape(b, tq, hkv, g, d)
-  sc = np.einsum("bthgd,bshd->bhgts", qg, k) * sm_scale
-  cols = np.arange(s)
-  valid = cols[None, None, :] < np.asarray(kv_len)[:, None, None]
-  if causal:
-    valid = valid & (cols[None, None, :] <= np.asarray(q_off)[:, None, None] + np.arange(tq)[None, :, None])
-  if window is not None:
-    valid = valid & (cols[None, None, :] > np.asarray(q_off)[:, None, None] + np.arange(tq)[None, :, None] - window)
-  valid = np.broadcast_to(valid, (b, tq, s))[:, None, None]
-  sc = np.where(valid, sc, -np.inf)
-  m = sc.max(-1, keepdims=True)
-  m = np.where(np.isfinite(m), m, 0.0)
-  p = np.where(valid, np.exp(sc - m), 0.0)
-  l = p.sum(-1, keepdims=True)
-  p = p / np.where(l > 0, l, 1.0)
-  o = np.einsum("bhgts,bshd->bthgd", p, v)
-  if lr is not None:
-    plr = np.einsum("bhgts,bsr->bthgr", p, lr)
-    bm = lora_b if lora_b.shape[1] == hq else np.repeat(lora_b, g, axis=1)
-    bm = bm.reshape(b, hkv, g, *bm.shape[2:])
-    o = o + np.asarray(scale, np.float64).reshape(b, 1, hkv, g, 1) * np.einsum("bthgr,bhgrd->bthgd", plr, bm)
-  return o.reshape(b, tq, hq, d)
+  return reference_float64(q, k, v, lr, lora_b, scale, kv_len, q_off, causal=causal, sm_scale=sm_scale,
+                           layer=layer, window=window)[0]
 
 
 # ----------------------------------------------------------------------------
