@@ -294,3 +294,42 @@ def test_interpret_matches_float64(interpret_rows, name):
   assert row["unseen_zero"], row
   if "lse_err" in row:
     assert row["lse_inf_match"] and row["lse_err"] < 1e-4, row
+
+
+@needs_mgpu
+@pytest.mark.parametrize("layer_mode", ["per_layer", "scan"])
+def test_engine_programs_lower_with_mosaic_gpu_prefill_and_triton_decode(layer_mode):
+  """The engine's own programs with attention="mosaic_gpu" (what the trace runs with
+  `--attention mosaic_gpu`): the prefill chunk lowers for cuda with one Mosaic GPU kernel per
+  layer (per_layer) or one in the layer loop (scan), nothing on Triton; the decode loop runs the
+  Triton split-K kernel and no Mosaic GPU one. A bf16 model with head_dim 64, shared-A LoRA
+  rank 8, a LoRAKV cache of 256 slots (a multiple of 64)."""
+  import dataclasses
+
+  from flax import nnx
+
+  from lragent_jax.cache import AttnOptions, LoRAKV
+  from lragent_jax.config import preset
+  from lragent_jax.engine import Engine
+  from lragent_jax.lora import random_adapters
+  from lragent_jax.model import Llama
+  from lragent_jax.sampling import SamplingParams
+
+  cfg = dataclasses.replace(preset("tiny"), head_dim=64, num_layers=2)
+  dt = jnp.bfloat16
+  engine = Engine(Llama(cfg, dtype=dt, rngs=nnx.Rngs(0), min_matmul_rows=2), random_adapters(cfg, rank=8, dtype=dt),
+                  layer_mode=layer_mode)
+  cache = LoRAKV.create(cfg, 1, 256, 8, dt, opts=AttnOptions(impl="mosaic_gpu"))
+  i32 = lambda *x: jnp.asarray(x, jnp.int32)
+  # every input exists before the abstract-device context (JAX >= 0.12 runs nothing eagerly in it)
+  chunk = (engine.params, engine.lora, cache, jnp.zeros((1, 128), jnp.int32), i32(0), i32(128), i32(1),
+           jnp.asarray(True))
+  loop = (engine.params, engine.lora, cache, i32(5), i32(128), i32(1), SamplingParams.make(1, greedy=True),
+          jax.random.key(0), i32(4), i32(-2))
+  with _target():
+    prefill = engine._forward.trace(*chunk, layers=(0, cfg.num_layers), all_logits=False).lower(
+        lowering_platforms=("cuda",))
+    decode = engine._decode.trace(*loop, buffer=32).lower(lowering_platforms=("cuda",))
+  want = cfg.num_layers if layer_mode == "per_layer" else 1
+  assert len(_mgpu_calls(prefill)) == want and "__gpu$xla.gpu.triton" not in prefill.as_text()
+  assert not _mgpu_calls(decode) and "__gpu$xla.gpu.triton" in decode.as_text()
