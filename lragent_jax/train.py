@@ -212,7 +212,8 @@ class _StepPlan:
 
     def _table(self) -> np.ndarray:
         sched = _schedule(self.lr_peak, self.planned, self.warmup, self.min_lr_ratio)
-        return np.asarray(sched(np.arange(self.planned)), np.float32)
+        # jitted, as optax ran it inside the step (eager float32 differs by an ulp at some steps)
+        return np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(self.planned, dtype=jnp.int32)), np.float32)
 
     def lr(self, i: int) -> np.float32:
         return self._lrs[i]
