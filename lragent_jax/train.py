@@ -199,8 +199,8 @@ class _StepPlan:
 
     def __init__(self, steps, lr, warmup_steps, min_lr_ratio, time_budget_s, *, margin: float = 0.97,
                  clock=time.perf_counter):
-        if time_budget_s is not None and not time_budget_s > 0:
-            raise ValueError(f"time_budget_s must be > 0 seconds or None, got {time_budget_s!r}")
+        if time_budget_s is not None and not 0 < time_budget_s < math.inf:
+            raise ValueError(f"time_budget_s must be a finite number of seconds > 0, or None; got {time_budget_s!r}")
         self.requested = self.planned = steps
         self.lr_peak, self.min_lr_ratio, self.margin = lr, min_lr_ratio, margin
         self.warmup = warmup_steps if warmup_steps is not None else max(1, steps // 10)

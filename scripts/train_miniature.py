@@ -234,8 +234,8 @@ def settings(args) -> dict:
         raise UsageError(f"--browsing must be in [0, 4], got {s['browsing']}")
     if not args.eval_seconds > 0:
         raise UsageError(f"--eval-seconds must be > 0, got {args.eval_seconds}")
-    if args.time_limit is not None and not args.time_limit > 0:
-        raise UsageError(f"--time-limit must be > 0, got {args.time_limit}")
+    if args.time_limit is not None and not 0 < args.time_limit < float("inf"):
+        raise UsageError(f"--time-limit must be a finite number of seconds > 0, got {args.time_limit}")
     s["eval_schemes"] = eval_schemes(args.eval_schemes)
     if not 300 <= s["vocab"] <= 65536:
         raise UsageError(f"--vocab-size must be in [300, 65536], got {s['vocab']}")

@@ -325,6 +325,7 @@ def test_train_miniature_bad_flags(capsys):
                          (["--vocab-size", "10"], "--vocab-size"), (["--eval-schemes", "non_shared,bogus"], "--eval-schemes"),
                          (["--eval-schemes", "non_shared,non_shared"], "--eval-schemes"), (["--solved", "1.5"], "--solved"),
                          (["--base-templates", "some"], "--base-templates"), (["--time-limit", "0"], "--time-limit"),
+                         (["--time-limit", "inf"], "--time-limit"),
                          (["--tiny", "--preset", "default"], "--preset"), (["--preset", "huge"], "--preset")):
         assert train_miniature.main(args) == 2
         err = capsys.readouterr().err

@@ -197,6 +197,13 @@ def test_step_plan_fits_the_time_budget_and_still_decays():
         train._StepPlan(10, 1e-3, None, 0.1, 0.0)
 
 
+@pytest.mark.parametrize("budget", [float("inf"), float("nan"), -1.0])
+def test_step_plan_rejects_a_budget_that_is_no_finite_positive_number(budget):
+    """inf passed the > 0 check, then crashed at the first check point (int(inf): OverflowError)."""
+    with pytest.raises(ValueError, match="time_budget_s"):
+        train._StepPlan(100, 1e-3, None, 0.1, budget)
+
+
 def test_pretrain_stops_within_its_time_budget():
     """Far more steps than fit in the budget: the run stops early (and still learns)."""
     model = tiny_model()
