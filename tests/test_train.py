@@ -197,6 +197,23 @@ def test_step_plan_fits_the_time_budget_and_still_decays():
         train._StepPlan(10, 1e-3, None, 0.1, 0.0)
 
 
+def test_step_plan_cut_below_its_warmup_still_decays():
+    """A budget for ~5% of the steps asked (1000 asked, warmup 100; 10 s to compile, 1 s a step,
+    60 s): the plan shrinks to ~50 steps, shorter than the warmup. The rate must still come down
+    to lr * min_lr_ratio by the last step (optax clamps a warmup longer than the total to the
+    last step: the whole run would warm up and end at the peak rate)."""
+    now = [0.0]
+    plan = train._StepPlan(1000, 1e-3, None, 0.1, 60.0, clock=lambda: now[0])
+    i = 0
+    while plan.keep_going(i):
+        now[0] += 10.0 if i == 0 else 1.0
+        plan.done(i, jnp.zeros(()))
+        i += 1
+    assert plan.cut and 40 <= i == plan.planned <= 55, i
+    assert plan.lr(i - 1) == pytest.approx(1e-4, rel=0.05)  # one step short of the end of the cosine
+    assert max(plan.lr(j) for j in range(i)) == pytest.approx(1e-3, rel=1e-3)
+
+
 @pytest.mark.parametrize("budget", [float("inf"), float("nan"), -1.0])
 def test_step_plan_rejects_a_budget_that_is_no_finite_positive_number(budget):
     """inf passed the > 0 check, then crashed at the first check point (int(inf): OverflowError)."""
