@@ -504,9 +504,16 @@ def folder_bytes(folder) -> dict:
 
 
 def pack(folder, archive):
+    """Written beside, then renamed over `archive`: a run killed while packing keeps the previous one."""
     os.makedirs(os.path.dirname(os.path.abspath(archive)), exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname="miniature")
+    part = archive + ".part"
+    try:
+        with tarfile.open(part, "w:gz") as tar:
+            tar.add(folder, arcname="miniature")
+        os.replace(part, archive)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
     return archive
 
 

@@ -234,6 +234,27 @@ def test_install_copies_a_complete_miniature(tiny, tmp_path, monkeypatch):
     assert miniature.assets_built(str(target)) and not miniature.assets_built(str(tmp_path))
 
 
+def test_a_failed_repack_keeps_the_previous_archive(tmp_path, monkeypatch):
+    """The archive is written twice (before the evaluation, then with it): a second pack that dies
+    part-way (an error here; a device's hard time limit on a GPU run) must leave the first intact."""
+    folder, archive = tmp_path / "miniature", tmp_path / "mini.tar.gz"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w" * 1000)
+    train_miniature.pack(str(folder), str(archive))
+    (folder / "train_log.json").write_text("{}")
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt("killed while packing")
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train_miniature.pack(str(folder), str(archive))
+    monkeypatch.undo()
+    with tarfile.open(archive, "r:gz") as tar:
+        assert tar.getnames() == ["miniature", "miniature/weights.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["mini.tar.gz", "miniature"]  # no partial file left behind
+
+
 def test_install_from_an_archive(tiny, tmp_path, monkeypatch, capsys):
     """--install-from unpacks a run's archive into the asset folder (here a temporary one) after
     checking it is complete; anything else is one line, exit code 2, and nothing installed."""
