@@ -542,6 +542,9 @@ def install_archive(archive):
                 names = tar.getnames()
                 if not names or any(n != "miniature" and not n.startswith("miniature/") for n in names):
                     raise UsageError(f"--install-from: {archive} does not hold one miniature/ folder")
+                # what the "data" filter refuses, for the Pythons without it: paths out, links
+                if any(".." in n.split("/") or m.issym() or m.islnk() for n, m in zip(names, tar.getmembers())):
+                    raise UsageError(f"--install-from: {archive} has a link or a '..' path (only plain files)")
                 # the "data" filter (no absolute paths, no links out) exists from Python 3.11.4 on
                 tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (tarfile.TarError, OSError, EOFError) as e:

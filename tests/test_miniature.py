@@ -255,6 +255,35 @@ def test_a_failed_repack_keeps_the_previous_archive(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["mini.tar.gz", "miniature"]  # no partial file left behind
 
 
+@pytest.mark.parametrize("data_filter", [True, False])
+def test_install_from_refuses_members_outside_the_folder(tmp_path, monkeypatch, capsys, data_filter):
+    """A member named miniature/../x (or a link) would land outside the unpacking folder; Python
+    before 3.11.4 has no tarfile "data" filter to stop it (requires-python is >=3.11): one line,
+    exit 2, nothing written outside."""
+    import io
+
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = tmp_path / "evil.tar.gz"
+    escaped = "escaped_" + str(data_filter)
+    with tarfile.open(archive, "w:gz") as tar:
+        folder = tarfile.TarInfo("miniature")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        info = tarfile.TarInfo(f"miniature/../../{escaped}")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    monkeypatch.setattr(miniature, "ASSET_DIR", str(tmp_path / "assets"))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert train_miniature.main(["--install-from", str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert "--install-from" in err and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob(escaped)) and not (tmp_path / "assets").exists()
+
+
 def test_install_from_an_archive(tiny, tmp_path, monkeypatch, capsys):
     """--install-from unpacks a run's archive into the asset folder (here a temporary one) after
     checking it is complete; anything else is one line, exit code 2, and nothing installed."""
