@@ -417,7 +417,8 @@ def run_evaluations(entries, model, adapters, tokenizer, world, questions, max_l
         limit = time_limit
         if deadline is not None:
             limit = min(limit, deadline - t)
-            if limit < s.get("eval_entry_min_s", 5.0):  # too short to compile the Session's programs
+            # the time left, not the entry's limit (--eval-seconds may be shorter): too short to compile
+            if deadline - t < s.get("eval_entry_min_s", 5.0):
                 out[entry] = {"em": None, "questions": 0, "seconds": 0.0, "rows": [],
                               "error": "skipped: --time-limit reached"}
                 log(f"agent-loop evaluation [{entry}] skipped: --time-limit reached")

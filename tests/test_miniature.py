@@ -361,6 +361,26 @@ def test_evaluation_entries_skip_when_the_time_limit_is_reached():
         assert r["em"] is None and r["rows"] == [] and "time-limit" in r["error"]
 
 
+def test_evaluation_entries_run_when_the_time_left_allows_though_eval_seconds_is_shorter(monkeypatch):
+    """Time left (1000 s) above eval_entry_min_s (40 s) and --eval-seconds below it (the defaults:
+    35 s and 40 s): every entry runs, each limited to --eval-seconds. (Comparing the entry's limit,
+    min(eval_seconds, time left), with eval_entry_min_s skipped them all: the shipped run's log
+    shows all three skipped with ~85 s left.)"""
+    calls = []
+
+    def em_on_questions(model, lora, tokenizer, world, questions, max_len, time_limit=None, scheme=None,
+                        label=None, **kw):
+        calls.append((label, time_limit))
+        return 1.0, [{"template": "t", "em": 1.0}]
+
+    monkeypatch.setattr(train_miniature, "em_on_questions", em_on_questions)
+    s = {"turn_tokens": None, "max_steps": 1, "eval_entry_min_s": 40.0}
+    by_entry = train_miniature.run_evaluations(["non_shared", "base_model"], None, {"shared": None}, None, None,
+                                               [], 512, s, 35.0, deadline=time.perf_counter() + 1000.0)
+    assert [r["error"] for r in by_entry.values()] == [None, None], by_entry
+    assert calls == [("non_shared", 35.0), ("base_model", 35.0)]
+
+
 def test_missing_assets_one_line(tmp_path):
     with pytest.raises(miniature.MiniatureMissing) as e:
         miniature.load_miniature(folder=str(tmp_path))
