@@ -43,6 +43,7 @@ TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
 # numbers (bench/gpu_mgpu_check.py) show it correct and faster than "triton".
 AUTO_PICKS_MOSAIC_GPU = False
 MOSAIC_GPU_MIN_CC = 9.0
+MOSAIC_GPU_MAX_CC = 10.0   # exclusive: the prefill is wgmma, sm_90a only (Blackwell has tcgen05)
 
 # Keyword knobs accepted per backend: each lands in the block-size dataclass of the
 # kernel that runs (num_splits: decode only; block_q: prefill only).
@@ -63,12 +64,13 @@ def triton_available() -> bool:
 
 
 def mosaic_gpu_available() -> bool:
-  """Whether this JAX ships Pallas Mosaic GPU and the first device is an sm90+ GPU."""
+  """Whether this JAX ships Pallas Mosaic GPU and the first device is a Hopper (sm90) GPU."""
   if importlib.util.find_spec("jax.experimental.pallas.mosaic_gpu") is None:
     return False
   try:
     dev = jax.devices()[0]
-    return dev.platform == "gpu" and float(getattr(dev, "compute_capability", 0) or 0) >= MOSAIC_GPU_MIN_CC
+    cc = float(getattr(dev, "compute_capability", 0) or 0)
+    return dev.platform == "gpu" and MOSAIC_GPU_MIN_CC <= cc < MOSAIC_GPU_MAX_CC
   except Exception:  # pragma: no cover
     return False
 

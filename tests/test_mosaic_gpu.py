@@ -294,3 +294,15 @@ def test_interpret_matches_float64(interpret_rows, name):
   assert row["unseen_zero"], row
   if "lse_err" in row:
     assert row["lse_inf_match"] and row["lse_err"] < 1e-4, row
+
+
+@pytest.mark.parametrize("cc,want", [("9.0", True), ("8.0", False), ("8.9", False), ("10.0", False),
+                                     ("12.0", False)])
+def test_mosaic_gpu_available_only_on_hopper(monkeypatch, cc, want):
+  """The prefill is wgmma (sm_90a only: Blackwell, 10.x and 12.x, has tcgen05 instead), so
+  "auto" may pick it on compute capability 9.x only."""
+  import importlib
+  from types import SimpleNamespace
+  fla = importlib.import_module("pallas_kernels.flash_lora_attention")
+  monkeypatch.setattr(fla.jax, "devices", lambda: [SimpleNamespace(platform="gpu", compute_capability=cc)])
+  assert fla.mosaic_gpu_available() is want
