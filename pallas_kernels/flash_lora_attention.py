@@ -6,11 +6,11 @@
 computed without expanding LR to [kv_len, heads, head_dim] (docs/kernels.md).
 
 Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU; triton/), "mosaic_gpu"
-(Pallas Mosaic GPU prefill for Hopper sm90+, mosaic_gpu/; decode, interpret mode and
+(Pallas Mosaic GPU prefill for Hopper sm90, mosaic_gpu/; decode, interpret mode and
 the calls that prefill does not support run the Triton kernels), "mosaic_tpu"
 (Pallas TPU; tpu/), "xla" (jnp in float32, reading only the visible key chunks;
 xla_chunked.py; reference.py holds the dense form it is tested against), "auto"
-(by jax.default_backend(): gpu -> triton (mosaic_gpu on sm90+ once
+(by jax.default_backend(): gpu -> triton (mosaic_gpu on sm90 (Hopper) once
 AUTO_PICKS_MOSAIC_GPU is flipped), tpu -> mosaic_tpu, otherwise xla).
 ``interpret=True`` runs the Pallas backend in interpret mode (CPU tests).
 
@@ -39,7 +39,7 @@ BACKENDS = ("auto", "triton", "mosaic_gpu", "mosaic_tpu", "xla")
 KERNELS = ("prefill", "decode")
 DECODE_MAX_Q_LEN = 16
 TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
-# COORDINATOR FLAG: whether "auto" picks "mosaic_gpu" on sm90+ GPUs. Off until the H200
+# COORDINATOR FLAG: whether "auto" picks "mosaic_gpu" on sm90 (Hopper) GPUs. Off until the H200
 # numbers (bench/gpu_mgpu_check.py) show it correct and faster than "triton".
 AUTO_PICKS_MOSAIC_GPU = False
 MOSAIC_GPU_MIN_CC = 9.0
