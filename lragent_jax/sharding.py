@@ -299,20 +299,31 @@ _HLO_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1
 def collectives(hlo: str) -> list[dict]:
     """The collective instructions of a compiled HLO text (Engine.decode_program): op, the first
     result's dtype and shape, bytes of all results (a tuple-shaped all-reduce counts each part), and
-    the JAX operation it was made for (op_name metadata). Async pairs are counted at their -start."""
-    found = []
-    pattern = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVE_OPS) + r")(?:-start)?\(")
+    the JAX operation it was made for (op_name metadata). An async pair counts once: an all-reduce
+    at its -start (whose shape is its result), the others at their -done (a -start's shape also
+    holds the operand, e.g. (shard, gathered) for all-gather-start), named from either half."""
+    found, start_names = [], {}
+    pattern = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVE_OPS) + r")(?:-(start|done))?\(")
     for line in hlo.splitlines():
         m = pattern.search(line)
         if not m:
             continue
+        op, phase = m.group(2), m.group(3)
+        name = re.search(r'op_name="([^"]*)"', line)
+        name = name.group(1) if name else ""
+        if phase and (phase == "done") == (op == "all-reduce"):  # the half not counted
+            if phase == "start":
+                start_names[line.split("=", 1)[0].split()[-1].lstrip("%")] = name
+            continue
+        if phase == "done" and not name:
+            operand = re.search(r"([\w.\-]+)\)", line[m.end():])
+            name = start_names.get(operand.group(1), "") if operand else ""
         results = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
         shapes = [(dt, [int(d) for d in dims.split(",") if d]) for dt, dims in results]
-        name = re.search(r'op_name="([^"]*)"', line)
-        found.append({"op": m.group(2), "dtype": shapes[0][0] if shapes else "",
+        found.append({"op": op, "dtype": shapes[0][0] if shapes else "",
                       "shape": shapes[0][1] if shapes else [],
                       "bytes": sum(_HLO_DTYPE_BYTES.get(dt, 4) * math.prod(sh) for dt, sh in shapes),
-                      "for": name.group(1) if name else ""})
+                      "for": name})
     return found
 
 

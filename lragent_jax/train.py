@@ -195,12 +195,13 @@ class _StepPlan:
     With time_budget_s, the loop reports each step (`done`); at a few synchronised points it
     measures the seconds per step (the first step, compilation, excluded) and, when the steps
     left would overrun the budget, plans fewer (never more) and recomputes the schedule for the
-    new total; the warmup keeps its length. A step that starts past the budget ends the loop."""
+    new total; the warmup keeps its length unless that is over half the new total (then half of
+    it). A step that starts past the budget ends the loop."""
 
     def __init__(self, steps, lr, warmup_steps, min_lr_ratio, time_budget_s, *, margin: float = 0.97,
                  clock=time.perf_counter):
-        if time_budget_s is not None and not time_budget_s > 0:
-            raise ValueError(f"time_budget_s must be > 0 seconds or None, got {time_budget_s!r}")
+        if time_budget_s is not None and not 0 < time_budget_s < math.inf:
+            raise ValueError(f"time_budget_s must be a finite number of seconds > 0, or None; got {time_budget_s!r}")
         self.requested = self.planned = steps
         self.lr_peak, self.min_lr_ratio, self.margin = lr, min_lr_ratio, margin
         self.warmup = warmup_steps if warmup_steps is not None else max(1, steps // 10)
@@ -211,8 +212,12 @@ class _StepPlan:
         self._lrs = self._table()
 
     def _table(self) -> np.ndarray:
-        sched = _schedule(self.lr_peak, self.planned, self.warmup, self.min_lr_ratio)
-        return np.asarray(sched(np.arange(self.planned)), np.float32)
+        warmup = self.warmup
+        if self.cut:  # at most half a re-planned run (a warmup as long as the run would never decay)
+            warmup = min(warmup, self.planned // 2)
+        sched = _schedule(self.lr_peak, self.planned, warmup, self.min_lr_ratio)
+        # jitted, as optax ran it inside the step (eager float32 differs by an ulp at some steps)
+        return np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(self.planned, dtype=jnp.int32)), np.float32)
 
     def lr(self, i: int) -> np.float32:
         return self._lrs[i]

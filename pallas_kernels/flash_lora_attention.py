@@ -6,11 +6,11 @@
 computed without expanding LR to [kv_len, heads, head_dim] (docs/kernels.md).
 
 Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU; triton/), "mosaic_gpu"
-(Pallas Mosaic GPU prefill for Hopper sm90+, mosaic_gpu/; decode, interpret mode and
+(Pallas Mosaic GPU prefill for Hopper sm90, mosaic_gpu/; decode, interpret mode and
 the calls that prefill does not support run the Triton kernels), "mosaic_tpu"
 (Pallas TPU; tpu/), "xla" (jnp in float32, reading only the visible key chunks;
 xla_chunked.py; reference.py holds the dense form it is tested against), "auto"
-(by jax.default_backend(): gpu -> triton (mosaic_gpu on sm90+ once
+(by jax.default_backend(): gpu -> triton (mosaic_gpu on sm90 (Hopper) once
 AUTO_PICKS_MOSAIC_GPU is flipped), tpu -> mosaic_tpu, otherwise xla).
 ``interpret=True`` runs the Pallas backend in interpret mode (CPU tests).
 
@@ -39,10 +39,11 @@ BACKENDS = ("auto", "triton", "mosaic_gpu", "mosaic_tpu", "xla")
 KERNELS = ("prefill", "decode")
 DECODE_MAX_Q_LEN = 16
 TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
-# COORDINATOR FLAG: whether "auto" picks "mosaic_gpu" on sm90+ GPUs. Off until the H200
+# COORDINATOR FLAG: whether "auto" picks "mosaic_gpu" on sm90 (Hopper) GPUs. Off until the H200
 # numbers (bench/gpu_mgpu_check.py) show it correct and faster than "triton".
 AUTO_PICKS_MOSAIC_GPU = False
 MOSAIC_GPU_MIN_CC = 9.0
+MOSAIC_GPU_MAX_CC = 10.0   # exclusive: the prefill is wgmma, sm_90a only (Blackwell has tcgen05)
 
 # Keyword knobs accepted per backend: each lands in the block-size dataclass of the
 # kernel that runs (num_splits: decode only; block_q: prefill only).
@@ -63,12 +64,13 @@ def triton_available() -> bool:
 
 
 def mosaic_gpu_available() -> bool:
-  """Whether this JAX ships Pallas Mosaic GPU and the first device is an sm90+ GPU."""
+  """Whether this JAX ships Pallas Mosaic GPU and the first device is a Hopper (sm90) GPU."""
   if importlib.util.find_spec("jax.experimental.pallas.mosaic_gpu") is None:
     return False
   try:
     dev = jax.devices()[0]
-    return dev.platform == "gpu" and float(getattr(dev, "compute_capability", 0) or 0) >= MOSAIC_GPU_MIN_CC
+    cc = float(getattr(dev, "compute_capability", 0) or 0)
+    return dev.platform == "gpu" and MOSAIC_GPU_MIN_CC <= cc < MOSAIC_GPU_MAX_CC
   except Exception:  # pragma: no cover
     return False
 

@@ -234,8 +234,8 @@ def settings(args) -> dict:
         raise UsageError(f"--browsing must be in [0, 4], got {s['browsing']}")
     if not args.eval_seconds > 0:
         raise UsageError(f"--eval-seconds must be > 0, got {args.eval_seconds}")
-    if args.time_limit is not None and not args.time_limit > 0:
-        raise UsageError(f"--time-limit must be > 0, got {args.time_limit}")
+    if args.time_limit is not None and not 0 < args.time_limit < float("inf"):
+        raise UsageError(f"--time-limit must be a finite number of seconds > 0, got {args.time_limit}")
     s["eval_schemes"] = eval_schemes(args.eval_schemes)
     if not 300 <= s["vocab"] <= 65536:
         raise UsageError(f"--vocab-size must be in [300, 65536], got {s['vocab']}")
@@ -417,7 +417,8 @@ def run_evaluations(entries, model, adapters, tokenizer, world, questions, max_l
         limit = time_limit
         if deadline is not None:
             limit = min(limit, deadline - t)
-            if limit < s.get("eval_entry_min_s", 5.0):  # too short to compile the Session's programs
+            # the time left, not the entry's limit (--eval-seconds may be shorter): too short to compile
+            if deadline - t < s.get("eval_entry_min_s", 5.0):
                 out[entry] = {"em": None, "questions": 0, "seconds": 0.0, "rows": [],
                               "error": "skipped: --time-limit reached"}
                 log(f"agent-loop evaluation [{entry}] skipped: --time-limit reached")
@@ -504,9 +505,16 @@ def folder_bytes(folder) -> dict:
 
 
 def pack(folder, archive):
+    """Written beside, then renamed over `archive`: a run killed while packing keeps the previous one."""
     os.makedirs(os.path.dirname(os.path.abspath(archive)), exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname="miniature")
+    part = archive + ".part"
+    try:
+        with tarfile.open(part, "w:gz") as tar:
+            tar.add(folder, arcname="miniature")
+        os.replace(part, archive)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
     return archive
 
 
@@ -535,6 +543,9 @@ def install_archive(archive):
                 names = tar.getnames()
                 if not names or any(n != "miniature" and not n.startswith("miniature/") for n in names):
                     raise UsageError(f"--install-from: {archive} does not hold one miniature/ folder")
+                # what the "data" filter refuses, for the Pythons without it: paths out, links
+                if any(".." in n.split("/") or m.issym() or m.islnk() for n, m in zip(names, tar.getmembers())):
+                    raise UsageError(f"--install-from: {archive} has a link or a '..' path (only plain files)")
                 # the "data" filter (no absolute paths, no links out) exists from Python 3.11.4 on
                 tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (tarfile.TarError, OSError, EOFError) as e:

@@ -234,6 +234,56 @@ def test_install_copies_a_complete_miniature(tiny, tmp_path, monkeypatch):
     assert miniature.assets_built(str(target)) and not miniature.assets_built(str(tmp_path))
 
 
+def test_a_failed_repack_keeps_the_previous_archive(tmp_path, monkeypatch):
+    """The archive is written twice (before the evaluation, then with it): a second pack that dies
+    part-way (an error here; a device's hard time limit on a GPU run) must leave the first intact."""
+    folder, archive = tmp_path / "miniature", tmp_path / "mini.tar.gz"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w" * 1000)
+    train_miniature.pack(str(folder), str(archive))
+    (folder / "train_log.json").write_text("{}")
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt("killed while packing")
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train_miniature.pack(str(folder), str(archive))
+    monkeypatch.undo()
+    with tarfile.open(archive, "r:gz") as tar:
+        assert tar.getnames() == ["miniature", "miniature/weights.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["mini.tar.gz", "miniature"]  # no partial file left behind
+
+
+@pytest.mark.parametrize("data_filter", [True, False])
+def test_install_from_refuses_members_outside_the_folder(tmp_path, monkeypatch, capsys, data_filter):
+    """A member named miniature/../x (or a link) would land outside the unpacking folder; Python
+    before 3.11.4 has no tarfile "data" filter to stop it (requires-python is >=3.11): one line,
+    exit 2, nothing written outside."""
+    import io
+
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = tmp_path / "evil.tar.gz"
+    escaped = "escaped_" + str(data_filter)
+    with tarfile.open(archive, "w:gz") as tar:
+        folder = tarfile.TarInfo("miniature")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        info = tarfile.TarInfo(f"miniature/../../{escaped}")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    monkeypatch.setattr(miniature, "ASSET_DIR", str(tmp_path / "assets"))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert train_miniature.main(["--install-from", str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert "--install-from" in err and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob(escaped)) and not (tmp_path / "assets").exists()
+
+
 def test_install_from_an_archive(tiny, tmp_path, monkeypatch, capsys):
     """--install-from unpacks a run's archive into the asset folder (here a temporary one) after
     checking it is complete; anything else is one line, exit code 2, and nothing installed."""
@@ -311,6 +361,26 @@ def test_evaluation_entries_skip_when_the_time_limit_is_reached():
         assert r["em"] is None and r["rows"] == [] and "time-limit" in r["error"]
 
 
+def test_evaluation_entries_run_when_the_time_left_allows_though_eval_seconds_is_shorter(monkeypatch):
+    """Time left (1000 s) above eval_entry_min_s (40 s) and --eval-seconds below it (the defaults:
+    35 s and 40 s): every entry runs, each limited to --eval-seconds. (Comparing the entry's limit,
+    min(eval_seconds, time left), with eval_entry_min_s skipped them all: the shipped run's log
+    shows all three skipped with ~85 s left.)"""
+    calls = []
+
+    def em_on_questions(model, lora, tokenizer, world, questions, max_len, time_limit=None, scheme=None,
+                        label=None, **kw):
+        calls.append((label, time_limit))
+        return 1.0, [{"template": "t", "em": 1.0}]
+
+    monkeypatch.setattr(train_miniature, "em_on_questions", em_on_questions)
+    s = {"turn_tokens": None, "max_steps": 1, "eval_entry_min_s": 40.0}
+    by_entry = train_miniature.run_evaluations(["non_shared", "base_model"], None, {"shared": None}, None, None,
+                                               [], 512, s, 35.0, deadline=time.perf_counter() + 1000.0)
+    assert [r["error"] for r in by_entry.values()] == [None, None], by_entry
+    assert calls == [("non_shared", 35.0), ("base_model", 35.0)]
+
+
 def test_missing_assets_one_line(tmp_path):
     with pytest.raises(miniature.MiniatureMissing) as e:
         miniature.load_miniature(folder=str(tmp_path))
@@ -325,6 +395,7 @@ def test_train_miniature_bad_flags(capsys):
                          (["--vocab-size", "10"], "--vocab-size"), (["--eval-schemes", "non_shared,bogus"], "--eval-schemes"),
                          (["--eval-schemes", "non_shared,non_shared"], "--eval-schemes"), (["--solved", "1.5"], "--solved"),
                          (["--base-templates", "some"], "--base-templates"), (["--time-limit", "0"], "--time-limit"),
+                         (["--time-limit", "inf"], "--time-limit"),
                          (["--tiny", "--preset", "default"], "--preset"), (["--preset", "huge"], "--preset")):
         assert train_miniature.main(args) == 2
         err = capsys.readouterr().err

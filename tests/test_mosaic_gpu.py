@@ -333,3 +333,15 @@ def test_engine_programs_lower_with_mosaic_gpu_prefill_and_triton_decode(layer_m
   want = cfg.num_layers if layer_mode == "per_layer" else 1
   assert len(_mgpu_calls(prefill)) == want and "__gpu$xla.gpu.triton" not in prefill.as_text()
   assert not _mgpu_calls(decode) and "__gpu$xla.gpu.triton" in decode.as_text()
+
+
+@pytest.mark.parametrize("cc,want", [("9.0", True), ("8.0", False), ("8.9", False), ("10.0", False),
+                                     ("12.0", False)])
+def test_mosaic_gpu_available_only_on_hopper(monkeypatch, cc, want):
+  """The prefill is wgmma (sm_90a only: Blackwell, 10.x and 12.x, has tcgen05 instead), so
+  "auto" may pick it on compute capability 9.x only."""
+  import importlib
+  from types import SimpleNamespace
+  fla = importlib.import_module("pallas_kernels.flash_lora_attention")
+  monkeypatch.setattr(fla.jax, "devices", lambda: [SimpleNamespace(platform="gpu", compute_capability=cc)])
+  assert fla.mosaic_gpu_available() is want

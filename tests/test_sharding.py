@@ -192,3 +192,30 @@ def test_tpu_fit_bytes_per_device_match_the_arithmetic(tmp_path):
     assert row["schemes"]["full_shared"]["cache_bytes_per_token"] == kv_token
     assert row["schemes"]["non_shared"]["cache_bytes_per_token"] == 3 * kv_token
     assert row["schemes"]["base_lr_shared"]["cache_bytes_per_token"] == kv_token + L * 8 * 2  # + LR [.., r=8]
+
+
+def test_collectives_report_results_of_async_pairs():
+    """sharding.collectives on GPU-style HLO (XLA's own formats): an async all-gather-start's shape
+    is (operand, result) and a collective-permute-start's (operand, result, context, context), so
+    the op's result is what the -done returns; an all-reduce-start's shape is its result. Each
+    pair counts once, with the result's shape and bytes (a cache gathered whole must show its
+    capacity in the shape), and the JAX operation named on either half."""
+    hlo = "\n".join([
+        '  %ag-start = (f32[8,256]{1,0}, f32[16,256]{1,0}) all-gather-start(f32[8,256]{1,0} %p), '
+        'replica_groups={{0,1}}, dimensions={0}, metadata={op_name="jit(f)/while/body/gather"}',
+        '  %ag-done = f32[16,256]{1,0} all-gather-done((f32[8,256]{1,0}, f32[16,256]{1,0}) %ag-start)',
+        '  %cp-start = (bf16[4]{0}, bf16[4]{0}, u32[], u32[]) collective-permute-start(bf16[4]{0} %q), '
+        'source_target_pairs={{0,1},{1,0}}',
+        '  %cp-done = bf16[4]{0} collective-permute-done(%cp-start), metadata={op_name="jit(f)/ppermute"}',
+        '  %ar-start = f32[2,64]{1,0} all-reduce-start(f32[2,64]{1,0} %x), to_apply=%add, '
+        'metadata={op_name="jit(f)/dot_general"}',
+        '  %ar-done = f32[2,64]{1,0} all-reduce-done(f32[2,64]{1,0} %ar-start)',
+        '  ROOT %ar = (f32[3]{0}, bf16[5]{0}) all-reduce(f32[3]{0} %a, bf16[5]{0} %b), to_apply=%add',
+    ])
+    got = sharding.collectives(hlo)
+    assert [(c["op"], c["dtype"], c["shape"], c["bytes"], c["for"]) for c in got] == [
+        ("all-gather", "f32", [16, 256], 4 * 16 * 256, "jit(f)/while/body/gather"),
+        ("collective-permute", "bf16", [4], 2 * 4, "jit(f)/ppermute"),
+        ("all-reduce", "f32", [2, 64], 4 * 2 * 64, "jit(f)/dot_general"),
+        ("all-reduce", "f32", [3], 4 * 3 + 2 * 5, ""),
+    ]

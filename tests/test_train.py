@@ -144,6 +144,40 @@ def test_step_plan_without_budget_is_the_optax_schedule():
     assert all(plan.keep_going(i) for i in range(200)) and not plan.keep_going(200) and not plan.cut
 
 
+def test_step_plan_without_budget_updates_exactly_as_optax_adamw_with_the_schedule():
+    """No budget: AdamW at rate 1 scaled by the plan's rate gives, bit for bit, the parameters
+    optax.adamw(schedule) (what training used before the time budget) gives, step after step
+    (exact: the same float32 operations, so no tolerance)."""
+    import optax
+
+    steps, lr = 60, 1e-3
+    params = {"w": jax.random.normal(jax.random.key(0), (16, 8)), "norm": jnp.ones((8,))}
+    mask = {"w": True, "norm": False}
+    old = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(train._schedule(lr, steps, None, 0.1), b1=0.9, b2=0.95, weight_decay=0.1,
+                                  mask=mask))
+    new = train._optimizer(0.1, 1.0, decay_mask=mask)
+    plan = train._StepPlan(steps, lr, None, 0.1, None)
+
+    @jax.jit
+    def old_step(p, state, g):
+        u, state = old.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+    @jax.jit
+    def new_step(p, state, g, rate):
+        u, state = new.update(g, state, p)
+        return optax.apply_updates(p, train._scaled(u, rate)), state
+
+    p_old, s_old, p_new, s_new = params, old.init(params), params, new.init(params)
+    for i in range(steps):
+        g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(i + 1), x.shape), params)
+        p_old, s_old = old_step(p_old, s_old, g)
+        p_new, s_new = new_step(p_new, s_new, g, plan.lr(i))
+        for name in params:
+            np.testing.assert_array_equal(p_new[name], p_old[name], err_msg=f"step {i}, {name}")
+
+
 def test_step_plan_fits_the_time_budget_and_still_decays():
     """A fake clock: 10 s to compile, then 0.5 s a step, 100 s budget, 1000 steps asked. The plan
     shrinks to what fits (90 s / 0.5 s, less the 3% margin), ends within the budget, and the
@@ -161,6 +195,30 @@ def test_step_plan_fits_the_time_budget_and_still_decays():
     assert max(plan.lr(j) for j in range(i)) == pytest.approx(1e-3, rel=1e-3)  # warmup kept: peak reached
     with pytest.raises(ValueError, match="time_budget_s"):
         train._StepPlan(10, 1e-3, None, 0.1, 0.0)
+
+
+def test_step_plan_cut_below_its_warmup_still_decays():
+    """A budget for ~5% of the steps asked (1000 asked, warmup 100; 10 s to compile, 1 s a step,
+    60 s): the plan shrinks to ~50 steps, shorter than the warmup. The rate must still come down
+    to lr * min_lr_ratio by the last step (optax clamps a warmup longer than the total to the
+    last step: the whole run would warm up and end at the peak rate)."""
+    now = [0.0]
+    plan = train._StepPlan(1000, 1e-3, None, 0.1, 60.0, clock=lambda: now[0])
+    i = 0
+    while plan.keep_going(i):
+        now[0] += 10.0 if i == 0 else 1.0
+        plan.done(i, jnp.zeros(()))
+        i += 1
+    assert plan.cut and 40 <= i == plan.planned <= 55, i
+    assert plan.lr(i - 1) == pytest.approx(1e-4, rel=0.05)  # one step short of the end of the cosine
+    assert max(plan.lr(j) for j in range(i)) == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("budget", [float("inf"), float("nan"), -1.0])
+def test_step_plan_rejects_a_budget_that_is_no_finite_positive_number(budget):
+    """inf passed the > 0 check, then crashed at the first check point (int(inf): OverflowError)."""
+    with pytest.raises(ValueError, match="time_budget_s"):
+        train._StepPlan(100, 1e-3, None, 0.1, budget)
 
 
 def test_pretrain_stops_within_its_time_budget():
