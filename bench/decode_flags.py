@@ -65,6 +65,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small context and few tokens (CPU smoke run)")
     p.add_argument("--out", default=None, help="output folder (default results/decode_flags/<timestamp>/)")
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown or not settings:
@@ -102,17 +103,21 @@ def main(argv=None):
         print(f"\n{'setting':>10} {'mesh':>16} {'B':>3} {'ms/step':>9} {'vs ' + settings[0]:>12} "
               f"{'vs ' + meshes[0] + ' ' + settings[0]:>28}")
         for r in rows:
-            vs_setting = r["step_ms"] / base.get((r["mesh"], r["batch"]), float("nan"))
-            vs_first = r["step_ms"] / first.get(r["batch"], float("nan"))
+            b0, f0 = base.get((r["mesh"], r["batch"])), first.get(r["batch"])
+            vs_setting = r["step_ms"] / b0 if b0 else None  # None (JSON null): the first setting failed
+            vs_first = r["step_ms"] / f0 if f0 else None
             r["vs_first_setting"], r["vs_first_mesh_first_setting"] = vs_setting, vs_first
-            print(f"{r['setting']:>10} {r['mesh']:>16} {r['batch']:>3} {r['step_ms']:9.3f} {vs_setting:12.2f} "
-                  f"{vs_first:28.2f}")
+            fmt = lambda x, w: f"{x:{w}.2f}" if x is not None else f"{'-':>{w}}"
+            print(f"{r['setting']:>10} {r['mesh']:>16} {r['batch']:>3} {r['step_ms']:9.3f} {fmt(vs_setting, 12)} "
+                  f"{fmt(vs_first, 28)}")
     result = {"shape": args.shape, "context": args.context, "meshes": meshes, "settings": settings,
               "rows": rows, "failures": failures, "command": " ".join([os.path.basename(sys.executable),
-                                                                      "-m", "bench.decode_flags", *sys.argv[1:]])}
+                                                                      "-m", "bench.decode_flags", *argv])}
     print(f"wrote {write_json(os.path.join(out, 'decode_flags.json'), result)}")
     if rows:
         plot(rows, settings, meshes, os.path.join(out, "decode_flags.png"), args.shape)
+    else:  # nothing measured: a failed benchmark, not an empty table
+        raise SystemExit(f"error: every setting failed: {failures}")
     return result
 
 

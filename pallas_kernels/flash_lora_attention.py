@@ -6,8 +6,9 @@
 computed without expanding LR to [kv_len, heads, head_dim] (docs/kernels.md).
 
 Backends: "triton" (Pallas Triton lowering, any NVIDIA GPU; triton/), "mosaic_gpu"
-(Pallas Mosaic GPU prefill for Hopper sm90, mosaic_gpu/; decode, interpret mode and
-the calls that prefill does not support run the Triton kernels), "mosaic_tpu"
+(Pallas Mosaic GPU prefill for Hopper sm90, mosaic_gpu/; decode and the calls that
+prefill does not support run the Triton kernels; in interpret mode it runs in Pallas' GPU
+interpreter on JAX >= 0.11, the Triton kernels before), "mosaic_tpu"
 (Pallas TPU; tpu/), "xla" (jnp in float32, reading only the visible key chunks;
 xla_chunked.py; reference.py holds the dense form it is tested against), "auto"
 (by jax.default_backend(): gpu -> triton (mosaic_gpu on sm90 (Hopper) once

@@ -1,4 +1,4 @@
-"""Pallas Mosaic GPU (Hopper, sm90+) kernels: flash_lora_prefill.py (the prefill),
+"""Pallas Mosaic GPU (Hopper, sm90) kernels: flash_lora_prefill.py (the prefill),
 tuning.py (block sizes). Decode stays on the Triton kernel.
 
 Nothing here imports jax.experimental.pallas.mosaic_gpu at import time: the kernel

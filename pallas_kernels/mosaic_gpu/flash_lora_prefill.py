@@ -1,4 +1,4 @@
-"""Pallas Mosaic GPU (Hopper, sm90+) prefill kernel of Flash-LoRA-Attention.
+"""Pallas Mosaic GPU (Hopper, sm90) prefill kernel of Flash-LoRA-Attention.
 
 After JAX 0.11.2's jax/experimental/pallas/ops/gpu/attention_mgpu.py (FlashAttention-3
 style): one program holds two compute warpgroups of ``block_q`` query rows each and

@@ -1,4 +1,4 @@
-"""Block sizes of the Mosaic GPU (Hopper, sm90+) prefill kernel: the frozen
+"""Block sizes of the Mosaic GPU (Hopper, sm90) prefill kernel: the frozen
 dataclass, its default chooser and the tuning as data keyed by device kind.
 
 Imports nothing from jax.experimental.pallas.mosaic_gpu, so that the package
