@@ -76,6 +76,19 @@ def mosaic_gpu_available() -> bool:
     return False
 
 
+def _check_hopper():
+  """backend "mosaic_gpu" asked for by name on a GPU that is not a Hopper: one clear line, not a
+  compile error from wgmma (an sm_90a instruction). Off a GPU (lowering for cuda on a CPU
+  machine) there is nothing to check."""
+  dev = jax.devices()[0]
+  if dev.platform != "gpu":
+    return
+  cc = float(getattr(dev, "compute_capability", 0) or 0)
+  if not MOSAIC_GPU_MIN_CC <= cc < MOSAIC_GPU_MAX_CC:
+    raise ValueError(f"backend 'mosaic_gpu' runs on Hopper GPUs (compute capability 9.x); this "
+                     f"{getattr(dev, 'device_kind', 'GPU')} is {cc:g}: use backend 'triton' or 'auto'.")
+
+
 def resolve_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -174,6 +187,8 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
   extra = {"return_lse": True} if return_lse else {}  # the default path is the unchanged kernel call
   if backend == "mosaic_gpu":
     from pallas_kernels import mosaic_gpu
+    if not interpret:
+      _check_hopper()
     # Falls back to the Triton kernels (their measured defaults) for decode and for the
     # calls the Mosaic GPU prefill does not take (mosaic_gpu.unsupported_reason: float32,
     # head_dim no multiple of 64, cache length no multiple of 64), and in interpret mode
@@ -183,6 +198,8 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
       return mosaic_gpu.prefill(c.q, c.k, c.v, c.layer, c.kv_len, c.q_off, c.lr, c.lora_b, c.scale,
                                 causal=c.causal, sm_scale=c.sm_scale, interpret=interpret,
                                 block_sizes=_pick(mosaic_gpu.PrefillBlockSizes, knobs), **extra)
+    if not triton_available():  # a JAX without Pallas Triton: the XLA path, as "auto" does
+      return xla_chunked.chunked_from_canon(c, return_lse=return_lse)
     backend, knobs = "triton", {}
   if backend == "triton":
     from pallas_kernels import triton as impl

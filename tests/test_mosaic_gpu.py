@@ -345,3 +345,33 @@ def test_mosaic_gpu_available_only_on_hopper(monkeypatch, cc, want):
   fla = importlib.import_module("pallas_kernels.flash_lora_attention")
   monkeypatch.setattr(fla.jax, "devices", lambda: [SimpleNamespace(platform="gpu", compute_capability=cc)])
   assert fla.mosaic_gpu_available() is want
+
+
+@pytest.mark.parametrize("cc", ["8.0", "10.0"])
+def test_mosaic_gpu_by_name_on_another_gpu_is_one_clear_line(monkeypatch, cc):
+  """Asked for by name on an Ampere or Blackwell GPU: a ValueError naming the device and what to
+  use, raised before any lowering (wgmma would fail to compile there)."""
+  import importlib
+  from types import SimpleNamespace
+  fla = importlib.import_module("pallas_kernels.flash_lora_attention")
+  dev = SimpleNamespace(platform="gpu", compute_capability=cc, device_kind="NVIDIA X")
+  monkeypatch.setattr(fla.jax, "devices", lambda: [dev])
+  q, k, v, lr, bm = _inputs(tq=128, s=128, d=64, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=rf"backend 'mosaic_gpu' runs on Hopper GPUs \(compute capability 9.x\); "
+                                       rf"this NVIDIA X is {float(cc):g}: use backend 'triton' or 'auto'"):
+    flash_lora_attention(q, k, v, lr, bm, layer=1, backend="mosaic_gpu")
+
+
+def test_fallback_without_pallas_triton_runs_the_xla_path(monkeypatch):
+  """A decode call (which the Mosaic GPU kernel hands on) on a JAX without Pallas Triton runs the
+  XLA path instead of failing to import Triton."""
+  import importlib
+  fla = importlib.import_module("pallas_kernels.flash_lora_attention")
+  monkeypatch.setattr(fla, "triton_available", lambda: False)
+  calls, xla = [], fla.xla_chunked.chunked_from_canon
+  monkeypatch.setattr(fla.xla_chunked, "chunked_from_canon", lambda *a, **kw: calls.append(1) or xla(*a, **kw))
+  q, k, v, lr, bm = _inputs(tq=1, s=64)
+  got = flash_lora_attention(q, k, v, lr, bm, layer=1, backend="mosaic_gpu", interpret=True)
+  want = reference_attention(q, k, v, lr, bm, layer=1)
+  assert calls == [1]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
