@@ -165,7 +165,7 @@ def reference_float64(q, k, v, lr, lora_b, scale, kv_len, q_off, *, causal, sm_s
   None; lora_b [B,Hkv|Hq,R,D]; scale [B,Hq]; kv_len, q_off [B]. Query t of row b sits at
   q_off[b] + t and sees keys j < kv_len[b] (j <= its position when causal; j > position - window
   with a window). Rows that see no key: 0 and lse -inf. Inputs of any dtype (JAX or numpy)."""
-  f = lambda x: None if x is None else np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+  f = lambda x: None if x is None else np.asarray(x).astype(np.float64)  # bf16 via ml_dtypes; float64 kept
   q, k, v, lr, lora_b = map(f, (q, k, v, lr, lora_b))
   if layer is not None:
     k, v = k[layer], v[layer]
