@@ -46,16 +46,12 @@ import sys
 import time
 import traceback
 
-from bench.common import parse_lens
+from bench.common import log, parse_lens
 
 PARTS = ("numerics", "ours", "baselines")
 TIMEOUT_S = {"numerics": 70, "ours": 90, "baselines": 70}
 HQ, HKV, D = 32, 8, 128
 BF16_TOL, F16_TOL, LSE_TOL = 1.5e-2, 4e-3, 1e-2
-
-
-def log(*a):
-  print(*a, flush=True)
 
 
 def parse_args(argv=None):

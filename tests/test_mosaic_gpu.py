@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from bench.gpu_mgpu_check import cuda_target
 from pallas_kernels import flash_lora_attention, reference_attention
 from pallas_kernels._args import canonicalize
 from pallas_kernels.flash_lora_attention import run_canonical
@@ -111,13 +111,7 @@ def test_auto_picks_mosaic_gpu_only_behind_the_flag(monkeypatch, flag, sm90, wan
   assert fla.resolve_backend("auto") == want
 
 
-def _target():
-  """JAX >= 0.12 lowers for cuda on a CPU machine only with an abstract GPU device."""
-  sharding = jax.sharding
-  if not hasattr(sharding, "AbstractDevice"):
-    return contextlib.nullcontext()
-  device = sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+_target = cuda_target  # an abstract H100 where the JAX needs one to lower for cuda
 
 
 def _lower(tq, d, r, *, s=512, b=2, hq=8, hkv=2, layers=3, dtype=jnp.bfloat16, per_q_b=False,

@@ -178,17 +178,23 @@ def test_step_plan_without_budget_updates_exactly_as_optax_adamw_with_the_schedu
             np.testing.assert_array_equal(p_new[name], p_old[name], err_msg=f"step {i}, {name}")
 
 
+def _run_plan(plan, now, *, compile_s, step_s) -> int:
+    """Drive a _StepPlan on the fake clock `now` (the first step also compiles); steps run."""
+    i = 0
+    while plan.keep_going(i):
+        now[0] += compile_s if i == 0 else step_s
+        plan.done(i, jnp.zeros(()))
+        i += 1
+    return i
+
+
 def test_step_plan_fits_the_time_budget_and_still_decays():
     """A fake clock: 10 s to compile, then 0.5 s a step, 100 s budget, 1000 steps asked. The plan
     shrinks to what fits (90 s / 0.5 s, less the 3% margin), ends within the budget, and the
     re-planned schedule still decays to lr * min_lr_ratio by its last step."""
     now = [0.0]
     plan = train._StepPlan(1000, 1e-3, None, 0.1, 100.0, clock=lambda: now[0])
-    i = 0
-    while plan.keep_going(i):
-        now[0] += 10.0 if i == 0 else 0.5
-        plan.done(i, jnp.zeros(()))
-        i += 1
+    i = _run_plan(plan, now, compile_s=10.0, step_s=0.5)
     assert plan.cut and i == plan.planned and 160 <= i <= 181, i
     assert now[0] <= 100.0
     assert plan.lr(i - 1) == pytest.approx(1e-4, rel=0.01)  # decayed on time, not cut mid-schedule
@@ -204,11 +210,7 @@ def test_step_plan_cut_below_its_warmup_still_decays():
     last step: the whole run would warm up and end at the peak rate)."""
     now = [0.0]
     plan = train._StepPlan(1000, 1e-3, None, 0.1, 60.0, clock=lambda: now[0])
-    i = 0
-    while plan.keep_going(i):
-        now[0] += 10.0 if i == 0 else 1.0
-        plan.done(i, jnp.zeros(()))
-        i += 1
+    i = _run_plan(plan, now, compile_s=10.0, step_s=1.0)
     assert plan.cut and 40 <= i == plan.planned <= 55, i
     assert plan.lr(i - 1) == pytest.approx(1e-4, rel=0.05)  # one step short of the end of the cosine
     assert max(plan.lr(j) for j in range(i)) == pytest.approx(1e-3, rel=1e-3)
