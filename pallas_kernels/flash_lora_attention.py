@@ -11,8 +11,8 @@ prefill does not support run the Triton kernels; in interpret mode it runs in Pa
 interpreter on JAX >= 0.11, the Triton kernels before), "mosaic_tpu"
 (Pallas TPU; tpu/), "xla" (jnp in float32, reading only the visible key chunks;
 xla_chunked.py; reference.py holds the dense form it is tested against), "auto"
-(by jax.default_backend(): gpu -> triton (mosaic_gpu on sm90 (Hopper) once
-AUTO_PICKS_MOSAIC_GPU is flipped), tpu -> mosaic_tpu, otherwise xla).
+(by jax.default_backend(): gpu -> mosaic_gpu on sm90 (Hopper), triton on other NVIDIA
+GPUs, tpu -> mosaic_tpu, otherwise xla).
 ``interpret=True`` runs the Pallas backend in interpret mode (CPU tests).
 
 Kernels: q_len <= ``decode_max_q_len`` (default 16) uses the split-K decode
@@ -40,9 +40,10 @@ BACKENDS = ("auto", "triton", "mosaic_gpu", "mosaic_tpu", "xla")
 KERNELS = ("prefill", "decode")
 DECODE_MAX_Q_LEN = 16
 TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
-# COORDINATOR FLAG: whether "auto" picks "mosaic_gpu" on sm90 (Hopper) GPUs. Off until the H200
-# numbers (bench/gpu_mgpu_check.py) show it correct and faster than "triton".
-AUTO_PICKS_MOSAIC_GPU = False
+# Whether "auto" picks "mosaic_gpu" on sm90 (Hopper) GPUs. On one H200 (JAX 0.11.2) its prefill
+# passed every numerics case and ran 1.5x the Triton kernel's speed, and the paper's trace at
+# 33.7k tokens cut time-to-first-token by 16% (docs/benchmarks.md 1c, 6). False keeps Triton.
+AUTO_PICKS_MOSAIC_GPU = True
 MOSAIC_GPU_MIN_CC = 9.0
 MOSAIC_GPU_MAX_CC = 10.0   # exclusive: the prefill is wgmma, sm_90a only (Blackwell has tcgen05)
 
