@@ -99,7 +99,7 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
   else:
     layer_ref, kvlen_ref, qoff_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped = refs
     lr_ref = b_ref = scale_ref = None
-  smem, (k_bar, v_bar, lr_bar, q_bar, b_bar), (k_used, v_used), schedule_bar = scoped
+  smem, (k_bar, v_bar, q_bar, b_bar), (k_used, v_used), schedule_bar = scoped
   qo_smem2, k_smem, v_smem, lr_smem, b_smem, lse_smem2, stage_smem2 = smem
 
   batch = lax.axis_index("batch")
@@ -214,9 +214,7 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
 
       def end_softmax_barriers():
         plgpu.barrier_arrive(schedule_bar)   # done with the softmax
-        plgpu.barrier_wait(v_bar.at[slot])
-        if has_lora:
-          plgpu.barrier_wait(lr_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[slot])   # V and (with LoRA) LR of this slot
         plgpu.barrier_wait(schedule_bar)     # the tensor cores are free
 
       # The example's ordering (it measured this to matter).
@@ -258,8 +256,6 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
       slot = lax.rem(step, jnp.array(stages, step.dtype))
       plgpu.barrier_wait(k_bar.at[slot])
       plgpu.barrier_wait(v_bar.at[slot])
-      if has_lora:
-        plgpu.barrier_wait(lr_bar.at[slot])
       plgpu.barrier_arrive(k_used.at[slot])
       plgpu.barrier_arrive(v_used.at[slot])
       schedule_barrier()
@@ -308,7 +304,7 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
       if has_lora:
         keys = pl.ds(step * block_k, block_k)
         lr_src = lr_ref.at[lr_l, batch, keys] if lr_cols == rp else lr_ref.at[lr_l, batch, :, keys]
-        plgpu.copy_gmem_to_smem(lr_src, lr_smem.at[slot], lr_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lr_src, lr_smem.at[slot], v_bar.at[slot])
 
     for i in range(stages):
       pl.when(i < max_steps)(functools.partial(load, i, i, wait_used=False))
@@ -415,8 +411,10 @@ def _prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_sca
          plgpu.SMEM((COMPUTE_WGS, block_q, rp), dtype, transforms=tiled(rp)) if has_lora else None)
         if interpret else None,
     ]
-    bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages) if has_lora else None,
+    # With LoRA the V and LR copies of a slot land on one barrier (two arrivals): one wait
+    # per key block in the compute warpgroups instead of two.
+    bars = (plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2 if has_lora else 1, num_barriers=stages),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),
             plgpu.Barrier(num_barriers=1) if has_lora else None)
     used = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2
