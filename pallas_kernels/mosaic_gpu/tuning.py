@@ -32,8 +32,8 @@ def device_tuning(device_kind: str | None = None) -> dict:
 
 
 # Narrowest LR tile by default: 8 columns (ranks 1-8 run P @ LR at N = 8). Measured on one
-# H200 (JAX 0.11.2, rank 8, causal, 16k / 32k): LoRA over plain +4.4% / +5.2% against +7.0% /
-# +7.3% with 16 columns (docs/benchmarks.md 1c). lr_pad=16 keeps the 16-column tile.
+# H200 (JAX 0.11.2, rank 8, causal, 16k / 32k): LoRA over plain +4.0% / +3.8% against +5.7% /
+# +4.4% with 16 columns (docs/benchmarks.md 1c). lr_pad=16 keeps the 16-column tile.
 LR_PAD_DEFAULT = 8
 LR_PADS = (8, 16)
 
