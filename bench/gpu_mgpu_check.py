@@ -50,7 +50,8 @@ import traceback
 from bench.common import log, parse_lens
 
 PARTS = ("numerics", "ours", "baselines")
-TIMEOUT_S = {"numerics": 70, "ours": 90, "baselines": 70}
+# numerics: 16 cases + 2 Triton comparisons took 63 s in one H200 run and reached 70 s in another
+TIMEOUT_S = {"numerics": 100, "ours": 90, "baselines": 70}
 HQ, HKV, D = 32, 8, 128
 BF16_TOL, F16_TOL, LSE_TOL = 1.5e-2, 4e-3, 1e-2
 

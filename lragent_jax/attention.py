@@ -29,8 +29,8 @@ def check_impl(impl: str) -> str:
 
 
 def resolve_impl(impl: str) -> str:
-    """The pallas_kernels backend an impl runs: 'auto' and 'pallas' -> 'triton' on GPU,
-    'mosaic_tpu' on TPU, 'xla' elsewhere; the others as named."""
+    """The pallas_kernels backend an impl runs: 'auto' and 'pallas' -> 'mosaic_gpu' on a Hopper
+    GPU, 'triton' on other GPUs, 'mosaic_tpu' on TPU, 'xla' elsewhere; the others as named."""
     check_impl(impl)
     return resolve_backend("auto" if impl == "pallas" else impl)
 

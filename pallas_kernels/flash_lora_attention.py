@@ -42,18 +42,21 @@ DECODE_MAX_Q_LEN = 16
 TRITON_DECODE_MAX_ROWS = 128   # stacked (q row, query head) rows of one KV head
 # Whether "auto" picks "mosaic_gpu" on sm90 (Hopper) GPUs. On one H200 (JAX 0.11.2) its prefill
 # passed every numerics case and ran 1.5x the Triton kernel's speed, and the paper's trace at
-# 33.7k tokens cut time-to-first-token by 16% (docs/benchmarks.md 1c, 6). False keeps Triton.
+# 33.7k tokens cut time-to-first-token by 16% (docs/benchmarks.md 1c, 3f). False keeps Triton.
 AUTO_PICKS_MOSAIC_GPU = True
 MOSAIC_GPU_MIN_CC = 9.0
 MOSAIC_GPU_MAX_CC = 10.0   # exclusive: the prefill is wgmma, sm_90a only (Blackwell has tcgen05)
 
 # Keyword knobs accepted per backend: each lands in the block-size dataclass of the
 # kernel that runs (num_splits: decode only; block_q: prefill only).
+MOSAIC_GPU_TRITON_KNOBS = ("num_warps", "num_splits")
 KNOBS = {
     "triton": ("block_q", "block_k", "num_warps", "num_stages", "num_splits"),
-    # Mosaic GPU prefill only (mosaic_gpu.tuning.PrefillBlockSizes); what falls back to
-    # Triton (decode, unsupported calls) runs with Triton's measured defaults.
-    "mosaic_gpu": ("block_q", "block_k", "num_stages", "lr_pad"),
+    # The first four: its Mosaic GPU prefill (mosaic_gpu.tuning.PrefillBlockSizes). The
+    # Triton-only two go to the Triton kernels it hands decode and unsupported calls to (so
+    # code written for "auto" on other GPUs keeps working on Hopper); those calls otherwise
+    # run Triton's measured defaults.
+    "mosaic_gpu": ("block_q", "block_k", "num_stages", "lr_pad") + MOSAIC_GPU_TRITON_KNOBS,
     "mosaic_tpu": ("block_q", "block_k", "num_splits"),
     "xla": ("q_chunk", "kv_chunk"),
 }
@@ -148,7 +151,16 @@ def check_knobs(backend: str, kw: dict):
     _pick(prefill_cls, knobs)   # validates (ValueError naming the knob)
     if decode_cls is not None:
       _pick(decode_cls, knobs)
+  if backend == "mosaic_gpu":
+    handed_on = _triton_knobs(knobs)
+    for cls in _block_size_classes("triton"):
+      _pick(cls, handed_on)
   return dispatch, knobs
+
+
+def _triton_knobs(knobs):
+  """The knobs of a mosaic_gpu call that go to the Triton kernels it hands calls on to."""
+  return {k: v for k, v in knobs.items() if k in MOSAIC_GPU_TRITON_KNOBS}
 
 
 def _check_return_lse(return_lse):
@@ -200,8 +212,10 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
                                 causal=c.causal, sm_scale=c.sm_scale, interpret=interpret,
                                 block_sizes=_pick(mosaic_gpu.PrefillBlockSizes, knobs), **extra)
     if not triton_available():  # a JAX without Pallas Triton: the XLA path, as "auto" does
+      warnings.warn(f"this JAX has no Pallas Triton backend (deprecated since JAX 0.12): the {kernel} "
+                    f"calls the Mosaic GPU prefill does not take run the XLA path", stacklevel=3)
       return xla_chunked.chunked_from_canon(c, return_lse=return_lse)
-    backend, knobs = "triton", {}
+    backend, knobs = "triton", _triton_knobs(knobs)
   if backend == "triton":
     from pallas_kernels import triton as impl
   else:
@@ -243,7 +257,8 @@ def flash_lora_attention(q, k, v_base, lr=None, lora_b=None, *, lora_scale=1.0,
     return_lse: python bool (static). Also return the log-sum-exp of each row.
     **knobs: triton: block_q, block_k, num_warps, num_stages, num_splits
       (triton.tuning.PrefillBlockSizes / DecodeBlockSizes); mosaic_gpu: block_q,
-      block_k, num_stages, lr_pad of its prefill (mosaic_gpu.tuning); mosaic_tpu:
+      block_k, num_stages, lr_pad of its prefill (mosaic_gpu.tuning), and num_warps,
+      num_splits for the Triton kernels it hands decode and unsupported calls to; mosaic_tpu:
       block_q, block_k, num_splits (tpu.tuning); xla: q_chunk, kv_chunk; any backend:
       kernel ("prefill" | "decode"), decode_max_q_len. None or absent: the
       measured defaults (get_default).

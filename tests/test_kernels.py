@@ -558,6 +558,7 @@ def test_auto_backend_falls_back_to_xla_when_jax_drops_triton(monkeypatch):
   import importlib
   fla = importlib.import_module("pallas_kernels.flash_lora_attention")  # the module, not the function
   monkeypatch.setattr(fla.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(fla, "mosaic_gpu_available", lambda: False)   # a non-Hopper GPU
   assert fla.resolve_backend("auto") == ("triton" if fla.triton_available() else "xla")
   monkeypatch.setattr(fla, "triton_available", lambda: False)
   with pytest.warns(UserWarning, match="no Pallas Triton backend"):

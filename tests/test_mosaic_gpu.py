@@ -57,7 +57,10 @@ def _inputs(tq=40, s=64, b=2, hq=4, hkv=2, d=32, r=8, layers=2, dtype=jnp.float3
     (dict(block_k=512), "block_k must be a multiple of 64 up to 256"),
     (dict(num_stages=1), "num_stages must be >= 2"),
     (dict(lr_pad=12), r"lr_pad must be one of \(8, 16\)"),
-    (dict(num_warps=4), "unknown keyword 'num_warps' for backend 'mosaic_gpu'"),
+    (dict(q_chunk=4), "unknown keyword 'q_chunk' for backend 'mosaic_gpu'"),
+    # Triton-only knobs are checked too (they go to the Triton kernels it hands calls on to).
+    (dict(num_splits=0), "num_splits must be a positive int"),
+    (dict(num_warps=3), "num_warps"),
 ])
 def test_bad_knobs(kw, msg):
   q, k, v, lr, bm = _inputs()
@@ -101,6 +104,19 @@ def test_fallback_to_triton_matches_reference(tq):
   out = flash_lora_attention(q, k, v, lr, bm, backend="mosaic_gpu", interpret=True, **kw)
   ref = reference_attention(q, k, v, lr, bm, **kw)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+def test_triton_knobs_reach_the_kernels_it_hands_on_to(monkeypatch):
+  """num_splits / num_warps under mosaic_gpu (what "auto" is on Hopper) reach the Triton decode
+  it hands the call to; the Mosaic prefill's own knobs (block_k here) do not."""
+  import pallas_kernels.triton as triton_pkg
+  seen, decode = [], triton_pkg.decode
+  monkeypatch.setattr(triton_pkg, "decode", lambda *a, **kw: seen.append(kw["block_sizes"]) or decode(*a, **kw))
+  q, k, v, lr, bm = _inputs(tq=1)
+  flash_lora_attention(q, k, v, lr, bm, layer=1, backend="mosaic_gpu", interpret=True, num_splits=2,
+                       num_warps=2, block_k=128)
+  assert len(seen) == 1 and seen[0].num_splits == 2 and seen[0].num_warps == 2
+  assert seen[0].block_k != 128
 
 
 @pytest.mark.parametrize("flag,sm90,want", [(False, True, "triton"), (True, True, "mosaic_gpu"),
@@ -154,8 +170,8 @@ def _mgpu_calls(lowered):
     (128, 64, 16, jnp.bfloat16, dict(per_q_b=True)),
     (256, 256, 32, jnp.bfloat16, dict(block_k=64)),
     (384, 128, None, jnp.bfloat16, dict(causal=False)),
-    # lr_pad 8: the K-major 8-column LR tile.
-    (256, 128, 8, jnp.bfloat16, dict(lr_pad=8)),
+    # lr_pad 16 at rank 4; lr_pad 8 (the default): the K-major 8-column LR tile.
+    (200, 128, 4, jnp.float16, dict(lr_pad=16, per_q_b=True)),
     (200, 128, 4, jnp.float16, dict(lr_pad=8, return_lse=True)),
     (256, 128, 1, jnp.bfloat16, dict(lr_pad=8, block_k=64, per_q_b=True)),
     (256, 64, 8, jnp.bfloat16, dict(lr_pad=8, causal=False)),
@@ -300,8 +316,8 @@ def test_interpret_matches_float64(interpret_rows, name):
 @pytest.mark.parametrize("layer_mode", ["per_layer", "scan"])
 def test_engine_programs_lower_with_mosaic_gpu_prefill_and_triton_decode(layer_mode):
   """The engine's own programs with attention="mosaic_gpu" (what the trace runs with
-  `--attention mosaic_gpu`): the prefill chunk lowers for cuda with one Mosaic GPU kernel per
-  layer (per_layer) or one in the layer loop (scan), nothing on Triton; the decode loop runs the
+  `--attention mosaic_gpu`): the prefill chunk lowers for cuda with one Mosaic GPU kernel,
+  called once per layer (per_layer) or from the layer loop (scan), nothing on Triton; the decode loop runs the
   Triton split-K kernel and no Mosaic GPU one. A bf16 model with head_dim 64, shared-A LoRA
   rank 8, a LoRAKV cache of 256 slots (a multiple of 64)."""
   import dataclasses
@@ -376,7 +392,8 @@ def test_fallback_without_pallas_triton_runs_the_xla_path(monkeypatch):
   calls, xla = [], fla.xla_chunked.chunked_from_canon
   monkeypatch.setattr(fla.xla_chunked, "chunked_from_canon", lambda *a, **kw: calls.append(1) or xla(*a, **kw))
   q, k, v, lr, bm = _inputs(tq=1, s=64)
-  got = flash_lora_attention(q, k, v, lr, bm, layer=1, backend="mosaic_gpu", interpret=True)
+  with pytest.warns(UserWarning, match="no Pallas Triton backend"):
+    got = flash_lora_attention(q, k, v, lr, bm, layer=1, backend="mosaic_gpu", interpret=True)
   want = reference_attention(q, k, v, lr, bm, layer=1)
   assert calls == [1]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
