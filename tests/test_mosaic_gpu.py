@@ -356,6 +356,54 @@ def test_engine_programs_lower_with_mosaic_gpu_prefill_and_triton_decode(layer_m
   assert not _mgpu_calls(decode) and "__gpu$xla.gpu.triton" in decode.as_text()
 
 
+@needs_mgpu
+def test_sharded_engine_prefill_lowers_with_mosaic_gpu_per_device():
+  """Tensor parallel (model=2, an abstract two-GPU mesh) with attention="mosaic_gpu" (what
+  "auto" is on Hopper): the prefill chunk lowers for cuda with the Mosaic GPU kernel under
+  shard_map, on each device's share of the heads (2 of 4 query heads, 1 of 2 KV heads); no
+  cache is gathered for it."""
+  import dataclasses
+
+  from flax import nnx
+  from jax.sharding import AbstractMesh, AxisType
+
+  from lragent_jax import sharding
+  from lragent_jax.cache import AttnOptions, LoRAKV
+  from lragent_jax.config import preset
+  from lragent_jax.engine import Engine
+  from lragent_jax.lora import random_adapters
+  from lragent_jax.model import Llama
+
+  cfg = dataclasses.replace(preset("tiny"), head_dim=64, num_layers=2)
+  assert (cfg.num_heads, cfg.num_kv_heads) == (4, 2)
+  dt = jnp.bfloat16
+  model = nnx.eval_shape(lambda: Llama(cfg, dtype=dt, rngs=nnx.Rngs(0), min_matmul_rows=1))
+  lora = jax.eval_shape(lambda: random_adapters(cfg, rank=8, dtype=dt))
+  lora = lora.replace(projections={k: v.replace(shared_a=True) for k, v in lora.projections.items()})
+  engine = Engine(model, lora, layer_mode="per_layer")   # shapes only: lowered, never run
+  kw = {}
+  if hasattr(jax.sharding, "AbstractDevice"):   # JAX >= 0.12 lowers for cuda only with one
+    kw["abstract_device"] = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  mesh = AbstractMesh((1, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), **kw)
+  rules = sharding.rules_for(cfg, mesh)
+  placed = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  cache = jax.eval_shape(lambda: LoRAKV.create(cfg, 1, 256, 8, dt, opts=AttnOptions(impl="mosaic_gpu")))
+  args = ((placed(engine.params[0], sharding.weight_shardings(engine.params[0], mesh, rules)), None),
+          placed(lora, sharding.lora_shardings(lora, mesh, rules)),
+          placed(cache, sharding.cache_shardings(cache, mesh, rules)))
+  i = jax.ShapeDtypeStruct((1,), jnp.int32)
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = engine._forward.trace(*args, jax.ShapeDtypeStruct((1, 128), jnp.int32), i, i, i,
+                                    jax.ShapeDtypeStruct((), jnp.bool_), layers=(0, cfg.num_layers),
+                                    all_logits=False).lower(lowering_platforms=("cuda",))
+  calls = _mgpu_calls(lowered)
+  assert len(calls) == 1 and "__gpu$xla.gpu.triton" not in lowered.as_text()
+  operands = calls[0].split(" : (")[-1]
+  assert "tensor<1x128x2x64xbf16>" in operands             # q: this device's 2 query heads
+  assert operands.count("tensor<2x1x256x1x64xbf16>") == 2   # K, V: 1 KV head, all layers, in place
+  assert "all-gather" not in lowered.as_text() and "all_gather" not in lowered.as_text()
+
+
 @pytest.mark.parametrize("cc,want", [("9.0", True), ("8.0", False), ("8.9", False), ("10.0", False),
                                      ("12.0", False)])
 def test_mosaic_gpu_available_only_on_hopper(monkeypatch, cc, want):
