@@ -417,15 +417,23 @@ def summary_table(rows_by_part):
   return "\n".join(lines), dict(matmul_tflops=mm_rate, targets=targets)
 
 
+def abstract_h100():
+  """An abstract H100 for lowering for cuda on a CPU machine (JAX >= 0.12 needs one); None on a
+  JAX without jax.sharding.AbstractDevice (it lowers for cuda without)."""
+  import jax
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    return None
+  return jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+
+
 def cuda_target():
-  """JAX >= 0.12 lowers for cuda on a CPU machine only with an abstract GPU device."""
+  """The context to lower one-device programs for cuda in: a one-device abstract H100 mesh."""
   import contextlib
   import jax
-  sharding = jax.sharding
-  if not hasattr(sharding, "AbstractDevice"):
+  device = abstract_h100()
+  if device is None:
     return contextlib.nullcontext()
-  device = sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
 
 
 def lower_only(args):

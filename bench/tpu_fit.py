@@ -44,6 +44,11 @@ class ShapeEngine:
         return jax.eval_shape(make)
 
 
+def placed_shapes(tree, shardings):
+    """The tree's arrays as ShapeDtypeStructs carrying their shardings (lowered, never allocated)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def per_device_bytes(tree, shardings) -> int:
     return int(sum(np.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
                    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
@@ -112,8 +117,6 @@ def main(argv=None):
             mesh = AbstractMesh((shape["data"], shape["model"]), sharding.MESH_AXES,
                                 axis_types=(AxisType.Auto, AxisType.Auto))
             rules = sharding.rules_for(cfg, mesh)
-            sds = lambda tree, sh: jax.tree.map(  # noqa: E731
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
             w_sh = sharding.weight_shardings(engine.params[0], mesh, rules)
             l_sh = sharding.lora_shardings(lora, mesh, rules)
             weights = per_device_bytes(engine.params[0], w_sh) + per_device_bytes(lora, l_sh)
@@ -129,8 +132,8 @@ def main(argv=None):
                 cache = jax.eval_shape(lambda: LoRAKV.create(cfg, batch, args.lower_context, 8, dtype,
                                                              opts=AttnOptions(impl="mosaic_tpu")))
                 row["mosaic_kernels_lowered"] = lower_for_tpu(
-                    engine, (sds(engine.params[0], w_sh), None), sds(lora, l_sh),
-                    sds(cache, sharding.cache_shardings(cache, mesh, rules)), batch, mesh, 256)
+                    engine, (placed_shapes(engine.params[0], w_sh), None), placed_shapes(lora, l_sh),
+                    placed_shapes(cache, sharding.cache_shardings(cache, mesh, rules)), batch, mesh, 256)
             rows.append(row)
             fits = ", ".join(f"{s} {v['max_tokens'] / 1000:.0f}k" for s, v in row["schemes"].items())
             print(f"{tpu:>6} {layout:>16}: weights {weights / 2**30:.2f} GiB/device of {hbm / 2**30:.0f} GiB; "

@@ -74,10 +74,22 @@ def mosaic_gpu_available() -> bool:
     return False
   try:
     dev = jax.devices()[0]
-    cc = float(getattr(dev, "compute_capability", 0) or 0)
-    return dev.platform == "gpu" and MOSAIC_GPU_MIN_CC <= cc < MOSAIC_GPU_MAX_CC
+    return dev.platform == "gpu" and _is_hopper(dev)
   except Exception:  # pragma: no cover
     return False
+
+
+def _is_hopper(dev) -> bool:
+  return MOSAIC_GPU_MIN_CC <= _compute_capability(dev) < MOSAIC_GPU_MAX_CC
+
+
+def _compute_capability(dev) -> float:
+  return float(getattr(dev, "compute_capability", 0) or 0)
+
+
+def _warn_no_triton(what: str, stacklevel: int):
+  warnings.warn(f"this JAX has no Pallas Triton backend (deprecated since JAX 0.12): {what} the XLA path",
+                stacklevel=stacklevel + 1)
 
 
 def _check_hopper():
@@ -85,12 +97,10 @@ def _check_hopper():
   compile error from wgmma (an sm_90a instruction). Off a GPU (lowering for cuda on a CPU
   machine) there is nothing to check."""
   dev = jax.devices()[0]
-  if dev.platform != "gpu":
-    return
-  cc = float(getattr(dev, "compute_capability", 0) or 0)
-  if not MOSAIC_GPU_MIN_CC <= cc < MOSAIC_GPU_MAX_CC:
+  if dev.platform == "gpu" and not _is_hopper(dev):
     raise ValueError(f"backend 'mosaic_gpu' runs on Hopper GPUs (compute capability 9.x); this "
-                     f"{getattr(dev, 'device_kind', 'GPU')} is {cc:g}: use backend 'triton' or 'auto'.")
+                     f"{getattr(dev, 'device_kind', 'GPU')} is {_compute_capability(dev):g}: use backend "
+                     f"'triton' or 'auto'.")
 
 
 def resolve_backend(backend: str) -> str:
@@ -104,8 +114,7 @@ def resolve_backend(backend: str) -> str:
       return "mosaic_gpu"
     if triton_available():
       return "triton"
-    warnings.warn("this JAX has no Pallas Triton backend (deprecated since JAX 0.12): attention runs "
-                  "the XLA path on this GPU", stacklevel=2)
+    _warn_no_triton("attention on this GPU runs", stacklevel=2)
     return "xla"
   if platform == "tpu":
     return "mosaic_tpu"
@@ -212,8 +221,7 @@ def run_canonical(c: Canon, backend: str, interpret=False, return_lse=False, **k
                                 causal=c.causal, sm_scale=c.sm_scale, interpret=interpret,
                                 block_sizes=_pick(mosaic_gpu.PrefillBlockSizes, knobs), **extra)
     if not triton_available():  # a JAX without Pallas Triton: the XLA path, as "auto" does
-      warnings.warn(f"this JAX has no Pallas Triton backend (deprecated since JAX 0.12): the {kernel} "
-                    f"calls the Mosaic GPU prefill does not take run the XLA path", stacklevel=3)
+      _warn_no_triton(f"the {kernel} calls the Mosaic GPU prefill does not take run", stacklevel=3)
       return xla_chunked.chunked_from_canon(c, return_lse=return_lse)
     backend, knobs = "triton", _triton_knobs(knobs)
   if backend == "triton":

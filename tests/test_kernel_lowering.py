@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from bench.gpu_mgpu_check import cuda_target
 from pallas_kernels import flash_lora_attention
 
 # JAX 0.12 deprecates Pallas Triton (still shipped and lowered here); silenced for these tests only,
@@ -56,14 +57,9 @@ def _model_like(backend, return_lse=False, **kw):
 
 
 def _target(platform):
-  """Context to lower for `platform` on this CPU machine. JAX versions that have
-  AbstractDevice (0.12+) refuse to lower for cuda without a GPU unless an abstract one is
-  named (here an H100); older ones lower without it."""
-  sharding = jax.sharding
-  if platform != "cuda" or not hasattr(sharding, "AbstractDevice"):
-    return contextlib.nullcontext()
-  device = sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+  """Context to lower for `platform` on this CPU machine (cuda: bench.gpu_mgpu_check.cuda_target,
+  an abstract H100 where the JAX needs one)."""
+  return cuda_target() if platform == "cuda" else contextlib.nullcontext()
 
 
 def _lower(backend, platform, args, **kw):

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bench.gpu_mgpu_check import cuda_target
+from bench.gpu_mgpu_check import abstract_h100, cuda_target
+from bench.tpu_fit import placed_shapes
 from pallas_kernels import flash_lora_attention, reference_attention
 from pallas_kernels._args import canonicalize
 from pallas_kernels.flash_lora_attention import run_canonical
@@ -381,16 +382,14 @@ def test_sharded_engine_prefill_lowers_with_mosaic_gpu_per_device():
   lora = jax.eval_shape(lambda: random_adapters(cfg, rank=8, dtype=dt))
   lora = lora.replace(projections={k: v.replace(shared_a=True) for k, v in lora.projections.items()})
   engine = Engine(model, lora, layer_mode="per_layer")   # shapes only: lowered, never run
-  kw = {}
-  if hasattr(jax.sharding, "AbstractDevice"):   # JAX >= 0.12 lowers for cuda only with one
-    kw["abstract_device"] = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = AbstractMesh((1, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), **kw)
+  device = abstract_h100()
+  mesh = AbstractMesh((1, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                      **({} if device is None else {"abstract_device": device}))
   rules = sharding.rules_for(cfg, mesh)
-  placed = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   cache = jax.eval_shape(lambda: LoRAKV.create(cfg, 1, 256, 8, dt, opts=AttnOptions(impl="mosaic_gpu")))
-  args = ((placed(engine.params[0], sharding.weight_shardings(engine.params[0], mesh, rules)), None),
-          placed(lora, sharding.lora_shardings(lora, mesh, rules)),
-          placed(cache, sharding.cache_shardings(cache, mesh, rules)))
+  args = ((placed_shapes(engine.params[0], sharding.weight_shardings(engine.params[0], mesh, rules)), None),
+          placed_shapes(lora, sharding.lora_shardings(lora, mesh, rules)),
+          placed_shapes(cache, sharding.cache_shardings(cache, mesh, rules)))
   i = jax.ShapeDtypeStruct((1,), jnp.int32)
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = engine._forward.trace(*args, jax.ShapeDtypeStruct((1, 128), jnp.int32), i, i, i,

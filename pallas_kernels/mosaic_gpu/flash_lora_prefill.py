@@ -324,17 +324,6 @@ def _kernel(*refs, has_lora, return_lse, causal, qk_scale, block_q, block_k, sta
       plgpu.barrier_wait(v_used.at[slot])
 
 
-def prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
-            block_sizes: PrefillBlockSizes | None = None, interpret=False, return_lse=False):
-  """Flash-LoRA prefill on Mosaic GPU (see _prefill). A jitted call, so that the kernel is
-  lowered once per shape in a program: JAX (0.11.2) stamps every Mosaic GPU lowering with a
-  fresh module name, so each lowering hashes differently and is compiled (LLVM + ptxas)
-  anew at run time; 32 layers unrolled were 32 compiles per program (the paper's trace at
-  8B: 192 s of warm-up against Triton's 8 s)."""
-  return _prefill_jit(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, causal=causal, sm_scale=float(sm_scale),
-                      block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
-
-
 def _prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_scale,
              block_sizes: PrefillBlockSizes | None = None, interpret=False, return_lse=False):
   """Flash-LoRA prefill on Mosaic GPU. Canonical shapes (see _args.Canon); returns
@@ -440,4 +429,8 @@ def _prefill(q, k, v, layer, kv_len, q_off, lr, lora_b, scale, *, causal, sm_sca
   return out, jnp.swapaxes(lse, 1, 2)[:, :tq]
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("causal", "sm_scale", "block_sizes", "interpret", "return_lse"))
+# Jitted, so that a program lowers the kernel once per shape: JAX (0.11.2) stamps every Mosaic GPU
+# lowering with a fresh module name, so each lowering hashes differently and is compiled (LLVM +
+# ptxas) anew at run time; 32 layers unrolled were 32 compiles per program (the paper's trace at
+# 8B: 192 s of warm-up against Triton's 8 s).
+prefill = jax.jit(_prefill, static_argnames=("causal", "sm_scale", "block_sizes", "interpret", "return_lse"))
